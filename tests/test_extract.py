@@ -1,0 +1,110 @@
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trm_ray import extract as extract_mod
+from trm_ray.extract import extract, hidden_rows, read_documents, shard_table
+from trm_ray.shards import decode_hidden, encode_hidden, read_manifest, shard_paths
+
+from conftest import small_config
+
+
+def read_rows(cfg):
+    manifest = read_manifest(cfg.shards_path)
+    table = pa.concat_tables([pq.read_table(p) for p in shard_paths(cfg.shards_path, manifest)])
+    return manifest, table
+
+
+def test_extracted_hidden_states_equal_a_direct_model_call(shards):
+    manifest, table = read_rows(shards)
+    tokenizer = AutoTokenizer.from_pretrained(shards.model_name)
+    model = AutoModelForCausalLM.from_pretrained(shards.model_name).eval()
+    texts = read_documents(shards)
+    doc_ids = table["doc_id"].to_numpy()
+    hidden = decode_hidden(table["hidden"])
+    for doc in (0, 7, 119):
+        enc = tokenizer(texts[doc], truncation=True, max_length=shards.max_seq_length, return_tensors="pt")
+        with torch.no_grad():
+            expected = model(**enc, output_hidden_states=True).hidden_states[-1][0]
+        rows = doc_ids == doc
+        assert rows.sum() == enc["input_ids"].shape[1]
+        assert table["position"].to_numpy()[rows].tolist() == list(range(enc["input_ids"].shape[1]))
+        assert table["token_id"].to_numpy()[rows].tolist() == enc["input_ids"][0].tolist()
+        torch.testing.assert_close(hidden[torch.from_numpy(rows)], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pad_positions_never_reach_the_shards(assets):
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+    token_lists = [tokenizer("the river")["input_ids"], tokenizer("the old teacher finds a cold cell near the school.")["input_ids"]]
+    hidden, docs, positions = hidden_rows(model, token_lists, -1, batch_size=2, pad_id=tokenizer.pad_token_id)
+    assert hidden.shape[0] == sum(len(t) for t in token_lists)  # one row per real token, none for the 9 pads
+    assert docs.tolist() == [0] * len(token_lists[0]) + [1] * len(token_lists[1])
+    # Batched with padding or alone, the short document's states are the same.
+    alone, _, _ = hidden_rows(model, token_lists[:1], -1, batch_size=1, pad_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(hidden[: len(token_lists[0])], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_manifest_records_model_layer_sizes_and_counts(shards):
+    manifest, table = read_rows(shards)
+    assert manifest["model"] == shards.model_name
+    assert manifest["layer"] == -1
+    assert manifest["hidden_size"] == 64
+    assert manifest["storage_dtype"] == "float32"
+    assert manifest["num_docs"] == 120
+    assert manifest["num_tokens"] == table.num_rows == sum(manifest["doc_tokens"])
+    assert manifest["source"]["dataset"] == shards.dataset
+    assert manifest["max_seq_length"] == 64
+    assert len(manifest["shards"]) == 6
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+def test_values_beyond_float16_range_are_stored_without_overflow(tmp_path, storage_dtype):
+    hidden = torch.tensor([[70000.0, -1.5e5, 3.0, 0.0], [1e6, 65504.0, -70000.0, 2.5]])
+    table = shard_table(hidden, np.array([0, 0]), np.array([0, 1]), np.array([5, 6]), storage_dtype)
+    pq.write_table(table, tmp_path / "s.parquet")
+    back = decode_hidden(pq.read_table(tmp_path / "s.parquet")["hidden"])
+    assert torch.isfinite(back).all()
+    expected = hidden if storage_dtype == "float32" else hidden.to(torch.bfloat16).float()
+    assert torch.equal(back, expected)
+    assert back[1, 0] > 9e5
+
+
+def test_nonfinite_hidden_states_are_refused():
+    with pytest.raises(Exception, match="NaN/Inf"):
+        shard_table(torch.tensor([[1.0, float("nan")]]), np.array([0]), np.array([0]), np.array([1]), "float32")
+
+
+def test_existing_shards_are_reused_not_re_extracted(shards, monkeypatch):
+    monkeypatch.setattr(extract_mod, "read_documents", lambda cfg: pytest.fail("re-read the corpus"))
+    assert extract(shards)["num_tokens"] == read_manifest(shards.shards_path)["num_tokens"]
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        extract_mod.main(argv)
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+def test_missing_model_path_is_a_one_line_error(ray_cluster, assets, tmp_path, capsys):
+    code, err = run_cli(["--model_name", str(tmp_path / "no-such-model"), "--dataset", assets["corpus"],
+                         "--shards_dir", str(tmp_path / "s")], capsys)
+    assert code == 2
+    assert err.count("\n") == 0 and "does not exist" in err and "no-such-model" in err
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_empty_corpus_is_a_one_line_error_and_leaves_no_manifest(ray_cluster, assets, tmp_path, capsys):
+    corpus = tmp_path / "empty.jsonl"
+    corpus.write_text(json.dumps({"text": "   "}) + "\n")
+    code, err = run_cli(["--model_name", assets["model"], "--dataset", str(corpus), "--shards_dir", str(tmp_path / "s")], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and "no non-empty" in err and err.count("\n") == 0
+    assert not os.path.exists(tmp_path / "s" / "manifest.json")

@@ -1,0 +1,89 @@
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
+from trm_ray.config import UserError
+from trm_ray.shards import decode_hidden, load_splits, read_manifest, split_counts
+from trm_ray.sweep import datasets, trial_config_for
+from trm_ray.train import get_lr, make_trainer
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+    assert get_lr(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert get_lr(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert get_lr(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert get_lr(55, 100, 10, 1.0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert get_lr(100, 100, 10, 1.0) == pytest.approx(0.1)
+    assert get_lr(500, 100, 10, 1.0) == pytest.approx(0.1)
+
+
+def test_compressor_is_weight_tied_orthogonal_and_has_d_times_d_prime_parameters():
+    model = DimensionCompressor(64, 16)
+    assert sum(p.numel() for p in model.parameters()) == 64 * 16
+    torch.testing.assert_close(model.weight @ model.weight.T, torch.eye(16), atol=1e-5, rtol=0)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(model(x), model.decompress(model.compress(x)))
+    torch.testing.assert_close(model.decompress(model.compress(x)), x @ model.weight.T @ model.weight)
+
+
+@pytest.mark.parametrize("d", [0, -3, 64, 65])
+def test_d_prime_outside_1_to_d_minus_1_is_refused(d):
+    with pytest.raises(UserError, match="between 1 and D-1 = 63"):
+        DimensionCompressor(64, d)
+
+
+def test_metrics_summed_over_batches_equal_the_formulas_on_the_whole_set():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=gen) * 3 + 1
+    x_hat = x + 0.3 * torch.randn(300, 16, generator=gen)
+    sums = sum(reconstruction_sums(x[i:i + 70], x_hat[i:i + 70]) for i in range(0, 300, 70))
+    m = metrics_from_sums(sums)
+    xd, hd = x.double(), x_hat.double()
+    assert m["mse"] == pytest.approx(float(((hd - xd) ** 2).mean()), rel=1e-9)
+    assert m["cosine_similarity"] == pytest.approx(float(torch.nn.functional.cosine_similarity(hd, xd).mean()), rel=1e-9)
+    assert m["relative_error"] == pytest.approx(float((hd - xd).norm() / xd.norm()), rel=1e-9)
+    assert m["variance_ratio"] == pytest.approx(float(hd.var(unbiased=False) / xd.var(unbiased=False)), rel=1e-9)
+
+
+def doc_ids(ds) -> set[int]:
+    return {int(d) for b in ds.iter_batches(batch_format="pyarrow") for d in b["doc_id"].to_numpy()}
+
+
+def test_validation_documents_are_never_seen_in_training(shards):
+    train, val = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
+    train_docs, val_docs = doc_ids(train), doc_ids(val)
+    assert train_docs.isdisjoint(val_docs)
+    assert train_docs | val_docs == set(range(120))
+    counts = split_counts(read_manifest(shards.shards_path), shards.val_fraction, shards.seed)
+    assert (len(train_docs), len(val_docs)) == (counts["train_docs"], counts["val_docs"])
+    assert 5 <= len(val_docs) <= 25
+    assert train.count() == counts["train_tokens"] and val.count() == counts["val_tokens"]
+
+
+def test_a_corpus_too_small_for_the_validation_split_is_refused():
+    with pytest.raises(UserError, match="too few for a validation split"):
+        split_counts({"num_docs": 2, "doc_tokens": [5, 7]}, 0.1, 42)
+
+
+def fit(cfg, tmp_path, num_workers, batch_size):
+    manifest = read_manifest(cfg.shards_path)
+    counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
+    cfg = dataclasses.replace(cfg, num_workers=num_workers, batch_size=batch_size, d_compressed=16, sweep=False,
+                              num_epochs=4, learning_rate=0.02)
+    config = trial_config_for(cfg, manifest, counts, str(tmp_path / f"w{num_workers}"))
+    train, val = datasets(cfg, manifest)
+    return make_trainer(config, train, val).fit()
+
+
+def test_ddp_with_two_workers_matches_one_worker_at_the_same_global_batch(shards, tmp_path):
+    one = fit(shards, tmp_path, num_workers=1, batch_size=8)
+    two = fit(shards, tmp_path, num_workers=2, batch_size=4)  # per worker: same rows per optimizer step
+    assert one.error is None and two.error is None
+    assert one.metrics["tokens_seen"] == pytest.approx(two.metrics["tokens_seen"], abs=4)  # equal split drops <= 1 row an epoch
+    for key in ("mse", "cosine_similarity", "relative_error", "variance_ratio"):
+        assert one.metrics[key] == pytest.approx(two.metrics[key], rel=0.03), key
+    assert one.metrics["cosine_similarity"] > 0.95

@@ -1,0 +1,52 @@
+"""What every entry point shares: joining or starting Ray, and one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from trm_ray.config import Config, UserError
+
+
+def connect(cfg: Config) -> None:
+    """Join `cfg.address`, or start a local Ray with `cfg.num_cpus` logical CPUs."""
+    # Ray Data's per-operator bars flood the log of a sweep; trm_ray prints its own progress.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers inherit the driver's environment (W&B mode, HF offline flags, ...).
+    env = {k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "HF_", "TRANSFORMERS_", "RAY_DATA_"))}
+    if cfg.address:
+        ray.init(address=cfg.address, runtime_env={"env_vars": env} if env else None)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env} if env else None)
+
+
+def user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind `exc`, also when Ray wrapped it on its way back from a worker."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(exc, UserError) and not isinstance(cause, UserError):
+            return exc
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        sys.exit(2)

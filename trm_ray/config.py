@@ -1,0 +1,178 @@
+"""One configuration for the whole flow: defaults here, a YAML file over them, CLI flags over that.
+
+The flag names are the seed guide's (`--d_compressed`, `--no_wandb`, ...), so a command
+from the seed era keeps working. Every field carries its help text, so the flag, its
+default and its documentation live in one place (as in EleutherAI's sparsify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A problem the user can fix; CLIs print it as one line, without a traceback."""
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class Config:
+    # --- what to compress ---------------------------------------------------------------
+    stage: str = _f("1a", "Training stage: 1a (plain text) or 1b (thinking trajectories).")
+    model_name: str = _f("HuggingFaceTB/SmolLM3-3B", "Causal LM whose hidden states are compressed: hub id or local directory.")
+    layer: int = _f(-1, "Index into the model's hidden_states tuple; -1 is the last (after the final norm).")
+    dataset: str = _f("HuggingFaceFW/fineweb-edu", "Text source: a hub dataset id, or a local .jsonl/.parquet/.txt file or directory of them.")
+    dataset_config: str | None = _f("sample-10BT", "Hub dataset configuration name (ignored for local files).")
+    dataset_split: str = _f("train", "Hub dataset split to stream.")
+    text_field: str = _f("text", "Column or JSON key that holds the text.")
+    num_samples: int = _f(50000, "Number of documents to extract.")
+    max_seq_length: int = _f(512, "Tokens per document kept (longer ones are truncated).")
+    # --- extraction -----------------------------------------------------------------------
+    shards_dir: str | None = _f(None, "Where the hidden-state shards live; default <output_dir>/shards/stage<stage>.")
+    docs_per_shard: int = _f(256, "Documents per Parquet shard (also the unit of resuming an extraction).")
+    extract_batch_size: int = _f(8, "Documents per forward pass of the LM during extraction.")
+    storage_dtype: str = _f("auto", "Shard value type: float32, bfloat16, or auto (the model's dtype; never float16).")
+    num_extract_workers: int | None = _f(None, "Model replicas extracting in parallel; default one per GPU, or 1 without GPUs.")
+    # --- training -------------------------------------------------------------------------
+    d_compressed: int = _f(256, "Compressed dimension D'.")
+    batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
+    num_epochs: int = _f(10, "Maximum training epochs.")
+    learning_rate: float = _f(1e-3, "Peak AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (0: decay would pull the tied matrix off orthonormality).")
+    warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before the cosine decay.")
+    grad_clip: float = _f(1.0, "Gradient-norm clipping threshold.")
+    val_fraction: float = _f(0.1, "Fraction of documents held out for validation.")
+    seed: int = _f(42, "Random seed (initialisation, data order, validation split).")
+    output_dir: str = _f("./checkpoints/phase1", "Checkpoint directory (seed layout).")
+    cache_datasets: str = _f("auto", "Hold the shards in Ray's object store for all trials: auto (when they fit in half of it), always, never.")
+    # --- sweep ----------------------------------------------------------------------------
+    sweep: bool = _f(False, "Sweep D' over sweep_d_values instead of training one D'.")
+    sweep_d_values: list[int] = _f([64, 128, 256, 512, 1024], "D' values of the sweep.")
+    grace_period: int = _f(2, "ASHA: epochs every trial runs before it can be stopped.")
+    max_concurrent_trials: int | None = _f(None, "Trials running at once; default: as many as the cluster fits.")
+    # --- Ray ------------------------------------------------------------------------------
+    num_workers: int = _f(1, "Ray Train workers (DDP ranks) per trial.")
+    use_gpu: bool = _f(False, "Give each training worker a GPU.")
+    address: str | None = _f(None, "Ray cluster to join ('auto' inside a cluster); default: start a local one.")
+    num_cpus: int | None = _f(None, "Logical CPUs of a local Ray instance (set above the core count on small machines).")
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("1a", "1b"):
+            raise UserError(f"stage must be 1a or 1b, got {self.stage!r}")
+        if self.storage_dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"storage_dtype must be auto, float32 or bfloat16, got {self.storage_dtype!r}")
+        if self.cache_datasets not in ("auto", "always", "never"):
+            raise UserError(f"cache_datasets must be auto, always or never, got {self.cache_datasets!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        for name in ("num_samples", "max_seq_length", "batch_size", "num_epochs", "num_workers",
+                     "docs_per_shard", "extract_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for d in self.d_values:
+            if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+                raise UserError(f"D' must be a positive integer, got {d!r}: pass e.g. --d_compressed 256")
+
+    @property
+    def d_values(self) -> list[int]:
+        """The D' values this run trains: the sweep grid, or the single --d_compressed."""
+        return list(self.sweep_d_values) if self.sweep else [self.d_compressed]
+
+    @property
+    def shards_path(self) -> str:
+        return self.shards_dir or os.path.join(self.output_dir, "shards", f"stage{self.stage}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _base_type(tp: Any) -> Any:
+    """`int | None` -> int; `list[int]` stays list[int]."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Config)
+    return {name: _base_type(hints[name]) for name in FIELDS}
+
+
+def _check_keys(keys: list[str], where: str) -> None:
+    for key in keys:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, list(FIELDS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown key {key!r} in {where}{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a tune_configs/*.yaml file into a dict of Config fields, refusing unknown keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "parse error"
+        raise UserError(f"config file {path} is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of option: value")
+    _check_keys(list(data), str(path))
+    return data
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per Config field; bools get --x / --no_x."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file of options (see tune_configs/); flags override it.")
+    for name, tp in _field_types().items():
+        help = FIELDS[name].metadata["help"]
+        if tp is bool:
+            parser.add_argument(f"--{name}", dest=name, action="store_const", const=True, default=None, help=help)
+            parser.add_argument(f"--no_{name}", dest=name, action="store_const", const=False, help=f"Turn off --{name}.")
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(f"--{name}", nargs="+", type=typing.get_args(tp)[0], default=None, help=help)
+        else:
+            parser.add_argument(f"--{name}", type=tp, default=None, help=help)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults <- YAML file (--config) <- flags given on the command line."""
+    values = load_yaml(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k in FIELDS and v is not None})
+    return make_config(values)
+
+
+def make_config(values: dict[str, Any]) -> Config:
+    _check_keys(list(values), "the configuration")
+    types_ = _field_types()
+    for name, value in values.items():
+        if value is None:
+            continue
+        tp = types_[name]
+        if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                values[name] = float(value)
+            except ValueError:
+                raise UserError(f"{name} must be a number, got {value!r}") from None
+        elif tp is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+    return Config(**values)

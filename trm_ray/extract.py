@@ -1,0 +1,319 @@
+"""Extract once: text -> tokens -> one layer's hidden states -> Parquet shards + manifest.json.
+
+The LLM is ~99% of the compute of the seed's loop, which re-ran it inside every step of
+every epoch of every trial. Here it runs once, in a Ray Data actor pool (one model replica
+per GPU), and every trial and epoch afterwards reads the shards.
+
+Documents are grouped into fixed chunks of `docs_per_shard`; each chunk becomes one shard,
+written to a temporary name and renamed when complete. An interrupted extraction therefore
+resumes by skipping the shards that exist, and `manifest.json` is written last.
+
+    python -m trm_ray.extract --config tune_configs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import posixpath
+import sys
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from trm_ray.config import Config, UserError, build_parser, config_from_args
+from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name, storage_type,
+                            write_json)
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+
+# --- text ---------------------------------------------------------------------------------
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(LOCAL_SUFFIXES) or name.count("/") > 1
+
+
+def _local_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if f.endswith(LOCAL_SUFFIXES))
+        if not files:
+            raise UserError(f"{path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+        return files
+    return [path]
+
+
+def _records_from_file(path: str) -> Iterable[dict[str, Any]]:
+    if path.endswith(".parquet"):
+        yield from pq.read_table(path).to_pylist()
+    elif path.endswith(".txt"):
+        # Documents are separated by blank lines.
+        with open(path) as f:
+            for block in f.read().split("\n\n"):
+                yield {"text": block.strip()}
+    else:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        raise UserError(f"{path}:{n} is not valid JSON") from None
+
+
+def read_records(cfg: Config) -> Iterable[dict[str, Any]]:
+    """Records from local files, or streamed from the hub (nothing is downloaded whole)."""
+    if os.path.exists(cfg.dataset):
+        for path in _local_files(cfg.dataset):
+            yield from _records_from_file(path)
+    elif _looks_like_path(cfg.dataset):
+        raise UserError(f"dataset {cfg.dataset} does not exist: give an existing file or directory, or a hub dataset id")
+    else:
+        import datasets
+
+        yield from datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split, streaming=True)
+
+
+def read_documents(cfg: Config) -> list[str]:
+    """The first `num_samples` non-empty texts of the source."""
+    texts = []
+    for record in read_records(cfg):
+        if cfg.text_field not in record:
+            raise UserError(f"records of {cfg.dataset} have no {cfg.text_field!r} field (they have {sorted(record)}): set --text_field")
+        text = record[cfg.text_field]
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+            if len(texts) == cfg.num_samples:
+                break
+    if not texts:
+        raise UserError(f"dataset {cfg.dataset} holds no non-empty {cfg.text_field!r} texts")
+    return texts
+
+
+# --- model --------------------------------------------------------------------------------
+
+def load_model_config(model_name: str) -> Any:
+    """The model's config, with a one-line error for a path that is not there."""
+    from transformers import AutoConfig
+
+    if not os.path.exists(model_name) and _looks_like_path(model_name):
+        raise UserError(f"model path {model_name} does not exist: give a local model directory or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+    except OSError as e:
+        raise UserError(f"cannot load model {model_name}: {str(e).splitlines()[0]}") from None
+    return config.get_text_config()
+
+
+def hidden_size_of(model_name: str) -> int:
+    return int(load_model_config(model_name).hidden_size)
+
+
+def load_model(model_name: str, device: torch.device) -> tuple[Any, Any]:
+    """Tokenizer and model; bf16 on GPU (as the model is served), float32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load_model_config(model_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device).eval()
+    return tokenizer, model
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_seq_length: int) -> list[list[int]]:
+    return tokenizer(list(texts), truncation=True, max_length=max_seq_length)["input_ids"]
+
+
+@torch.no_grad()
+def hidden_rows(model: Any, token_lists: list[list[int]], layer: int, batch_size: int,
+                pad_id: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Hidden states of `layer` for every real token: ([N, D], doc index [N], position [N]).
+
+    Sequences are right-padded within a batch; under causal attention the pad positions
+    cannot change the real ones, and they are dropped here, so they never reach a shard.
+    """
+    device = next(model.parameters()).device
+    hidden, docs, positions = [], [], []
+    for start in range(0, len(token_lists), batch_size):
+        batch = token_lists[start:start + batch_size]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            mask[i, :len(ids)] = 1
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+        real = mask.bool()
+        hidden.append(out.hidden_states[layer][real.to(device)].float().cpu())
+        rows, cols = real.nonzero(as_tuple=True)
+        docs.append((rows + start).numpy())
+        positions.append(cols.numpy())
+    return torch.cat(hidden), np.concatenate(docs), np.concatenate(positions)
+
+
+def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarray,
+                storage_dtype: str) -> pa.Table:
+    bad = int((~torch.isfinite(hidden)).any(dim=-1).sum())
+    if bad:
+        raise UserError(f"{bad} token rows have NaN/Inf hidden states: the model overflows in this dtype; try float32 on CPU")
+    return pa.table({
+        "doc_id": pa.array(doc_ids, pa.int64()),
+        "position": pa.array(positions, pa.int32()),
+        "token_id": pa.array(token_ids, pa.int32()),
+        "hidden": encode_hidden(hidden, storage_dtype),
+    })
+
+
+class HiddenStateExtractor:
+    """A Ray Data actor: one model replica that turns a chunk of documents into one shard."""
+
+    def __init__(self, model_name: str, layer: int, max_seq_length: int, batch_size: int,
+                 storage_dtype: str, shards_dir: str):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer, self.model = load_model(model_name, self.device)
+        self.layer, self.max_seq_length, self.batch_size = layer, max_seq_length, batch_size
+        self.storage_dtype, self.shards_dir = storage_dtype, shards_dir
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"shard": [], "num_docs": [], "num_tokens": [], "doc_tokens": []}
+        for shard, first_doc, texts in zip(batch["shard"], batch["first_doc"], batch["texts"]):
+            token_lists = tokenize(self.tokenizer, list(texts), self.max_seq_length)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            hidden, doc_idx, pos = hidden_rows(self.model, token_lists, self.layer, self.batch_size, pad)
+            token_ids = np.array([token_lists[d][p] for d, p in zip(doc_idx, pos)], dtype=np.int32)
+            table = shard_table(hidden, doc_idx + int(first_doc), pos, token_ids, self.storage_dtype)
+            write_shard(table, posixpath.join(self.shards_dir, shard_name(int(shard))))
+            out["shard"].append(int(shard))
+            out["num_docs"].append(len(token_lists))
+            out["num_tokens"].append(len(doc_idx))
+            out["doc_tokens"].append(json.dumps([len(t) for t in token_lists]))
+        return {k: np.array(v) for k, v in out.items()}
+
+
+def write_shard(table: pa.Table, path: str) -> None:
+    """Temporary name, then rename: a shard that exists under its real name is complete."""
+    fs, p = filesystem(path)
+    tmp = posixpath.join(posixpath.dirname(p), "." + posixpath.basename(p) + ".tmp")
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, p)
+
+
+# --- driver -------------------------------------------------------------------------------
+
+def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str) -> dict[str, Any]:
+    """What defines a shard set: if any of it changes, the shards are a different data set."""
+    return {
+        "model": cfg.model_name, "layer": cfg.layer, "hidden_size": hidden_size, "storage_dtype": storage_dtype,
+        "stage": cfg.stage, "source": {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
+                                       "dataset_split": cfg.dataset_split, "text_field": cfg.text_field},
+        "num_samples": cfg.num_samples, "max_seq_length": cfg.max_seq_length, "docs_per_shard": cfg.docs_per_shard,
+    }
+
+
+def resolve_storage_dtype(cfg: Config) -> str:
+    if cfg.storage_dtype != "auto":
+        return cfg.storage_dtype
+    import ray
+
+    return "bfloat16" if ray.cluster_resources().get("GPU", 0) > 0 else "float32"
+
+
+def _existing_shard_counts(shards_dir: str, indices: list[int]) -> dict[int, list[int]]:
+    """Per-document token counts of shards a previous run completed (read from their doc_id column)."""
+    fs, root = filesystem(shards_dir)
+    counts = {}
+    for i in indices:
+        path = posixpath.join(root, shard_name(i))
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            ids = pq.read_table(path, columns=["doc_id"], filesystem=fs)["doc_id"].to_numpy()
+            _, n = np.unique(ids, return_counts=True)
+            counts[i] = n.tolist()
+    return counts
+
+
+def extract(cfg: Config) -> dict[str, Any]:
+    """Make sure complete shards for `cfg` exist; returns their manifest."""
+    import ray
+
+    shards_dir = cfg.shards_path
+    hidden_size = hidden_size_of(cfg.model_name)
+    manifest = read_json(posixpath.join(shards_dir, MANIFEST))
+    storage_dtype = manifest["storage_dtype"] if manifest and cfg.storage_dtype == "auto" else resolve_storage_dtype(cfg)
+    settings = extraction_settings(cfg, hidden_size, storage_dtype)
+    if manifest is not None:
+        check_hidden_size(manifest, shards_dir, hidden_size, cfg.model_name)
+        changed = sorted(k for k in settings if manifest.get(k) != settings[k])
+        if changed:
+            raise UserError(
+                f"{shards_dir} holds shards extracted with other settings ({', '.join(changed)} differ): "
+                "choose another --shards_dir, or delete it to re-extract"
+            )
+        return manifest
+    started = read_json(posixpath.join(shards_dir, "extraction.json"))
+    if started is not None and started != settings:
+        raise UserError(f"{shards_dir} holds an unfinished extraction with other settings: delete it or choose another --shards_dir")
+
+    texts = read_documents(cfg)
+    write_json(posixpath.join(shards_dir, "extraction.json"), settings)
+    n = cfg.docs_per_shard
+    num_shards = (len(texts) + n - 1) // n
+    done = _existing_shard_counts(shards_dir, list(range(num_shards)))
+    todo = [{"shard": i, "first_doc": i * n, "texts": texts[i * n:(i + 1) * n]} for i in range(num_shards) if i not in done]
+    print(f"extract: {len(texts)} documents -> {num_shards} shards in {shards_dir} "
+          f"({len(done)} already done), model {cfg.model_name}, layer {cfg.layer}, D={hidden_size}, {storage_dtype}",
+          flush=True)
+    if todo:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        replicas = cfg.num_extract_workers or max(1, int(gpus))
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            HiddenStateExtractor,
+            fn_constructor_kwargs=dict(model_name=cfg.model_name, layer=cfg.layer, max_seq_length=cfg.max_seq_length,
+                                       batch_size=cfg.extract_batch_size, storage_dtype=storage_dtype,
+                                       shards_dir=shards_dir),
+            batch_size=1, concurrency=replicas, num_gpus=1 if gpus else None,
+        )
+        docs_todo = sum(len(c["texts"]) for c in todo)
+        t0, docs, tokens = time.time(), 0, 0
+        for row in ds.iter_rows():
+            done[int(row["shard"])] = json.loads(row["doc_tokens"])
+            docs += int(row["num_docs"])
+            tokens += int(row["num_tokens"])
+            elapsed = time.time() - t0
+            eta = elapsed / docs * (docs_todo - docs)
+            print(f"extract: {len(done)}/{num_shards} shards | {tokens:,} tokens | {tokens / elapsed:,.0f} tokens/s "
+                  f"| ETA {eta:.0f}s", flush=True)
+
+    doc_tokens = [c for i in range(num_shards) for c in done[i]]
+    manifest = {
+        **settings,
+        "revision": getattr(load_model_config(cfg.model_name), "_commit_hash", None),
+        "num_docs": len(doc_tokens), "num_tokens": int(sum(doc_tokens)),
+        "shards": [shard_name(i) for i in range(num_shards)], "doc_tokens": doc_tokens,
+    }
+    write_json(posixpath.join(shards_dir, MANIFEST), manifest)
+    print(f"extract: wrote {manifest['num_tokens']:,} token rows of {manifest['num_docs']} documents; "
+          f"manifest {posixpath.join(shards_dir, MANIFEST)}", flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    from trm_ray.cli import connect, run_cli
+
+    parser = build_parser("python -m trm_ray.extract", __doc__.splitlines()[0])
+
+    def run() -> None:
+        cfg = config_from_args(parser.parse_args(argv))
+        connect(cfg)
+        extract(cfg)
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

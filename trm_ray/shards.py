@@ -1,0 +1,149 @@
+"""The hidden-state shards on disk: their layout, their manifest, and reading them with Ray Data.
+
+A shard directory holds `shard-NNNNN.parquet` files, one row per real token
+(`doc_id`, `position`, `token_id`, `hidden`), and a `manifest.json` written last: a
+directory without a manifest is an unfinished extraction, never a usable one. Train and
+validation are split by document, by a fixed rule on the document id, so every trial
+and epoch sees the same held-out documents and never trains on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+
+from trm_ray.config import UserError
+
+MANIFEST = "manifest.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """Local paths and `s3://`-style URIs alike, so one machine or a cluster runs the same code."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), posixpath.abspath(path)
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers run in other directories); URIs kept as they are."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write-then-rename: readers see the old file or the whole new one, nothing between."""
+    fs, p = filesystem(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    tmp = p + ".tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(data, indent=2).encode())
+    fs.move(tmp, p)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read())
+
+
+def read_manifest(shards_dir: str) -> dict[str, Any]:
+    fs, root = filesystem(shards_dir)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise UserError(f"shard directory {shards_dir} does not exist: run python -m trm_ray.extract first, or fix --shards_dir")
+    manifest = read_json(posixpath.join(shards_dir, MANIFEST))
+    if manifest is None:
+        raise UserError(
+            f"{shards_dir} has no {MANIFEST}: its extraction did not finish; rerun python -m trm_ray.extract to complete it"
+        )
+    return manifest
+
+
+def shard_paths(shards_dir: str, manifest: dict[str, Any]) -> list[str]:
+    return [posixpath.join(shards_dir, name) for name in manifest["shards"]]
+
+
+def is_validation_doc(doc_ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """A fixed pseudo-random rule on the document id: stable across trials, epochs and restarts."""
+    h = (doc_ids.astype(np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(31)
+    return (h % np.uint64(1_000_000)).astype(np.float64) < val_fraction * 1_000_000
+
+
+def split_counts(manifest: dict[str, Any], val_fraction: float, seed: int) -> dict[str, int]:
+    """Tokens and documents on each side of the split, from the manifest alone (no data pass)."""
+    doc_tokens = np.asarray(manifest["doc_tokens"], dtype=np.int64)
+    val = is_validation_doc(np.arange(len(doc_tokens)), val_fraction, seed)
+    counts = {"train_docs": int((~val).sum()), "val_docs": int(val.sum()),
+              "train_tokens": int(doc_tokens[~val].sum()), "val_tokens": int(doc_tokens[val].sum())}
+    if counts["val_tokens"] == 0 or counts["train_tokens"] == 0:
+        raise UserError(
+            f"{manifest['num_docs']} documents are too few for a validation split of {val_fraction}: "
+            "extract more (--num_samples) or change --val_fraction"
+        )
+    return counts
+
+
+def load_splits(shards_dir: str, val_fraction: float, seed: int) -> tuple[Any, Any]:
+    """(train, val) Ray Datasets of token rows; validation is whole held-out documents."""
+    import ray.data
+
+    manifest = read_manifest(shards_dir)
+    ds = ray.data.read_parquet(shard_paths(shards_dir, manifest), columns=["doc_id", "hidden"])
+
+    def keep(val_side: bool):
+        def fn(batch: pa.Table) -> pa.Table:
+            mask = is_validation_doc(batch["doc_id"].to_numpy(), val_fraction, seed)
+            return batch.filter(pa.array(mask if val_side else ~mask))
+        return fn
+
+    train = ds.map_batches(keep(False), batch_format="pyarrow", zero_copy_batch=True)
+    val = ds.map_batches(keep(True), batch_format="pyarrow", zero_copy_batch=True)
+    return train, val
+
+
+def storage_type(storage_dtype: str) -> pa.DataType:
+    # bfloat16 has no Arrow type: its bits are stored as uint16 and round-trip exactly.
+    return pa.uint16() if storage_dtype == "bfloat16" else pa.float32()
+
+
+def encode_hidden(hidden: torch.Tensor, storage_dtype: str) -> pa.FixedSizeListArray:
+    """[N, D] tensor -> one contiguous Arrow column of D-wide rows."""
+    if storage_dtype == "bfloat16":
+        flat = hidden.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    else:
+        flat = hidden.to(torch.float32).contiguous().numpy().reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), hidden.shape[1])
+
+
+def decode_hidden(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
+    """An Arrow `hidden` column -> float32 [N, D] tensor, without a per-row Python loop."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if values.dtype == np.uint16:
+        t = torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float()
+    else:
+        t = torch.from_numpy(values)
+    return t.reshape(-1, width)
+
+
+def check_hidden_size(manifest: dict[str, Any], shards_dir: str, hidden_size: int, model_name: str) -> None:
+    if manifest["hidden_size"] != hidden_size:
+        raise UserError(
+            f"shards in {shards_dir} have hidden size {manifest['hidden_size']} (model {manifest['model']}), "
+            f"but {model_name} has {hidden_size}: point --shards_dir elsewhere or delete them to re-extract"
+        )
+
