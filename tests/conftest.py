@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -51,3 +53,24 @@ def shards(ray_cluster, assets, tmp_path_factory) -> Config:
     cfg = small_config(assets, tmp_path_factory.mktemp("run"))
     extract(cfg)
     return cfg
+
+
+SEED_FLAGS = ["--stage", "1a", "--batch_size", "4", "--num_epochs", "3", "--learning_rate", "0.01",
+              "--num_samples", "120", "--max_seq_length", "64", "--seed", "42", "--early_stopping",
+              "--early_stopping_patience", "5", "--no_torch_compile", "--use_wandb", "--wandb_project", "trm-test",
+              "--wandb_run_name", "qs", "--sweep", "--sweep_d_values", "8", "16", "32", "--num_workers", "1",
+              "--no_use_gpu", "--address", "auto"]
+
+
+@pytest.fixture(scope="session")
+def swept(shards, tmp_path_factory):
+    """The quickstart flow end to end through the CLI (3 D', ASHA, export), on the session's shards."""
+    out = tmp_path_factory.mktemp("sweep")
+    yaml_file = out / "run.yaml"
+    yaml_file.write_text(f"model_name: {shards.model_name}\nshards_dir: {shards.shards_path}\n"
+                         f"dataset: {shards.dataset}\ndocs_per_shard: 20\ngrace_period: 3\nlearning_rate: 0.5\n")
+    from trm_ray import sweep
+
+    sweep.main(["--config", str(yaml_file), "--output_dir", str(out), *SEED_FLAGS])
+    cfg = dataclasses.replace(shards, output_dir=str(out), shards_dir=shards.shards_path)
+    return cfg, json.loads((out / "sweep_results.json").read_text())

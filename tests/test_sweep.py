@@ -1,4 +1,5 @@
 import dataclasses
+import glob
 import json
 import os
 
@@ -12,13 +13,15 @@ from trm_ray.shards import load_splits
 from trm_ray.train import evaluate, hidden_batches
 
 
-@pytest.fixture(scope="module")
-def swept(shards, tmp_path_factory):
-    """The quickstart flow end to end (3 D', ASHA, export), on the session's shards."""
-    out = tmp_path_factory.mktemp("sweep")
-    cfg = dataclasses.replace(shards, output_dir=str(out), shards_dir=shards.shards_path)
-    rows = sweep.run(cfg)
-    return cfg, rows
+def test_every_seed_flag_reaches_the_trainer(swept):
+    cfg, rows = swept
+    trained_with = torch.load(rows[0]["checkpoint"], weights_only=True)["config"]  # the dict the workers got
+    expected = {"stage": "1a", "batch_size": 4, "num_epochs": 3, "learning_rate": 0.01, "num_samples": 120,
+                "max_seq_length": 64, "seed": 42, "early_stopping": True, "early_stopping_patience": 5,
+                "torch_compile": False, "use_wandb": True, "wandb_project": "trm-test", "wandb_run_name": "qs",
+                "sweep": True, "sweep_d_values": [8, 16, 32], "num_workers": 1, "use_gpu": False, "address": "auto",
+                "output_dir": cfg.output_dir, "d_compressed": 8, "grace_period": 3, "docs_per_shard": 20}
+    assert {k: trained_with[k] for k in expected} == expected  # learning_rate: the flag beat the YAML's 0.5
 
 
 def test_sweep_exports_one_checkpoint_per_d_prime_in_the_seed_layout(swept):
@@ -84,6 +87,18 @@ def test_shards_of_another_hidden_size_are_refused(shards, tmp_path, capsys):
     assert code == 2 and "hidden size 128" in err and "has 64" in err
 
 
+def test_flags_override_the_yaml_file_which_overrides_the_defaults(tmp_path):
+    from trm_ray.config import build_parser, config_from_args
+
+    path = tmp_path / "c.yaml"
+    path.write_text("d_compressed: 128\nlearning_rate: 0.5\nuse_wandb: false\n")
+    parser = build_parser("t", "t")
+    cfg = config_from_args(parser.parse_args(["--config", str(path), "--learning_rate", "0.02"]))
+    assert (cfg.d_compressed, cfg.learning_rate, cfg.use_wandb, cfg.batch_size) == (128, 0.02, False, 8)
+    cfg = config_from_args(parser.parse_args(["--config", str(path), "--use_wandb", "--no_early_stopping"]))
+    assert (cfg.use_wandb, cfg.early_stopping, cfg.torch_compile) == (True, False, True)
+
+
 def test_unknown_yaml_key_names_the_closest_valid_one(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("d_compresed: 128\n")
@@ -96,3 +111,40 @@ def test_every_shipped_config_parses():
     assert "quickstart.yaml" in configs and "smollm3_stage1a.yaml" in configs
     for name in configs:
         make_config(load_yaml(os.path.join("tune_configs", name)))
+
+
+def wandb_records(path):
+    """Records of an offline W&B run file (LevelDB log format: 32 KiB blocks, 7-byte record headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, records, chunk, pos = open(path, "rb").read(), [], b"", 7  # 7-byte file header: ":W&B", magic, version
+    while pos + 7 <= len(data):
+        block_left = 32768 - pos % 32768
+        if block_left < 7:
+            pos += block_left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def test_offline_wandb_run_holds_the_metric_history_and_the_best_checkpoint_artifact(swept):
+    cfg, rows = swept
+    run_dirs = sorted(glob.glob(os.path.join(cfg.output_dir, "wandb", "offline-run-*-qs-d16")))
+    assert len(run_dirs) == 1  # one run per trial, rank 0 only
+    records = wandb_records(glob.glob(os.path.join(run_dirs[0], "*.wandb"))[0])
+    history = [{i.key: json.loads(i.value_json) for i in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
+    row = next(r for r in rows if r["d_compressed"] == 16)
+    assert [h["epoch"] for h in history] == list(range(1, row["epochs_trained"] + 1))
+    assert min(h["mse"] for h in history) == pytest.approx(row["mse"])
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_group.startswith("stage1a_sweep-") and run.project == "trm-test"
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert [(a.name, a.type) for a in artifacts] == [("compressor-qs-d16", "model")]
+    assert [c.path for c in artifacts[0].manifest.contents] == ["compressor.pt"]

@@ -9,7 +9,7 @@ from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstru
 from trm_ray.config import UserError
 from trm_ray.shards import decode_hidden, load_splits, read_manifest, split_counts
 from trm_ray.sweep import datasets, trial_config_for
-from trm_ray.train import get_lr, make_trainer
+from trm_ray.train import EarlyStopping, get_lr, make_trainer
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
@@ -69,11 +69,13 @@ def test_a_corpus_too_small_for_the_validation_split_is_refused():
         split_counts({"num_docs": 2, "doc_tokens": [5, 7]}, 0.1, 42)
 
 
-def fit(cfg, tmp_path, num_workers, batch_size):
+def fit(cfg, tmp_path, num_workers, batch_size, **overrides):
+    """One TorchTrainer run (no Tune) on the session's shards; returns its Result."""
     manifest = read_manifest(cfg.shards_path)
     counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
-    cfg = dataclasses.replace(cfg, num_workers=num_workers, batch_size=batch_size, d_compressed=16, sweep=False,
-                              num_epochs=4, learning_rate=0.02)
+    cfg = dataclasses.replace(cfg, **{"num_workers": num_workers, "batch_size": batch_size, "d_compressed": 16,
+                                      "sweep": False, "num_epochs": 4, "learning_rate": 0.02, "use_wandb": False,
+                                      "torch_compile": False, **overrides})
     config = trial_config_for(cfg, manifest, counts, str(tmp_path / f"w{num_workers}"))
     train, val = datasets(cfg, manifest)
     return make_trainer(config, train, val).fit()
@@ -87,3 +89,27 @@ def test_ddp_with_two_workers_matches_one_worker_at_the_same_global_batch(shards
     for key in ("mse", "cosine_similarity", "relative_error", "variance_ratio"):
         assert one.metrics[key] == pytest.approx(two.metrics[key], rel=0.03), key
     assert one.metrics["cosine_similarity"] > 0.95
+
+
+def test_early_stopping_counts_epochs_without_a_min_delta_improvement():
+    stopper = EarlyStopping(patience=3, min_delta=1e-3)
+    losses = [1.0, 0.5, 0.4999, 0.4998, 0.3, 0.2999, 0.29995, 0.2999]
+    stops = [stopper.update(x) for x in losses]
+    assert stops == [False, False, False, False, False, False, False, True]  # epochs 6-8 improve < 0.1%
+
+
+def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why(shards, tmp_path):
+    # learning_rate 0: the weights never move, so validation mse is flat from epoch 1.
+    result = fit(shards, tmp_path, num_workers=1, batch_size=8, learning_rate=0.0, num_epochs=10,
+                 early_stopping_patience=2)
+    assert result.metrics["epoch"] == 3  # epoch 1 sets the best, epochs 2 and 3 do not beat it
+    assert "early stopping" in result.metrics["stop_reason"]
+
+
+def test_compiled_and_eager_training_give_the_same_metrics(shards, tmp_path):
+    eager = fit(shards, tmp_path / "eager", num_workers=1, batch_size=8, num_epochs=2, torch_compile=False)
+    compiled = fit(shards, tmp_path / "compiled", num_workers=1, batch_size=8, num_epochs=2, torch_compile=True)
+    for key in ("mse", "cosine_similarity", "train_loss"):
+        assert compiled.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-3), key  # fused kernels round differently
+    state = torch.load(f"{compiled.checkpoint.path}/compressor.pt", weights_only=True)["compressor"]
+    assert list(state) == ["weight"]  # no _orig_mod. / module. prefixes

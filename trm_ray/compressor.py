@@ -88,14 +88,18 @@ def metrics_from_sums(s: torch.Tensor) -> dict[str, float]:
     }
 
 
-def save_checkpoint(path: str | Path, model: DimensionCompressor, config: dict[str, Any],
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the weights, without the prefixes DDP (`module.`) or torch.compile (`_orig_mod.`) add."""
+    return {k.replace("_orig_mod.", "").replace("module.", ""): v.detach().cpu().clone()
+            for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any],
                     best_loss: float, best_metrics: dict[str, float]) -> None:
     """Plain tensors and plain dicts only, written to a temporary file and renamed into place,
     so a crash mid-write never leaves a corrupt file or loses the previous one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v.detach().cpu().clone()
-             for k, v in model.state_dict().items()}
     payload = {"compressor": state, "config": dict(config), "best_loss": float(best_loss),
                "best_metrics": {k: float(v) for k, v in best_metrics.items()}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -39,7 +39,9 @@ class Config:
     dataset: str = _f("HuggingFaceFW/fineweb-edu", "Text source: a hub dataset id, or a local .jsonl/.parquet/.txt file or directory of them.")
     dataset_config: str | None = _f("sample-10BT", "Hub dataset configuration name (ignored for local files).")
     dataset_split: str = _f("train", "Hub dataset split to stream.")
-    text_field: str = _f("text", "Column or JSON key that holds the text.")
+    text_field: str = _f("text", "Column or JSON key that holds the text (stage 1a).")
+    messages_field: str = _f("messages", "Column or JSON key that holds the conversation, a list of {role, content} (stage 1b).")
+    keep_tokens: str = _f("thinking", "Stage 1b: keep the thinking span (<think> ... </think>) or all tokens of each conversation.")
     num_samples: int = _f(50000, "Number of documents to extract.")
     max_seq_length: int = _f(512, "Tokens per document kept (longer ones are truncated).")
     # --- extraction -----------------------------------------------------------------------
@@ -58,6 +60,11 @@ class Config:
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold.")
     val_fraction: float = _f(0.1, "Fraction of documents held out for validation.")
     seed: int = _f(42, "Random seed (initialisation, data order, validation split).")
+    early_stopping: bool = _f(True, "Stop a trial when validation mse stops improving.", negative="no_early_stopping")
+    early_stopping_patience: int = _f(3, "Epochs without improvement before early stopping.")
+    early_stopping_min_delta: float = _f(1e-3, "Smallest relative drop of validation mse that counts as an improvement.")
+    torch_compile: bool = _f(True, "Compile the training step with torch.compile (falls back to eager where it fails).", negative="no_torch_compile")
+    compressor_checkpoint: str | None = _f(None, "Stage 1b: the stage 1a checkpoint to start from; default <output_dir>[/d<D'>]/stage1a_best.pt.")
     output_dir: str = _f("./checkpoints/phase1", "Checkpoint directory (seed layout).")
     cache_datasets: str = _f("auto", "Hold the shards in Ray's object store for all trials: auto (when they fit in half of it), always, never.")
     # --- sweep ----------------------------------------------------------------------------
@@ -65,8 +72,13 @@ class Config:
     sweep_d_values: list[int] = _f([64, 128, 256, 512, 1024], "D' values of the sweep.")
     grace_period: int = _f(2, "ASHA: epochs every trial runs before it can be stopped.")
     max_concurrent_trials: int | None = _f(None, "Trials running at once; default: as many as the cluster fits.")
+    # --- Weights & Biases ---------------------------------------------------------------
+    use_wandb: bool = _f(True, "Log each trial to Weights & Biases (offline with WANDB_MODE=offline; no key needed then).", negative="no_wandb")
+    wandb_project: str = _f("llm-trm-phase1", "W&B project.")
+    wandb_run_name: str | None = _f(None, "W&B run name prefix; default stage<stage>; each trial appends -d<D'>.")
     # --- Ray ------------------------------------------------------------------------------
     num_workers: int = _f(1, "Ray Train workers (DDP ranks) per trial.")
+    max_failures: int = _f(3, "Times a trial's workers may die and be replaced, resuming from the latest checkpoint.")
     use_gpu: bool = _f(False, "Give each training worker a GPU.")
     address: str | None = _f(None, "Ray cluster to join ('auto' inside a cluster); default: start a local one.")
     num_cpus: int | None = _f(None, "Logical CPUs of a local Ray instance (set above the core count on small machines).")
@@ -76,15 +88,17 @@ class Config:
             raise UserError(f"stage must be 1a or 1b, got {self.stage!r}")
         if self.storage_dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"storage_dtype must be auto, float32 or bfloat16, got {self.storage_dtype!r}")
+        if self.keep_tokens not in ("thinking", "all"):
+            raise UserError(f"keep_tokens must be thinking or all, got {self.keep_tokens!r}")
         if self.cache_datasets not in ("auto", "always", "never"):
             raise UserError(f"cache_datasets must be auto, always or never, got {self.cache_datasets!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         for name in ("num_samples", "max_seq_length", "batch_size", "num_epochs", "num_workers",
-                     "docs_per_shard", "extract_batch_size"):
+                     "docs_per_shard", "extract_batch_size", "early_stopping_patience"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for d in self.d_values:
+        for d in [self.d_compressed, *self.sweep_d_values]:
             if not isinstance(d, int) or isinstance(d, bool) or d < 1:
                 raise UserError(f"D' must be a positive integer, got {d!r}: pass e.g. --d_compressed 256")
 
@@ -145,8 +159,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     for name, tp in _field_types().items():
         help = FIELDS[name].metadata["help"]
         if tp is bool:
+            negative = FIELDS[name].metadata.get("negative", f"no_{name}")
             parser.add_argument(f"--{name}", dest=name, action="store_const", const=True, default=None, help=help)
-            parser.add_argument(f"--no_{name}", dest=name, action="store_const", const=False, help=f"Turn off --{name}.")
+            parser.add_argument(f"--{negative}", dest=name, action="store_const", const=False, help=f"Turn off --{name}.")
         elif typing.get_origin(tp) is list:
             parser.add_argument(f"--{name}", nargs="+", type=typing.get_args(tp)[0], default=None, help=help)
         else:

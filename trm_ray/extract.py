@@ -13,6 +13,7 @@ resumes by skipping the shards that exist, and `manifest.json` is written last.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -80,20 +81,22 @@ def read_records(cfg: Config) -> Iterable[dict[str, Any]]:
         yield from datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split, streaming=True)
 
 
-def read_documents(cfg: Config) -> list[str]:
-    """The first `num_samples` non-empty texts of the source."""
-    texts = []
+def read_documents(cfg: Config) -> list[Any]:
+    """The first `num_samples` documents: texts (stage 1a) or conversations (stage 1b)."""
+    key = cfg.text_field if cfg.stage == "1a" else cfg.messages_field
+    flag = "--text_field" if cfg.stage == "1a" else "--messages_field"
+    docs = []
     for record in read_records(cfg):
-        if cfg.text_field not in record:
-            raise UserError(f"records of {cfg.dataset} have no {cfg.text_field!r} field (they have {sorted(record)}): set --text_field")
-        text = record[cfg.text_field]
-        if isinstance(text, str) and text.strip():
-            texts.append(text)
-            if len(texts) == cfg.num_samples:
+        if key not in record:
+            raise UserError(f"records of {cfg.dataset} have no {key!r} field (they have {sorted(record)}): set {flag}")
+        doc = record[key]
+        if (isinstance(doc, str) and doc.strip()) or (isinstance(doc, list) and doc):
+            docs.append(doc)
+            if len(docs) == cfg.num_samples:
                 break
-    if not texts:
-        raise UserError(f"dataset {cfg.dataset} holds no non-empty {cfg.text_field!r} texts")
-    return texts
+    if not docs:
+        raise UserError(f"dataset {cfg.dataset} holds no non-empty {key!r} documents")
+    return docs
 
 
 # --- model --------------------------------------------------------------------------------
@@ -126,8 +129,29 @@ def load_model(model_name: str, device: torch.device) -> tuple[Any, Any]:
     return tokenizer, model
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_seq_length: int) -> list[list[int]]:
-    return tokenizer(list(texts), truncation=True, max_length=max_seq_length)["input_ids"]
+def tokenize(tokenizer: Any, docs: list[Any], max_seq_length: int, keep_tokens: str = "all") -> tuple[list[list[int]], list[np.ndarray]]:
+    """Token ids of each document, and which of its positions to keep.
+
+    A conversation (stage 1b) is rendered with the tokenizer's chat template, thinking on;
+    with keep_tokens="thinking" only the tokens strictly between <think> and </think> are
+    kept (a span cut off by max_seq_length is kept up to the cut).
+    """
+    if docs and isinstance(docs[0], list):
+        texts = [tokenizer.apply_chat_template(d, tokenize=False, enable_thinking=True) for d in docs]
+        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_seq_length)["input_ids"]
+    else:
+        ids = tokenizer(list(docs), truncation=True, max_length=max_seq_length)["input_ids"]
+    if keep_tokens == "all":
+        return ids, [np.ones(len(t), dtype=bool) for t in ids]
+    open_id, close_id = (tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>"))
+    if tokenizer.unk_token_id in (open_id, close_id) or None in (open_id, close_id):
+        raise UserError("the tokenizer has no <think> / </think> tokens: use --keep_tokens all")
+    keeps = []
+    for t in ids:
+        arr = np.asarray(t)
+        depth = np.cumsum(arr == open_id) - np.cumsum(arr == close_id)
+        keeps.append((depth > 0) & (arr != open_id))
+    return ids, keeps
 
 
 @torch.no_grad()
@@ -173,26 +197,29 @@ def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray
 class HiddenStateExtractor:
     """A Ray Data actor: one model replica that turns a chunk of documents into one shard."""
 
-    def __init__(self, model_name: str, layer: int, max_seq_length: int, batch_size: int,
-                 storage_dtype: str, shards_dir: str):
+    def __init__(self, cfg: dict[str, Any], storage_dtype: str, shards_dir: str):
+        self.cfg = Config(**cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer, self.model = load_model(model_name, self.device)
-        self.layer, self.max_seq_length, self.batch_size = layer, max_seq_length, batch_size
+        self.tokenizer, self.model = load_model(self.cfg.model_name, self.device)
         self.storage_dtype, self.shards_dir = storage_dtype, shards_dir
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
         out: dict[str, list] = {"shard": [], "num_docs": [], "num_tokens": [], "doc_tokens": []}
-        for shard, first_doc, texts in zip(batch["shard"], batch["first_doc"], batch["texts"]):
-            token_lists = tokenize(self.tokenizer, list(texts), self.max_seq_length)
+        for shard, first_doc, docs in zip(batch["shard"], batch["first_doc"], batch["docs"]):
+            keep_tokens = cfg.keep_tokens if cfg.stage == "1b" else "all"
+            token_lists, keeps = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg.max_seq_length, keep_tokens)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            hidden, doc_idx, pos = hidden_rows(self.model, token_lists, self.layer, self.batch_size, pad)
+            hidden, doc_idx, pos = hidden_rows(self.model, token_lists, cfg.layer, cfg.extract_batch_size, pad)
+            keep = np.concatenate(keeps)  # hidden_rows emits documents in order, positions ascending
+            hidden, doc_idx, pos = hidden[torch.from_numpy(keep)], doc_idx[keep], pos[keep]
             token_ids = np.array([token_lists[d][p] for d, p in zip(doc_idx, pos)], dtype=np.int32)
             table = shard_table(hidden, doc_idx + int(first_doc), pos, token_ids, self.storage_dtype)
             write_shard(table, posixpath.join(self.shards_dir, shard_name(int(shard))))
             out["shard"].append(int(shard))
             out["num_docs"].append(len(token_lists))
             out["num_tokens"].append(len(doc_idx))
-            out["doc_tokens"].append(json.dumps([len(t) for t in token_lists]))
+            out["doc_tokens"].append(json.dumps([int(k.sum()) for k in keeps]))
         return {k: np.array(v) for k, v in out.items()}
 
 
@@ -210,8 +237,9 @@ def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str) -> di
     """What defines a shard set: if any of it changes, the shards are a different data set."""
     return {
         "model": cfg.model_name, "layer": cfg.layer, "hidden_size": hidden_size, "storage_dtype": storage_dtype,
-        "stage": cfg.stage, "source": {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
-                                       "dataset_split": cfg.dataset_split, "text_field": cfg.text_field},
+        "stage": cfg.stage, "keep_tokens": cfg.keep_tokens if cfg.stage == "1b" else "all",
+        "source": {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "dataset_split": cfg.dataset_split,
+                   "field": cfg.text_field if cfg.stage == "1a" else cfg.messages_field},
         "num_samples": cfg.num_samples, "max_seq_length": cfg.max_seq_length, "docs_per_shard": cfg.docs_per_shard,
     }
 
@@ -259,13 +287,13 @@ def extract(cfg: Config) -> dict[str, Any]:
     if started is not None and started != settings:
         raise UserError(f"{shards_dir} holds an unfinished extraction with other settings: delete it or choose another --shards_dir")
 
-    texts = read_documents(cfg)
+    docs = [json.dumps(d) for d in read_documents(cfg)]
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)
     n = cfg.docs_per_shard
-    num_shards = (len(texts) + n - 1) // n
+    num_shards = (len(docs) + n - 1) // n
     done = _existing_shard_counts(shards_dir, list(range(num_shards)))
-    todo = [{"shard": i, "first_doc": i * n, "texts": texts[i * n:(i + 1) * n]} for i in range(num_shards) if i not in done]
-    print(f"extract: {len(texts)} documents -> {num_shards} shards in {shards_dir} "
+    todo = [{"shard": i, "first_doc": i * n, "docs": docs[i * n:(i + 1) * n]} for i in range(num_shards) if i not in done]
+    print(f"extract: {len(docs)} documents -> {num_shards} shards in {shards_dir} "
           f"({len(done)} already done), model {cfg.model_name}, layer {cfg.layer}, D={hidden_size}, {storage_dtype}",
           flush=True)
     if todo:
@@ -273,12 +301,10 @@ def extract(cfg: Config) -> dict[str, Any]:
         replicas = cfg.num_extract_workers or max(1, int(gpus))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             HiddenStateExtractor,
-            fn_constructor_kwargs=dict(model_name=cfg.model_name, layer=cfg.layer, max_seq_length=cfg.max_seq_length,
-                                       batch_size=cfg.extract_batch_size, storage_dtype=storage_dtype,
-                                       shards_dir=shards_dir),
+            fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), storage_dtype=storage_dtype, shards_dir=shards_dir),
             batch_size=1, concurrency=replicas, num_gpus=1 if gpus else None,
         )
-        docs_todo = sum(len(c["texts"]) for c in todo)
+        docs_todo = sum(len(c["docs"]) for c in todo)
         t0, docs, tokens = time.time(), 0, 0
         for row in ds.iter_rows():
             done[int(row["shard"])] = json.loads(row["doc_tokens"])

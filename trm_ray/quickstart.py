@@ -1,4 +1,4 @@
-"""Make the offline quickstart's inputs: a tiny SmolLM3-architecture model and a small corpus.
+"""Make the offline quickstart's inputs: a tiny SmolLM3-architecture model and small corpora.
 
 Both are written as ordinary files (a `save_pretrained` model directory with its own
 tokenizer, a jsonl corpus) so that the quickstart and the tests load them through exactly
@@ -22,9 +22,9 @@ ADJECTIVES = "small large quiet bright old young green cold warm heavy light ear
 NOUNS = "river teacher student city forest engine planet library garden market cell signal window bridge farmer".split()
 VERBS = "finds builds studies moves carries explains measures follows opens watches".split()
 PLACES = "school harbor valley station museum kitchen field tower".split()
-WORDS = sorted(set(ADJECTIVES + NOUNS + VERBS + PLACES + "the a near in of and then it is what plus minus times equals answer so".split()))
+WORDS = sorted(set(ADJECTIVES + NOUNS + VERBS + PLACES + "the a near in of and then it is what plus minus times equals answer so first user assistant system".split()))
 SPECIAL = ["<pad>", "<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-SYMBOLS = list("0123456789.,?+-*=:")
+SYMBOLS = list("0123456789.,?+-*=:()")
 
 # Thinking is always on for stage 1b data: the assistant turn opens with its reasoning.
 CHAT_TEMPLATE = (
@@ -93,8 +93,27 @@ def make_documents(num_docs: int, seed: int = 0) -> list[str]:
     return docs
 
 
+def make_conversations(num_docs: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Step-by-step arithmetic with its reasoning in a <think> span: the stage 1b corpus."""
+    rng = random.Random(seed)
+    names = {"+": "plus", "-": "minus", "*": "times"}
+    convs = []
+    for _ in range(num_docs):
+        a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
+        op1, op2 = rng.choice("+-*"), rng.choice("+-*")
+        first = eval(f"{a}{op1}{b}")
+        total = eval(f"{first}{op2}{c}")
+        thinking = (f"<think> first {a} {names[op1]} {b} equals {first} . then {first} {names[op2]} {c} "
+                    f"equals {total} . so the answer is {total} . </think>")
+        convs.append([
+            {"role": "user", "content": f"what is ( {a} {op1} {b} ) {op2} {c} ?"},
+            {"role": "assistant", "content": f"{thinking} the answer is {total} ."},
+        ])
+    return convs
+
+
 def write_assets(out_dir: str | Path, num_docs: int = 400, hidden_size: int = 64) -> dict[str, str]:
-    """Write model directory and corpus; returns their paths."""
+    """Write the model directory, the text corpus (1a) and the reasoning corpus (1b); returns their paths."""
     out = Path(out_dir)
     model_dir = out / "tiny-smollm3"
     tokenizer = make_tokenizer()
@@ -104,7 +123,11 @@ def write_assets(out_dir: str | Path, num_docs: int = 400, hidden_size: int = 64
     with corpus.open("w") as f:
         for doc in make_documents(num_docs):
             f.write(json.dumps({"text": doc}) + "\n")
-    return {"model": str(model_dir), "corpus": str(corpus)}
+    reasoning = out / "reasoning.jsonl"
+    with reasoning.open("w") as f:
+        for conv in make_conversations(num_docs):
+            f.write(json.dumps({"messages": conv}) + "\n")
+    return {"model": str(model_dir), "corpus": str(corpus), "reasoning": str(reasoning)}
 
 
 def main() -> None:
@@ -113,7 +136,8 @@ def main() -> None:
     parser.add_argument("--num_docs", type=int, default=400)
     args = parser.parse_args()
     paths = write_assets(args.out_dir, args.num_docs)
-    print(f"quickstart model:  {paths['model']}\nquickstart corpus: {paths['corpus']}")
+    for name, path in paths.items():
+        print(f"quickstart {name}: {path}")
 
 
 if __name__ == "__main__":

@@ -19,20 +19,33 @@ from trm_ray.config import Config
 from trm_ray.shards import filesystem, write_json
 
 
-def export_path(cfg: Config, d_compressed: int) -> str:
-    name = f"stage{cfg.stage}_best.pt"
+def export_path(cfg: Config, d_compressed: int, stage: str | None = None) -> str:
+    name = f"stage{stage or cfg.stage}_best.pt"
     if cfg.sweep:
         return os.path.join(cfg.output_dir, f"d{d_compressed}", name)
     return os.path.join(cfg.output_dir, name)
 
 
+def results_path(cfg: Config) -> str:
+    """sweep_results.json for stage 1a; stage 1b's sits beside it without replacing it."""
+    name = "sweep_results.json" if cfg.stage == "1a" else f"sweep_results_stage{cfg.stage}.json"
+    return os.path.join(cfg.output_dir, name)
+
+
 def best_checkpoint_path(result: Any) -> str | None:
-    """The trial's best validation checkpoint (lowest mse among the reports that carried one)."""
+    """The trial's latest checkpoint, whose compressor.pt holds the trial's best weights."""
     df = result.metrics_dataframe
     if df is None or "checkpoint_path" not in df or df["checkpoint_path"].isna().all():
         return None
-    best = df.dropna(subset=["checkpoint_path"]).sort_values("mse").iloc[0]
-    return best["checkpoint_path"]
+    return df["checkpoint_path"].dropna().iloc[-1]
+
+
+def initial_cosine(result: Any) -> float | None:
+    """Validation cosine of the weights the trial started from (for 1b: the 1a compressor)."""
+    df = result.metrics_dataframe
+    if df is None or "initial_cosine_similarity" not in df:
+        return None
+    return float(df["initial_cosine_similarity"].dropna().iloc[0])
 
 
 def export_results(grid: Any, cfg: Config, d_model: int, checkpoint_file: str) -> list[dict[str, Any]]:
@@ -48,7 +61,11 @@ def export_results(grid: Any, cfg: Config, d_model: int, checkpoint_file: str) -
         src = posixpath.join(src, checkpoint_file)
         metrics = _read_best_metrics(src)
         if d not in best or metrics["mse"] < best[d]["mse"]:
-            best[d] = {"src": src, **metrics, "epochs": int(result.metrics.get("epoch", 0))}
+            epochs = int(result.metrics.get("epoch", 0))
+            reason = result.metrics.get("stop_reason") or (
+                "completed all epochs" if epochs >= cfg.num_epochs else "stopped by ASHA")
+            best[d] = {"src": src, **metrics, "epochs": epochs, "stop_reason": reason,
+                       "initial_cosine_similarity": initial_cosine(result)}
 
     rows = []
     for d in sorted(set(best) | set(errors)):
@@ -58,12 +75,13 @@ def export_results(grid: Any, cfg: Config, d_model: int, checkpoint_file: str) -
             dest = export_path(cfg, d)
             _copy(best[d]["src"], dest)
             row.update({k: best[d][k] for k in METRICS})
-            row.update({"best_epoch": best[d]["epoch"], "epochs_trained": best[d]["epochs"],
-                        "checkpoint": os.path.abspath(dest)})
+            row.update({"initial_cosine_similarity": best[d]["initial_cosine_similarity"],
+                        "best_epoch": best[d]["epoch"], "epochs_trained": best[d]["epochs"],
+                        "stop_reason": best[d]["stop_reason"], "checkpoint": os.path.abspath(dest)})
         else:
             row["error"] = errors[d]
         rows.append(row)
-    write_json(os.path.join(cfg.output_dir, "sweep_results.json"), rows)
+    write_json(results_path(cfg), rows)
     return rows
 
 
@@ -93,5 +111,5 @@ def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
             continue
         print(f"{r['d_compressed']:>8} {r['compression_ratio']:>6.1f}x {r['num_params']:>10,} {r['mse']:>11.4g} "
               f"{r['cosine_similarity']:>8.4f} {r['relative_error']:>8.4f} {r['variance_ratio']:>9.4f}  {r['checkpoint']}")
-    print(f"\nsummary: {os.path.join(cfg.output_dir, 'sweep_results.json')}\n", flush=True)
+    print(f"\nsummary: {results_path(cfg)}\n", flush=True)
 

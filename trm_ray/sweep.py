@@ -16,20 +16,32 @@ import dataclasses
 import os
 import shutil
 import sys
+import uuid
 from typing import Any
 
+from trm_ray.compressor import load_checkpoint
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.extract import extract, hidden_size_of
-from trm_ray.report import export_results, print_table
+from trm_ray.report import export_path, export_results, print_table
 from trm_ray.shards import absolute, load_splits, split_counts
-from trm_ray.train import CHECKPOINT_FILE, make_trainer
+from trm_ray.tracking import prepare_wandb
+from trm_ray.train import CHECKPOINT_FILE, make_trainer, trial_config
 
 
 def trial(config: dict[str, Any], train: Any, val: Any) -> None:
     """One Tune trial: a TorchTrainer (Train V2) whose reports reach Tune through TuneReportCallback."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    cfg, _ = trial_config(config)
+    config = {**config, "init_checkpoint": init_checkpoint(cfg, cfg.d_compressed)}
     make_trainer(config, train, val, callbacks=[TuneReportCallback()]).fit()
+
+
+def init_checkpoint(cfg: Config, d_compressed: int) -> str | None:
+    """Stage 1b starts from the stage 1a checkpoint of the same D'; stage 1a from scratch."""
+    if cfg.stage == "1a":
+        return None
+    return cfg.compressor_checkpoint or export_path(cfg, d_compressed, stage="1a")
 
 
 def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -56,14 +68,22 @@ def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int]]:
     for d in cfg.d_values:
         if not 0 < d < d_model:
             raise UserError(f"D' = {d} is not in 1..{d_model - 1}: {cfg.model_name} has hidden size D = {d_model}")
+    for d in cfg.d_values:  # before any extraction: a 1b run never silently starts from scratch
+        path = init_checkpoint(cfg, d)
+        if path and not os.path.exists(path):
+            raise UserError(f"stage 1b starts from a stage 1a checkpoint, and {path} does not exist: "
+                            "run stage 1a first, or pass --compressor_checkpoint")
+        if path:
+            load_checkpoint(path, d_model=d_model, d_compressed=d)
     manifest = extract(cfg)
     return manifest, split_counts(manifest, cfg.val_fraction, cfg.seed)
 
 
-def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], train_storage: str) -> dict[str, Any]:
+def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], train_storage: str,
+                     group: str = "") -> dict[str, Any]:
     """What a trial's training loop gets: every Config field plus facts derived from the shards."""
     return {**dataclasses.asdict(cfg), "d_model": manifest["hidden_size"], "train_tokens": counts["train_tokens"],
-            "train_storage": train_storage}
+            "train_storage": train_storage, "group": group, "init_checkpoint": init_checkpoint(cfg, cfg.d_compressed)}
 
 
 def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
@@ -85,7 +105,9 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
                 raise UserError(f"{path} holds an earlier run's results: pass --overwrite to replace them, or choose another --output_dir")
             shutil.rmtree(path)
 
-    param_space = {**trial_config_for(cfg, manifest, counts, os.path.join(storage, f"{name}_train")),
+    # The W&B group: unique per sweep, fixed for its lifetime (it is part of the restored Tune state).
+    group = f"{name}-{uuid.uuid4().hex[:8]}"
+    param_space = {**trial_config_for(cfg, manifest, counts, os.path.join(storage, f"{name}_train"), group),
                    "d_compressed": tune.grid_search(cfg.d_values)}
     scheduler = ASHAScheduler(
         time_attr="training_iteration", metric="cosine_similarity", mode="max", max_t=cfg.num_epochs,
@@ -118,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     def main_() -> None:
         args = parser.parse_args(argv)
         cfg = config_from_args(args)
+        prepare_wandb(cfg)
         connect(cfg)
         rows = run(cfg, overwrite=args.overwrite)
         if any("error" in row for row in rows):

@@ -7,20 +7,25 @@ rank 0 over the whole held-out set, so the metrics do not depend on the number o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trm_ray.compressor import METRICS, DimensionCompressor, metrics_from_sums, reconstruction_sums, save_checkpoint
+from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, plain_state,
+                                reconstruction_sums, save_checkpoint)
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.shards import decode_hidden
+from trm_ray.tracking import tracking
 
-CHECKPOINT_FILE = "compressor.pt"
+CHECKPOINT_FILE = "compressor.pt"  # the best compressor so far, in the seed's checkpoint format
+RESUME_FILE = "resume.pt"  # model, optimizer, epoch, early-stopping state, tokens seen
 
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -54,6 +59,58 @@ def evaluate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, flo
     return metrics_from_sums(sums)
 
 
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` epochs whose loss is not `min_delta` (relative) below the best so far."""
+
+    patience: int
+    min_delta: float
+    best: float = math.inf
+    bad_epochs: int = 0
+
+    def update(self, loss: float) -> bool:
+        """Record one epoch's loss; True when the trial should stop."""
+        if loss < self.best * (1 - self.min_delta):
+            self.best, self.bad_epochs = loss, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+
+def compile_or_eager(fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`torch.compile(fn)` where compilation works; where the first call fails, eager `fn` (said once)."""
+    if not enabled:
+        return fn
+    compiled = torch.compile(fn)
+    state = {"compiled_ok": None}
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        if state["compiled_ok"] is False:
+            return fn(x)
+        try:
+            out = compiled(x)
+        except Exception as e:
+            if state["compiled_ok"]:
+                raise
+            print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training eagerly", flush=True)
+            state["compiled_ok"] = False
+            return fn(x)
+        state["compiled_ok"] = True
+        return out
+
+    return step
+
+
+def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
+    """Orthogonal init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'."""
+    torch.manual_seed(cfg.seed)
+    model = DimensionCompressor(run["d_model"], cfg.d_compressed)
+    if run.get("init_checkpoint"):
+        ckpt = load_checkpoint(run["init_checkpoint"], d_model=run["d_model"], d_compressed=cfg.d_compressed)
+        model.load_state_dict(ckpt["compressor"])
+    return model
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -62,27 +119,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
 
-    model = DimensionCompressor(run["d_model"], cfg.d_compressed)
-    ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the worker's device
+    model = initial_model(cfg, run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+    start_epoch, step, tokens_seen, best = 0, 0, 0, None
+    resumed = ray.train.get_checkpoint()
+    if resumed:  # a replaced worker, or a restored sweep: continue where the last report left off
+        with resumed.as_directory() as d:
+            state = torch.load(f"{d}/{RESUME_FILE}", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        stopper = EarlyStopping(**state["stopper"])
+        start_epoch, step, tokens_seen, best = state["epoch"], state["step"], state["tokens_seen"], state["best"]
+        print(f"d{cfg.d_compressed}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
+    ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the worker's device
+    loss_fn = compile_or_eager(lambda x: nn.functional.mse_loss(ddp(x), x), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
-    steps_per_epoch = math.ceil(run["train_tokens"] / world / rows)
-    total_steps = steps_per_epoch * cfg.num_epochs
+    total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
+    name = f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-d{cfg.d_compressed}"
+    log = tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=name, config=config,
+                   directory=cfg.output_dir)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    best_mse, step, tokens_seen = math.inf, 0, 0
-    for epoch in range(cfg.num_epochs):
+    validate = lambda: evaluate(model.eval(), hidden_batches(val_shard, rows, device))  # noqa: E731
+    # Where training starts from (1b: the 1a weights), scored on this run's validation set.
+    metrics: dict[str, Any] = {f"initial_{k}": v for k, v in validate().items()} if rank == 0 and not resumed else {}
+    for epoch in range(start_epoch, cfg.num_epochs):
         model.train()
         t0, epoch_tokens, loss_sum = time.perf_counter(), 0, 0.0
         for x in hidden_batches(train_shard, rows, device, shuffle_seed=cfg.seed * 1000 + epoch):
             lr = get_lr(step, total_steps, warmup_steps, cfg.learning_rate)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = nn.functional.mse_loss(ddp(x), x)
+            loss = loss_fn(x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -95,22 +167,45 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(counts)
         elapsed = time.perf_counter() - t0
         tokens_seen += int(counts[0])
+        metrics.update({"epoch": epoch + 1, "d_compressed": cfg.d_compressed, "tokens_seen": tokens_seen,
+                        "train_loss": float(counts[1] / counts[0]), "tokens_per_s": float(counts[0]) / elapsed, "lr": lr})
 
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "d_compressed": cfg.d_compressed, "tokens_seen": tokens_seen,
-                                   "train_loss": float(counts[1] / counts[0]), "tokens_per_s": float(counts[0]) / elapsed,
-                                   "lr": lr}
-        checkpoint = None
+        checkpoint, stop = None, False
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                model.eval()
-                metrics.update(evaluate(model, hidden_batches(val_shard, rows, device)))
-                if metrics["mse"] < best_mse:
-                    best_mse = metrics["mse"]
-                    best = {k: metrics[k] for k in METRICS}
-                    save_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", model, config, best_mse,
-                                    {**best, "epoch": epoch + 1})
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                metrics.update(validate())
+                if best is None or metrics["mse"] < best["mse"]:
+                    best = {"state": plain_state(model), **{k: metrics[k] for k in METRICS}, "epoch": epoch + 1}
+                metrics["best_mse"] = best["mse"]
+                stop = cfg.early_stopping and stopper.update(metrics["mse"])
+                if stop:
+                    metrics["stop_reason"] = (f"early stopping: validation mse did not improve by {cfg.early_stopping_min_delta:g} "
+                                              f"(relative) for {cfg.early_stopping_patience} epochs")
+                    print(f"d{cfg.d_compressed}: {metrics['stop_reason']}; stopped after epoch {epoch + 1}", flush=True)
+                # Every report carries the whole resumable state; its compressor.pt is the best so far.
+                save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
+                torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                            "step": step, "tokens_seen": tokens_seen, "best": best,
+                            "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                log.log(metrics)
             ray.train.report(metrics, checkpoint=checkpoint)
+            metrics = {}
+        if world > 1:  # every rank stops together
+            flag = torch.tensor([float(stop)], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            break
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
+            log.log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: best[k] for k in (*METRICS, "epoch")})
+        log.finish()
+
+
+def save_best(path: str, best: dict[str, Any], config: dict[str, Any]) -> None:
+    save_checkpoint(path, best["state"], config, best["mse"], {k: best[k] for k in (*METRICS, "epoch")})
 
 
 def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[Any] | None = None) -> Any:
@@ -119,18 +214,25 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
     from ray.train.torch import TorchTrainer
 
     cfg, run = trial_config(config)
+    # Blocks in a fixed order + a seeded shuffle buffer: the same data order on every run,
+    # so a resumed or recompiled run can be compared with an uninterrupted one.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         datasets={"train": train, "val": val},
         # Validation is not split: rank 0 scores the whole held-out set.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
         run_config=ray.train.RunConfig(
             name=f"d{cfg.d_compressed}",
             storage_path=run["train_storage"],
+            # best_mse never rises, so the one checkpoint kept is the latest: it resumes the trial
+            # and its compressor.pt is the trial's best.
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="mse", checkpoint_score_order="min"),
+                num_to_keep=1, checkpoint_score_attribute="best_mse", checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks or [],
         ),
     )
