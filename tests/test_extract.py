@@ -33,10 +33,11 @@ def test_extracted_hidden_states_equal_a_direct_model_call(shards):
         with torch.no_grad():
             expected = model(**enc, output_hidden_states=True).hidden_states[-1][0]
         rows = doc_ids == doc
-        assert rows.sum() == enc["input_ids"].shape[1]
-        assert table["position"].to_numpy()[rows].tolist() == list(range(enc["input_ids"].shape[1]))
-        assert table["token_id"].to_numpy()[rows].tolist() == enc["input_ids"][0].tolist()
-        torch.testing.assert_close(hidden[torch.from_numpy(rows)], expected, atol=1e-5, rtol=1e-5)
+        length = enc["input_ids"].shape[1]
+        # Every real token but the first (an attention sink, left out by default).
+        assert table["position"].to_numpy()[rows].tolist() == list(range(1, length))
+        assert table["token_id"].to_numpy()[rows].tolist() == enc["input_ids"][0, 1:].tolist()
+        torch.testing.assert_close(hidden[torch.from_numpy(rows)], expected[1:], atol=1e-5, rtol=1e-5)
 
 
 def test_pad_positions_never_reach_the_shards(assets):
@@ -61,6 +62,8 @@ def test_manifest_records_model_layer_sizes_and_counts(shards):
     assert manifest["num_tokens"] == table.num_rows == sum(manifest["doc_tokens"])
     assert manifest["source"]["dataset"] == shards.dataset
     assert manifest["max_seq_length"] == 64
+    assert manifest["exclude_first_token"] is True and manifest["outlier_norm_factor"] == 0.0
+    assert manifest["outlier_tokens_dropped"] == 0
     assert len(manifest["shards"]) == 6
 
 

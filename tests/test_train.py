@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from trm_ray import spectrum
 from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
 from trm_ray.config import UserError
 from trm_ray.shards import decode_hidden, load_splits, read_manifest, split_counts
@@ -12,13 +13,13 @@ from trm_ray.sweep import datasets, trial_config_for
 from trm_ray.train import EarlyStopping, get_lr, make_trainer
 
 
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert get_lr(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert get_lr(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert get_lr(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert get_lr(55, 100, 10, 1.0) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert get_lr(100, 100, 10, 1.0) == pytest.approx(0.1)
-    assert get_lr(500, 100, 10, 1.0) == pytest.approx(0.1)
+    assert get_lr(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert get_lr(100, 100, 10, 1.0) == pytest.approx(0.0)
+    assert get_lr(500, 100, 10, 1.0) == pytest.approx(0.0)
 
 
 def test_compressor_is_weight_tied_orthogonal_and_has_d_times_d_prime_parameters():
@@ -76,7 +77,8 @@ def fit(cfg, tmp_path, num_workers, batch_size, **overrides):
     cfg = dataclasses.replace(cfg, **{"num_workers": num_workers, "batch_size": batch_size, "d_compressed": 16,
                                       "sweep": False, "num_epochs": 4, "learning_rate": 0.02, "use_wandb": False,
                                       "torch_compile": False, **overrides})
-    config = trial_config_for(cfg, manifest, counts, str(tmp_path / f"w{num_workers}"))
+    limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    config = trial_config_for(cfg, manifest, counts, limit, str(tmp_path / f"w{num_workers}"))
     train, val = datasets(cfg, manifest)
     return make_trainer(config, train, val).fit()
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from trm_ray.config import UserError
 
-METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio")
+METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance")
 
 
 class DimensionCompressor(nn.Module):
@@ -75,7 +75,8 @@ def metrics_from_sums(s: torch.Tensor) -> dict[str, float]:
     """Token-weighted metrics over everything summed into `s`.
 
     mse: mean over elements; cosine_similarity: mean over tokens; relative_error:
-    ||X̂ - X||_F / ||X||_F; variance_ratio: Var(X̂) / Var(X) over all elements.
+    ||X̂ - X||_F / ||X||_F; variance_ratio: Var(X̂) / Var(X) over all elements;
+    explained_variance: 1 - ||X̂ - X||²_F / ||X||²_F (uncentred, like the PCA limit).
     """
     sse, sxx, sx, shh, sh, scos, n_tok, n_el = s.tolist()
     var_x = sxx / n_el - (sx / n_el) ** 2
@@ -85,6 +86,7 @@ def metrics_from_sums(s: torch.Tensor) -> dict[str, float]:
         "cosine_similarity": scos / n_tok,
         "relative_error": (sse / sxx) ** 0.5,
         "variance_ratio": var_h / var_x,
+        "explained_variance": 1.0 - sse / sxx,
     }
 
 

@@ -44,14 +44,18 @@ class Config:
     keep_tokens: str = _f("thinking", "Stage 1b: keep the thinking span (<think> ... </think>) or all tokens of each conversation.")
     num_samples: int = _f(50000, "Number of documents to extract.")
     max_seq_length: int = _f(512, "Tokens per document kept (longer ones are truncated).")
+    exclude_first_token: bool = _f(True, "Leave each sequence's first token (an attention sink with an outsized norm) out of the shards.", negative="keep_first_token")
+    outlier_norm_factor: float = _f(0.0, "Drop tokens whose hidden-state norm exceeds this multiple of the shard's median norm (0: keep all).")
     # --- extraction -----------------------------------------------------------------------
     shards_dir: str | None = _f(None, "Where the hidden-state shards live; default <output_dir>/shards/stage<stage>.")
     docs_per_shard: int = _f(256, "Documents per Parquet shard (also the unit of resuming an extraction).")
     extract_batch_size: int = _f(8, "Documents per forward pass of the LM during extraction.")
     storage_dtype: str = _f("auto", "Shard value type: float32, bfloat16, or auto (the model's dtype; never float16).")
+    skip_disk_check: bool = _f(False, "Extract even when the shards may not fit in the free space of their disk.")
     num_extract_workers: int | None = _f(None, "Model replicas extracting in parallel; default one per GPU, or 1 without GPUs.")
     # --- training -------------------------------------------------------------------------
     d_compressed: int = _f(256, "Compressed dimension D'.")
+    init: str = _f("orthogonal", "Stage 1a start: orthogonal (the seed's) or pca (the top-D' eigenvectors of the training second moment).")
     batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
     num_epochs: int = _f(10, "Maximum training epochs.")
     learning_rate: float = _f(1e-3, "Peak AdamW learning rate.")
@@ -71,6 +75,9 @@ class Config:
     sweep: bool = _f(False, "Sweep D' over sweep_d_values instead of training one D'.")
     sweep_d_values: list[int] = _f([64, 128, 256, 512, 1024], "D' values of the sweep.")
     grace_period: int = _f(2, "ASHA: epochs every trial runs before it can be stopped.")
+    asha_metric: str = _f("pca_efficiency", "ASHA ranks the trials of each D' on this metric; pca_efficiency = PCA-limit mse / mse.")
+    sweep_learning_rates: list[float] = _f([], "Also grid over these learning rates (empty: just --learning_rate); the export keeps the best trial per D'.")
+    downstream_tokens: int = _f(4096, "Validation tokens on which the LM head's next-token KL is measured for each exported D' (last layer only; 0: skip).")
     max_concurrent_trials: int | None = _f(None, "Trials running at once; default: as many as the cluster fits.")
     # --- Weights & Biases ---------------------------------------------------------------
     use_wandb: bool = _f(True, "Log each trial to Weights & Biases (offline with WANDB_MODE=offline; no key needed then).", negative="no_wandb")
@@ -88,6 +95,8 @@ class Config:
             raise UserError(f"stage must be 1a or 1b, got {self.stage!r}")
         if self.storage_dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"storage_dtype must be auto, float32 or bfloat16, got {self.storage_dtype!r}")
+        if self.init not in ("orthogonal", "pca"):
+            raise UserError(f"init must be orthogonal or pca, got {self.init!r}")
         if self.keep_tokens not in ("thinking", "all"):
             raise UserError(f"keep_tokens must be thinking or all, got {self.keep_tokens!r}")
         if self.cache_datasets not in ("auto", "always", "never"):

@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import posixpath
+import shutil
 import sys
 import time
 from typing import Any, Iterable
@@ -205,13 +206,20 @@ class HiddenStateExtractor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        out: dict[str, list] = {"shard": [], "num_docs": [], "num_tokens": [], "doc_tokens": []}
+        out: dict[str, list] = {"shard": [], "num_docs": [], "num_tokens": [], "doc_tokens": [], "outliers": []}
         for shard, first_doc, docs in zip(batch["shard"], batch["first_doc"], batch["docs"]):
             keep_tokens = cfg.keep_tokens if cfg.stage == "1b" else "all"
             token_lists, keeps = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg.max_seq_length, keep_tokens)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             hidden, doc_idx, pos = hidden_rows(self.model, token_lists, cfg.layer, cfg.extract_batch_size, pad)
             keep = np.concatenate(keeps)  # hidden_rows emits documents in order, positions ascending
+            if cfg.exclude_first_token:
+                keep &= pos > 0
+            outliers = 0
+            if cfg.outlier_norm_factor > 0:
+                norms = hidden.norm(dim=-1).numpy()
+                big = keep & (norms > cfg.outlier_norm_factor * np.median(norms[keep]))
+                outliers, keep = int(big.sum()), keep & ~big
             hidden, doc_idx, pos = hidden[torch.from_numpy(keep)], doc_idx[keep], pos[keep]
             token_ids = np.array([token_lists[d][p] for d, p in zip(doc_idx, pos)], dtype=np.int32)
             table = shard_table(hidden, doc_idx + int(first_doc), pos, token_ids, self.storage_dtype)
@@ -219,7 +227,8 @@ class HiddenStateExtractor:
             out["shard"].append(int(shard))
             out["num_docs"].append(len(token_lists))
             out["num_tokens"].append(len(doc_idx))
-            out["doc_tokens"].append(json.dumps([int(k.sum()) for k in keeps]))
+            out["doc_tokens"].append(json.dumps(np.bincount(doc_idx, minlength=len(token_lists)).tolist()))
+            out["outliers"].append(outliers)
         return {k: np.array(v) for k, v in out.items()}
 
 
@@ -241,6 +250,7 @@ def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str) -> di
         "source": {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "dataset_split": cfg.dataset_split,
                    "field": cfg.text_field if cfg.stage == "1a" else cfg.messages_field},
         "num_samples": cfg.num_samples, "max_seq_length": cfg.max_seq_length, "docs_per_shard": cfg.docs_per_shard,
+        "exclude_first_token": cfg.exclude_first_token, "outlier_norm_factor": cfg.outlier_norm_factor,
     }
 
 
@@ -252,17 +262,31 @@ def resolve_storage_dtype(cfg: Config) -> str:
     return "bfloat16" if ray.cluster_resources().get("GPU", 0) > 0 else "float32"
 
 
-def _existing_shard_counts(shards_dir: str, indices: list[int]) -> dict[int, list[int]]:
+def _existing_shard_counts(shards_dir: str, num_docs: int, docs_per_shard: int) -> dict[int, list[int]]:
     """Per-document token counts of shards a previous run completed (read from their doc_id column)."""
     fs, root = filesystem(shards_dir)
     counts = {}
-    for i in indices:
+    for i in range((num_docs + docs_per_shard - 1) // docs_per_shard):
         path = posixpath.join(root, shard_name(i))
         if fs.get_file_info(path).type == pafs.FileType.File:
-            ids = pq.read_table(path, columns=["doc_id"], filesystem=fs)["doc_id"].to_numpy()
-            _, n = np.unique(ids, return_counts=True)
-            counts[i] = n.tolist()
+            ids = pq.read_table(path, columns=["doc_id"], filesystem=fs)["doc_id"].to_numpy() - i * docs_per_shard
+            counts[i] = np.bincount(ids, minlength=min(docs_per_shard, num_docs - i * docs_per_shard)).tolist()
     return counts
+
+
+def check_disk(cfg: Config, shards_dir: str, need: int) -> None:
+    """Say what the shards will take (at most: every document at max_seq_length), and refuse when it cannot fit."""
+    where = "free space unknown"
+    if "://" not in shards_dir:
+        existing = os.path.abspath(shards_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        free = shutil.disk_usage(existing).free
+        where = f"{free / 2**30:,.2f} GiB free"
+        if need > free and not cfg.skip_disk_check:
+            raise UserError(f"the shards may take {need / 2**30:,.2f} GiB but {shards_dir} has {free / 2**30:,.2f} GiB free: "
+                            "free space, point --shards_dir elsewhere, or pass --skip_disk_check")
+    print(f"extract: shards will take at most {need / 2**30:,.3f} GiB ({where})", flush=True)
 
 
 def extract(cfg: Config) -> dict[str, Any]:
@@ -288,10 +312,12 @@ def extract(cfg: Config) -> dict[str, Any]:
         raise UserError(f"{shards_dir} holds an unfinished extraction with other settings: delete it or choose another --shards_dir")
 
     docs = [json.dumps(d) for d in read_documents(cfg)]
+    check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * (2 if storage_dtype == "bfloat16" else 4))
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)
     n = cfg.docs_per_shard
     num_shards = (len(docs) + n - 1) // n
-    done = _existing_shard_counts(shards_dir, list(range(num_shards)))
+    done = _existing_shard_counts(shards_dir, len(docs), n)
+    outliers = dict.fromkeys(done, 0)  # unknown for shards of an earlier, interrupted run
     todo = [{"shard": i, "first_doc": i * n, "docs": docs[i * n:(i + 1) * n]} for i in range(num_shards) if i not in done]
     print(f"extract: {len(docs)} documents -> {num_shards} shards in {shards_dir} "
           f"({len(done)} already done), model {cfg.model_name}, layer {cfg.layer}, D={hidden_size}, {storage_dtype}",
@@ -308,6 +334,7 @@ def extract(cfg: Config) -> dict[str, Any]:
         t0, docs, tokens = time.time(), 0, 0
         for row in ds.iter_rows():
             done[int(row["shard"])] = json.loads(row["doc_tokens"])
+            outliers[int(row["shard"])] = int(row["outliers"])
             docs += int(row["num_docs"])
             tokens += int(row["num_tokens"])
             elapsed = time.time() - t0
@@ -319,7 +346,7 @@ def extract(cfg: Config) -> dict[str, Any]:
     manifest = {
         **settings,
         "revision": getattr(load_model_config(cfg.model_name), "_commit_hash", None),
-        "num_docs": len(doc_tokens), "num_tokens": int(sum(doc_tokens)),
+        "num_docs": len(doc_tokens), "num_tokens": int(sum(doc_tokens)), "outlier_tokens_dropped": sum(outliers.values()),
         "shards": [shard_name(i) for i in range(num_shards)], "doc_tokens": doc_tokens,
     }
     write_json(posixpath.join(shards_dir, MANIFEST), manifest)

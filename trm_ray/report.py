@@ -11,12 +11,15 @@ import os
 import posixpath
 from typing import Any
 
+import pandas as pd
 import pyarrow.fs as pafs
 import torch
 
 from trm_ray.compressor import METRICS, load_checkpoint
 from trm_ray.config import Config
+from trm_ray.downstream import add_downstream
 from trm_ray.shards import filesystem, write_json
+from trm_ray.spectrum import curve_points
 
 
 def export_path(cfg: Config, d_compressed: int, stage: str | None = None) -> str:
@@ -48,8 +51,18 @@ def initial_cosine(result: Any) -> float | None:
     return float(df["initial_cosine_similarity"].dropna().iloc[0])
 
 
-def export_results(grid: Any, cfg: Config, d_model: int, checkpoint_file: str) -> list[dict[str, Any]]:
-    """Export the best checkpoint per D' and write `<output_dir>/sweep_results.json`."""
+def exclusions(manifest: dict[str, Any]) -> str:
+    """Which tokens the shards (so training, metrics and the PCA limit) leave out, in words."""
+    parts = ["the first token of each sequence"] if manifest.get("exclude_first_token") else []
+    if manifest.get("outlier_norm_factor"):
+        parts.append(f"{manifest['outlier_tokens_dropped']:,} tokens with norm > {manifest['outlier_norm_factor']:g}x the median")
+    return ", ".join(parts) or "nothing"
+
+
+def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_file: str,
+                   limit: dict[str, Any]) -> list[dict[str, Any]]:
+    """Export the best trial's checkpoint per D' and write the results (json, csv) and the plot."""
+    d_model = manifest["hidden_size"]
     best: dict[int, dict[str, Any]] = {}
     errors: dict[int, str] = {}
     for result in grid:
@@ -65,7 +78,8 @@ def export_results(grid: Any, cfg: Config, d_model: int, checkpoint_file: str) -
             reason = result.metrics.get("stop_reason") or (
                 "completed all epochs" if epochs >= cfg.num_epochs else "stopped by ASHA")
             best[d] = {"src": src, **metrics, "epochs": epochs, "stop_reason": reason,
-                       "initial_cosine_similarity": initial_cosine(result)}
+                       "initial_cosine_similarity": initial_cosine(result),
+                       "learning_rate": float(result.config["learning_rate"])}
 
     rows = []
     for d in sorted(set(best) | set(errors)):
@@ -75,14 +89,56 @@ def export_results(grid: Any, cfg: Config, d_model: int, checkpoint_file: str) -
             dest = export_path(cfg, d)
             _copy(best[d]["src"], dest)
             row.update({k: best[d][k] for k in METRICS})
-            row.update({"initial_cosine_similarity": best[d]["initial_cosine_similarity"],
+            row.update({"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / best[d]["mse"],
+                        "pca_cosine_similarity": limit["pca_cosine_similarity"][d],
+                        "pca_explained_variance": limit["explained_variance"][d],
+                        "learning_rate": best[d]["learning_rate"],
+                        "initial_cosine_similarity": best[d]["initial_cosine_similarity"],
                         "best_epoch": best[d]["epoch"], "epochs_trained": best[d]["epochs"],
                         "stop_reason": best[d]["stop_reason"], "checkpoint": os.path.abspath(dest)})
         else:
             row["error"] = errors[d]
         rows.append(row)
-    write_json(results_path(cfg), rows)
+    add_downstream(rows, cfg, manifest)
+    path = results_path(cfg)
+    write_json(path, rows)
+    pd.DataFrame(rows).to_csv(path.replace(".json", ".csv"), index=False)
+    plot_report(rows, limit, cfg, manifest, path.replace("results", "report").replace(".json", ".png"))
     return rows
+
+
+# The seed guide's expected cosine per D' (for D=3072): a reference line, not a measurement.
+SEED_EXPECTED_COSINE = {64: 0.85, 128: 0.92, 256: 0.96, 512: 0.98, 1024: 0.99}
+
+
+def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, manifest: dict[str, Any], path: str) -> None:
+    """Cosine and explained variance against D': the trained compressors, the PCA limit, the seed's guess."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d_model = limit["hidden_size"]
+    done = [r for r in rows if "error" not in r]
+    xs = curve_points(d_model, [r["d_compressed"] for r in rows])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, limit_key, title in ((axes[0], "cosine_similarity", "pca_cosine_similarity", "validation cosine similarity"),
+                                      (axes[1], "explained_variance", "explained_variance", "explained variance (uncentred)")):
+        ax.plot(xs, [limit[limit_key][x] for x in xs], "k--", label="PCA limit (optimal tied linear)")
+        ax.plot([r["d_compressed"] for r in done], [r[key] for r in done], "o-", color="tab:blue", label=f"trained (stage {cfg.stage})")
+        if key == "cosine_similarity":
+            seed = sorted(SEED_EXPECTED_COSINE.items())
+            ax.plot([d for d, _ in seed], [c for _, c in seed], "s:", color="tab:orange", label="seed guide's expectation (D=3072)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("D' (compressed width)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{cfg.model_name} layer {cfg.layer}, D={d_model}: compressor quality vs D'\n"
+                 f"excluded: {exclusions(manifest)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _read_best_metrics(path: str) -> dict[str, float]:
@@ -103,13 +159,17 @@ def _copy(src: str, dest: str) -> None:
 
 
 def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
-    head = f"{'D_prime':>8} {'ratio':>7} {'params':>10} {'mse':>11} {'cosine':>8} {'rel_err':>8} {'var_ratio':>9}  checkpoint"
+    head = (f"{'D_prime':>8} {'ratio':>7} {'params':>10} {'mse':>11} {'cosine':>8} {'rel_err':>8} {'var_ratio':>9} "
+            f"{'pca_cos':>8} {'pca_eff':>8} {'KL':>9} {'pca_KL':>9}  checkpoint")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "error" in r:
             print(f"{r['d_compressed']:>8} {r['compression_ratio']:>6.1f}x {r['num_params']:>10,}  FAILED: {r['error']}")
             continue
         print(f"{r['d_compressed']:>8} {r['compression_ratio']:>6.1f}x {r['num_params']:>10,} {r['mse']:>11.4g} "
-              f"{r['cosine_similarity']:>8.4f} {r['relative_error']:>8.4f} {r['variance_ratio']:>9.4f}  {r['checkpoint']}")
-    print(f"\nsummary: {results_path(cfg)}\n", flush=True)
+              f"{r['cosine_similarity']:>8.4f} {r['relative_error']:>8.4f} {r['variance_ratio']:>9.4f} "
+              f"{r['pca_cosine_similarity']:>8.4f} {r['pca_efficiency']:>8.4f} {r.get('downstream_kl', float('nan')):>9.3g} "
+              f"{r.get('pca_downstream_kl', float('nan')):>9.3g}  {r['checkpoint']}")
+    path = results_path(cfg)
+    print(f"\nsummary: {path} (and .csv); plot: {path.replace('results', 'report').replace('.json', '.png')}\n", flush=True)
 

@@ -141,6 +141,27 @@ def decode_hidden(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
     return t.reshape(-1, width)
 
 
+def verify_shards(shards_dir: str, manifest: dict[str, Any]) -> None:
+    """Every shard is readable, has the manifest's hidden size, and all rows are there; from footers only."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in shard_paths(shards_dir, manifest):
+        fs, p = filesystem(path)
+        try:
+            meta = pq.read_metadata(p, filesystem=fs)
+        except (OSError, pa.ArrowException) as e:
+            raise UserError(f"shard {path} is missing, corrupt or truncated ({str(e).splitlines()[0][:120]}): "
+                            "delete it and rerun python -m trm_ray.extract to re-create it") from None
+        width = meta.schema.to_arrow_schema().field("hidden").type.list_size
+        if width != manifest["hidden_size"]:
+            raise UserError(f"shard {path} has hidden size {width}, the manifest says {manifest['hidden_size']}: "
+                            "the directory mixes shard sets; re-extract into an empty --shards_dir")
+        rows += meta.num_rows
+    if rows != manifest["num_tokens"]:
+        raise UserError(f"the shards in {shards_dir} hold {rows:,} rows, the manifest says {manifest['num_tokens']:,}: re-extract them")
+
+
 def check_hidden_size(manifest: dict[str, Any], shards_dir: str, hidden_size: int, model_name: str) -> None:
     if manifest["hidden_size"] != hidden_size:
         raise UserError(

@@ -13,17 +13,20 @@ or `<output_dir>/stage1a_best.pt` for a single run) and summarised in
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 import sys
 import uuid
 from typing import Any
 
+from trm_ray import spectrum
 from trm_ray.compressor import load_checkpoint
-from trm_ray.config import Config, UserError, build_parser, config_from_args
+from trm_ray.config import Config, UserError, build_parser, config_from_args, make_config
 from trm_ray.extract import extract, hidden_size_of
-from trm_ray.report import export_path, export_results, print_table
-from trm_ray.shards import absolute, load_splits, split_counts
+from trm_ray.report import exclusions, export_path, export_results, print_table
+from trm_ray.scheduler import PerWidthASHA
+from trm_ray.shards import absolute, load_splits, read_json, split_counts, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
 from trm_ray.train import CHECKPOINT_FILE, make_trainer, trial_config
 
@@ -35,6 +38,23 @@ def trial(config: dict[str, Any], train: Any, val: Any) -> None:
     cfg, _ = trial_config(config)
     config = {**config, "init_checkpoint": init_checkpoint(cfg, cfg.d_compressed)}
     make_trainer(config, train, val, callbacks=[TuneReportCallback()]).fit()
+
+
+LOWER_IS_BETTER = ("mse", "relative_error", "train_loss")
+SWEEP_CONFIG = "trm_ray_config.json"
+# Settings that may change between an interrupted sweep and its resumption.
+RUNTIME_ONLY = {"address", "num_cpus", "max_concurrent_trials", "max_failures", "use_wandb"}
+
+
+def differing_settings(saved: dict[str, Any], cfg: Config) -> list[str]:
+    now = dataclasses.asdict(cfg)
+    return sorted(k for k in now if k not in RUNTIME_ONLY and saved.get(k) != now[k])
+
+
+def trial_name(t: Any) -> str:
+    """Readable and deterministic (a timestamp in a name breaks a restore): d256, or d256-lr0.001 in an lr grid."""
+    cfg, _ = trial_config(t.config)
+    return f"d{cfg.d_compressed}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
 
 
 def init_checkpoint(cfg: Config, d_compressed: int) -> str | None:
@@ -62,8 +82,8 @@ def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
     return train, val
 
 
-def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int]]:
-    """Shards (extracted now if missing), checked against the model and the D' values."""
+def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
+    """Shards (extracted now if missing), checked against the model and the D' values, and their spectrum."""
     d_model = hidden_size_of(cfg.model_name)
     for d in cfg.d_values:
         if not 0 < d < d_model:
@@ -76,59 +96,87 @@ def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int]]:
         if path:
             load_checkpoint(path, d_model=d_model, d_compressed=d)
     manifest = extract(cfg)
-    return manifest, split_counts(manifest, cfg.val_fraction, cfg.seed)
+    verify_shards(cfg.shards_path, manifest)
+    counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
+    return manifest, counts, spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
 
 
-def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], train_storage: str,
-                     group: str = "") -> dict[str, Any]:
+def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],
+                     train_storage: str, group: str = "") -> dict[str, Any]:
     """What a trial's training loop gets: every Config field plus facts derived from the shards."""
     return {**dataclasses.asdict(cfg), "d_model": manifest["hidden_size"], "train_tokens": counts["train_tokens"],
+            "pca_mse": {str(d): limit["pca_mse"][d] for d in cfg.d_values},
             "train_storage": train_storage, "group": group, "init_checkpoint": init_checkpoint(cfg, cfg.d_compressed)}
 
 
 def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    cfg = dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir))
-    manifest, counts = prepare(cfg)
+    
+    # Absolute paths: trials and tasks run in other working directories.
+    model = os.path.abspath(cfg.model_name) if os.path.exists(cfg.model_name) else cfg.model_name
+    cfg = dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir), model_name=model)
+    manifest, counts, limit = prepare(cfg)
     d_model = manifest["hidden_size"]
     print(f"sweep: D={d_model}, D' in {cfg.d_values}; {counts['train_tokens']:,} train tokens "
           f"({counts['train_docs']} docs), {counts['val_tokens']:,} validation tokens ({counts['val_docs']} docs)",
           flush=True)
+    print(f"sweep: left out of training, metrics and the PCA limit: {exclusions(manifest)}", flush=True)
 
     name = f"stage{cfg.stage}_{'sweep' if cfg.sweep else f'd{cfg.d_compressed}'}"
     storage = os.path.join(cfg.output_dir, "ray_results")
-    for path in (os.path.join(storage, name), os.path.join(storage, f"{name}_train")):
-        if os.path.exists(path):
-            if not overwrite:
-                raise UserError(f"{path} holds an earlier run's results: pass --overwrite to replace them, or choose another --output_dir")
-            shutil.rmtree(path)
+    exp_dir = os.path.join(storage, name)
+    resume = os.path.exists(exp_dir) and not overwrite
+    if resume:  # the same command again continues the sweep; another sweep's results are never mixed in
+        changed = differing_settings(read_json(os.path.join(exp_dir, SWEEP_CONFIG)) or {}, cfg)
+        if changed or not tune.Tuner.can_restore(exp_dir):
+            raise UserError(f"{cfg.output_dir} holds another sweep's results ({', '.join(changed) or 'unreadable state'} differ): "
+                            "pass --overwrite to replace them, or choose another --output_dir")
+    else:
+        for path in (exp_dir, os.path.join(storage, f"{name}_train")):
+            shutil.rmtree(path, ignore_errors=True)
+        write_json(os.path.join(exp_dir, SWEEP_CONFIG), dataclasses.asdict(cfg))
 
     # The W&B group: unique per sweep, fixed for its lifetime (it is part of the restored Tune state).
     group = f"{name}-{uuid.uuid4().hex[:8]}"
-    param_space = {**trial_config_for(cfg, manifest, counts, os.path.join(storage, f"{name}_train"), group),
-                   "d_compressed": tune.grid_search(cfg.d_values)}
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration", metric="cosine_similarity", mode="max", max_t=cfg.num_epochs,
-        grace_period=min(cfg.grace_period, cfg.num_epochs),
+    param_space = {**trial_config_for(cfg, manifest, counts, limit, os.path.join(storage, f"{name}_train"), group),
+                   "d_compressed": tune.grid_search(cfg.d_values),
+                   "learning_rate": tune.grid_search(cfg.sweep_learning_rates or [cfg.learning_rate])}
+    tokens_per_epoch = counts["train_tokens"] - cfg.num_workers  # an equal split across workers drops a row or so
+    scheduler = PerWidthASHA(
+        time_attr="tokens_seen", metric=cfg.asha_metric, mode="min" if cfg.asha_metric in LOWER_IS_BETTER else "max",
+        max_t=cfg.num_epochs * tokens_per_epoch, grace_period=min(cfg.grace_period, cfg.num_epochs) * tokens_per_epoch,
+        reduction_factor=2,
         stop_last_trials=False,  # the default kills the survivors at max_t before they finish cleanly
     )
     train, val = datasets(cfg, manifest)
-    tuner = tune.Tuner(
-        tune.with_parameters(trial, train=train, val=val),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
-            trial_name_creator=lambda t: f"d{t.config['d_compressed']}",
-            trial_dirname_creator=lambda t: f"d{t.config['d_compressed']}",
-        ),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
-    )
+    trainable = tune.with_parameters(trial, train=train, val=val)
+    if resume:
+        print(f"sweep: resuming {exp_dir}: finished trials are kept, unfinished ones continue from their latest "
+              "checkpoint, errored ones are retried", flush=True)
+        tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        )
     grid = tuner.fit()
-    rows = export_results(grid, cfg, d_model, CHECKPOINT_FILE)
+    rows = export_results(grid, cfg, manifest, CHECKPOINT_FILE, limit)
     print_table(rows, cfg)
     return rows
+
+
+def resumed_config(output_dir: str) -> Config:
+    """The settings an interrupted sweep in `output_dir` was started with."""
+    saved = glob.glob(os.path.join(output_dir, "ray_results", "*", SWEEP_CONFIG))
+    if len(saved) != 1:
+        raise UserError(f"{output_dir} holds {'no' if not saved else 'more than one'} trm_ray sweep to resume: "
+                        "give the --output_dir of one interrupted sweep")
+    return make_config(read_json(saved[0]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,10 +184,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = build_parser("python -m trm_ray.sweep", __doc__.splitlines()[0])
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run's results in --output_dir.")
+    parser.add_argument("--resume", metavar="OUTPUT_DIR", help="Continue the interrupted sweep in OUTPUT_DIR with its own settings.")
 
     def main_() -> None:
         args = parser.parse_args(argv)
-        cfg = config_from_args(args)
+        cfg = resumed_config(args.resume) if args.resume else config_from_args(args)
         prepare_wandb(cfg)
         connect(cfg)
         rows = run(cfg, overwrite=args.overwrite)

@@ -8,6 +8,7 @@ rank 0 over the whole held-out set, so the metrics do not depend on the number o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tempfile
 import time
@@ -22,6 +23,7 @@ from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, m
                                 reconstruction_sums, save_checkpoint)
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.shards import decode_hidden
+from trm_ray.spectrum import eigenvectors
 from trm_ray.tracking import tracking
 
 CHECKPOINT_FILE = "compressor.pt"  # the best compressor so far, in the seed's checkpoint format
@@ -29,11 +31,14 @@ RESUME_FILE = "resume.pt"  # model, optimizer, epoch, early-stopping state, toke
 
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warm-up to `peak_lr`, then cosine decay to 10% of it at `total_steps`."""
+    """Linear warm-up to `peak_lr`, then cosine decay to zero at `total_steps`.
+
+    Decaying all the way matters here: the last directions of a wide D' carry little variance,
+    and minibatch noise at a 10% floor kept them measurably off the PCA optimum."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def trial_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
@@ -102,13 +107,23 @@ def compile_or_eager(fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) 
 
 
 def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
-    """Orthogonal init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'."""
+    """Orthogonal (or PCA) init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'."""
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(run["d_model"], cfg.d_compressed)
+    if cfg.init == "pca" and not run.get("init_checkpoint"):
+        with torch.no_grad():  # rows = the top-D' eigenvectors: the optimum itself, up to a rotation
+            model.weight.copy_(eigenvectors(cfg.shards_path)[:, :cfg.d_compressed].T)
     if run.get("init_checkpoint"):
         ckpt = load_checkpoint(run["init_checkpoint"], d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
     return model
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs each report's whole metrics dict at INFO; Tune's table, the summary and W&B show them."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(("train/v2/_internal/execution/context.py", "train.v2._internal.execution.context")):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -116,6 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg, run = trial_config(config)
+    quiet_ray_train_reports()
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
@@ -144,9 +160,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    validate = lambda: evaluate(model.eval(), hidden_batches(val_shard, rows, device))  # noqa: E731
+    pca_mse = run["pca_mse"][str(cfg.d_compressed)]
+
+    def validate() -> dict[str, float]:
+        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device))
+        # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
+        return {**m, "pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"]}
+
     # Where training starts from (1b: the 1a weights), scored on this run's validation set.
-    metrics: dict[str, Any] = {f"initial_{k}": v for k, v in validate().items()} if rank == 0 and not resumed else {}
+    metrics: dict[str, Any] = {f"initial_{k}": v for k, v in validate().items() if k != "pca_mse"} if rank == 0 and not resumed else {}
     for epoch in range(start_epoch, cfg.num_epochs):
         model.train()
         t0, epoch_tokens, loss_sum = time.perf_counter(), 0, 0.0
@@ -226,7 +248,7 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
         # Validation is not split: rank 0 scores the whole held-out set.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
         run_config=ray.train.RunConfig(
-            name=f"d{cfg.d_compressed}",
+            name=f"d{cfg.d_compressed}-lr{cfg.learning_rate:g}",
             storage_path=run["train_storage"],
             # best_mse never rises, so the one checkpoint kept is the latest: it resumes the trial
             # and its compressor.pt is the trial's best.

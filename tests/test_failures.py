@@ -1,0 +1,92 @@
+"""Bad inputs and interruptions: each refused with a one-line error that says what to fix, nothing lost."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from trm_ray import extract as extract_mod
+from trm_ray import sweep
+from trm_ray.config import UserError, load_yaml
+from trm_ray.shards import decode_hidden
+
+
+@pytest.fixture
+def shard_copy(shards, tmp_path):
+    """A private copy of the session's shards, free to damage."""
+    path = tmp_path / "shards"
+    shutil.copytree(shards.shards_path, path)
+    return dataclasses.replace(shards, shards_dir=str(path), output_dir=str(tmp_path / "out"))
+
+
+def test_a_truncated_shard_is_refused_naming_the_file(shard_copy):
+    victim = os.path.join(shard_copy.shards_dir, "shard-00002.parquet")
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 2])
+    with pytest.raises(UserError, match="shard-00002.parquet is missing, corrupt or truncated"):
+        sweep.prepare(shard_copy)
+
+
+def test_shards_of_mixed_hidden_sizes_are_refused(shard_copy):
+    victim = os.path.join(shard_copy.shards_dir, "shard-00001.parquet")
+    table = pq.read_table(victim)
+    narrow = extract_mod.shard_table(
+        decode_hidden(table["hidden"])[:, :32], table["doc_id"].to_numpy(), table["position"].to_numpy(),
+        table["token_id"].to_numpy(), "float32")
+    pq.write_table(narrow, victim)
+    with pytest.raises(UserError, match="shard-00001.parquet has hidden size 32, the manifest says 64"):
+        sweep.prepare(shard_copy)
+
+
+def test_a_missing_shard_directory_is_refused(shards, tmp_path):
+    from trm_ray.shards import read_manifest
+
+    with pytest.raises(UserError, match="does not exist: run python -m trm_ray.extract first"):
+        read_manifest(str(tmp_path / "nowhere"))
+
+
+def test_extraction_refuses_a_disk_too_small_for_its_shards(shards, tmp_path, monkeypatch, capsys):
+    Usage = type(shutil.disk_usage("/"))
+    monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    cfg = dataclasses.replace(shards, shards_dir=str(tmp_path / "s"))
+    with pytest.raises(UserError, match="may take 0.00 GiB but .* has 0.00 GiB free.*--skip_disk_check"):
+        extract_mod.extract(cfg)
+    assert not os.path.exists(tmp_path / "s" / "manifest.json")
+    extract_mod.check_disk(dataclasses.replace(cfg, skip_disk_check=True), cfg.shards_dir, 10**6)
+    assert "shards will take at most" in capsys.readouterr().out
+
+
+def test_an_interrupted_extraction_resumes_without_redoing_finished_shards(shards, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(shards, shards_dir=str(tmp_path / "s"))
+    os.makedirs(cfg.shards_dir)
+    for name in ("extraction.json", "shard-00000.parquet", "shard-00003.parquet"):  # what a crash left behind
+        shutil.copy(os.path.join(shards.shards_path, name), cfg.shards_dir)
+    open(os.path.join(cfg.shards_dir, ".shard-00001.parquet.tmp"), "wb").write(b"half a shard")
+    done_before = {n: os.path.getmtime(os.path.join(cfg.shards_dir, n)) for n in ("shard-00000.parquet", "shard-00003.parquet")}
+    manifest = extract_mod.extract(cfg)
+    assert manifest == json.load(open(os.path.join(shards.shards_path, "manifest.json"))) | {"model": manifest["model"]}
+    for name, mtime in done_before.items():
+        assert os.path.getmtime(os.path.join(cfg.shards_dir, name)) == mtime  # not rewritten
+
+
+def test_invalid_yaml_is_a_one_line_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("d_compressed: [128\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_yaml(path)
+
+
+def test_the_same_sweep_command_again_resumes_and_reruns_nothing(swept, capsys):
+    cfg, rows = swept
+    again = sweep.run(sweep.resumed_config(cfg.output_dir))  # what `--resume <output_dir>` runs
+    assert "resuming" in capsys.readouterr().out
+    assert [r["mse"] for r in again] == [r["mse"] for r in rows]
+
+
+def test_a_different_sweep_into_the_same_output_dir_is_refused(swept):
+    cfg, _ = swept
+    with pytest.raises(UserError, match="holds another sweep's results .*learning_rate.* --overwrite"):
+        sweep.run(dataclasses.replace(sweep.resumed_config(cfg.output_dir), learning_rate=0.2))

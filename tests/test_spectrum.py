@@ -1,0 +1,104 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from trm_ray import spectrum, sweep
+from trm_ray.compressor import DimensionCompressor
+from trm_ray.downstream import validation_rows
+from trm_ray.shards import decode_hidden, load_splits
+from trm_ray.train import initial_model, trial_config
+
+from test_train import fit
+
+
+def rows_of(ds) -> np.ndarray:
+    return np.concatenate([decode_hidden(b["hidden"]).double().numpy() for b in ds.iter_batches(batch_format="pyarrow")])
+
+
+@pytest.fixture(scope="session")
+def limit(shards):
+    return spectrum.load_or_compute(shards.shards_path, shards.val_fraction, shards.seed)
+
+
+def test_spectrum_matches_numpy_eigh_on_the_same_rows(shards, limit):
+    train, val = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
+    x, v = rows_of(train), rows_of(val)
+    evals, evecs = np.linalg.eigh(x.T @ x)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    np.testing.assert_allclose(limit["eigenvalues"], evals / len(x), rtol=1e-8, atol=1e-12)
+    for d in (1, 8, 16, 32, 63):
+        top = evecs[:, :d]
+        rec = v @ top @ top.T
+        assert limit["pca_mse"][d] == pytest.approx(((v - rec) ** 2).mean(), rel=1e-8)
+        cos = (rec * v).sum(1) / np.linalg.norm(rec, axis=1) / np.linalg.norm(v, axis=1)
+        assert limit["pca_cosine_similarity"][d] == pytest.approx(cos.mean(), rel=1e-8)
+        assert limit["explained_variance"][d] == pytest.approx(evals[:d].sum() / evals.sum(), rel=1e-8)
+        assert limit["train_pca_mse"][d] == pytest.approx(((x - x @ top @ top.T) ** 2).mean(), rel=1e-6)
+
+
+def test_spectrum_is_stored_beside_the_shards_and_reused(shards, limit, monkeypatch):
+    monkeypatch.setattr(spectrum, "compute_spectrum", lambda *a: pytest.fail("recomputed"))
+    assert spectrum.load_or_compute(shards.shards_path, shards.val_fraction, shards.seed) == limit
+
+
+def test_pca_init_starts_from_the_top_eigenvectors(shards, limit):
+    train, _ = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
+    x = rows_of(train)
+    _, evecs = np.linalg.eigh(x.T @ x)
+    top = evecs[:, ::-1][:, :16]
+    cfg = dataclasses.replace(shards, init="pca", d_compressed=16, sweep=False)
+    model = initial_model(*trial_config({**dataclasses.asdict(cfg), "d_model": 64}))
+    w = model.weight.detach().double().numpy()
+    np.testing.assert_allclose(w @ w.T, np.eye(16), atol=1e-5)  # orthonormal rows
+    np.testing.assert_allclose(w.T @ w, top @ top.T, atol=1e-5)  # spanning the top-16 subspace
+
+
+def test_pca_init_reaches_pca_efficiency_099_in_its_first_epoch(shards, tmp_path):
+    # The start is already optimal: a small learning rate keeps Adam from wandering off it.
+    result = fit(shards, tmp_path, num_workers=1, batch_size=4, init="pca", num_epochs=1, learning_rate=0.001)
+    assert result.metrics["epoch"] == 1
+    assert result.metrics["pca_efficiency"] >= 0.99
+    assert result.metrics["initial_pca_efficiency"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_downstream_kl_matches_a_direct_computation_with_the_lm_head(swept):
+    cfg, rows = swept
+    lm = AutoModelForCausalLM.from_pretrained(cfg.model_name).eval()
+    hidden, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.downstream_tokens)
+    for r in rows:
+        comp = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.lm_head(hidden), -1)
+            logq = torch.log_softmax(lm.lm_head(comp(hidden)), -1)
+        kl = torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="batchmean")
+        assert r["downstream_kl"] == pytest.approx(float(kl), rel=1e-4)
+        known = targets >= 0
+        ce = torch.nn.functional.cross_entropy
+        increase = ce(logq[known], targets[known]) - ce(logp[known], targets[known])
+        assert r["ce_increase"] == pytest.approx(float(increase), rel=1e-3, abs=1e-6)
+        assert r["pca_downstream_kl"] > 0 and r["downstream_kl"] > 0
+    assert [r["downstream_kl"] for r in rows] == sorted((r["downstream_kl"] for r in rows), reverse=True)
+
+
+def test_sweep_rows_carry_the_pca_limit_and_its_efficiency(swept, limit):
+    _, rows = swept
+    for r in rows:
+        d = r["d_compressed"]
+        assert r["pca_mse"] == pytest.approx(limit["pca_mse"][d])
+        assert r["pca_efficiency"] == pytest.approx(r["pca_mse"] / r["mse"])
+        assert r["pca_cosine_similarity"] == pytest.approx(limit["pca_cosine_similarity"][d])
+        assert r["explained_variance"] <= r["pca_explained_variance"] + 1e-3
+
+
+def test_asha_keeps_every_d_prime_and_stops_the_slow_learning_rates(shards, tmp_path):
+    cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep_d_values=[8, 32],
+                              sweep_learning_rates=[0.05, 0.0001], num_epochs=4, grace_period=1, early_stopping=False,
+                              max_concurrent_trials=1, use_wandb=False, torch_compile=False, downstream_tokens=0)
+    rows = sweep.run(cfg)
+    assert [(r["d_compressed"], r["learning_rate"], r["epochs_trained"]) for r in rows] == [(8, 0.05, 4), (32, 0.05, 4)]
+    progress = sorted((tmp_path / "ray_results" / "stage1a_sweep").glob("d*-lr*/progress.csv"))
+    epochs = {p.parent.name: sum(1 for _ in open(p)) - 1 for p in progress}
+    assert epochs == {"d8-lr0.05": 4, "d8-lr0.0001": 1, "d32-lr0.05": 4, "d32-lr0.0001": 1}

@@ -1,0 +1,152 @@
+"""The quality limit: for a tied linear map x -> WᵀWx under MSE, the best D' is known.
+
+The optimum is the top-D' principal subspace of the uncentred second moment E[xxᵀ] of the
+training hidden states (no centring: the compressor has no bias). One Ray Data pass over
+the training shards accumulates XᵀX in float64; its eigen-decomposition gives, for every D'
+at once, the best reachable training MSE and explained variance, and one pass over the
+validation documents gives the PCA reconstruction's validation MSE and mean cosine. Stored
+beside the shards (`spectrum.json`, eigenvectors in `spectrum.pt`), computed once per shard
+set and split, reused by every trial and sweep.
+
+    python -m trm_ray.spectrum <shards_dir>
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import posixpath
+import sys
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from trm_ray.shards import decode_hidden, filesystem, load_splits, read_json, read_manifest, write_json
+
+SPECTRUM_JSON = "spectrum.json"
+SPECTRUM_PT = "spectrum.pt"
+
+
+def _moment_sums(batch: pa.Table) -> dict[str, np.ndarray]:
+    x = decode_hidden(batch["hidden"]).double()
+    return {"xtx": (x.T @ x).reshape(1, -1).numpy(), "sum": x.sum(0, keepdim=True).numpy(),
+            "sumsq": (x ** 2).sum(0, keepdim=True).numpy(), "n": np.array([x.shape[0]])}
+
+
+def second_moment(train: Any, d_model: int) -> dict[str, Any]:
+    """XᵀX, per-dimension sums and the row count of a dataset, one distributed pass, float64."""
+    parts = train.map_batches(_moment_sums, batch_format="pyarrow", batch_size=None)
+    total = {"xtx": np.zeros(d_model * d_model), "sum": np.zeros(d_model), "sumsq": np.zeros(d_model), "n": 0}
+    for part in parts.iter_batches(batch_size=None, batch_format="numpy"):
+        for key in total:
+            total[key] = total[key] + part[key].sum(0)
+    total["xtx"] = total["xtx"].reshape(d_model, d_model)
+    return total
+
+
+def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-D' sums over validation rows: ||x - P_k x||² and cos(x, P_k x) = ||P_k x|| / ||x||."""
+    x = decode_hidden(batch["hidden"]).double()
+    z2 = (x @ torch.from_numpy(eigenvectors)) ** 2  # coordinates in the eigenbasis, largest first
+    kept = torch.cat([torch.zeros(x.shape[0], 1, dtype=torch.float64), z2.cumsum(1)], 1)  # ||P_k x||², k = 0..D
+    norm2 = (x ** 2).sum(1, keepdim=True)
+    return {"err": (norm2 - kept).clamp_min(0).sum(0, keepdim=True).numpy(),
+            "cos": (kept.sqrt() / norm2.sqrt().clamp_min(1e-30)).sum(0, keepdim=True).numpy(),
+            "n": np.array([x.shape[0]])}
+
+
+def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    """(summary, eigenvectors as columns, largest eigenvalue first)."""
+    manifest = read_manifest(shards_dir)
+    d = manifest["hidden_size"]
+    train, val = load_splits(shards_dir, val_fraction, seed)
+    m = second_moment(train, d)
+    evals, evecs = np.linalg.eigh(m["xtx"])
+    order = np.argsort(evals)[::-1]
+    evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
+    n = int(m["n"])
+    total = float(np.trace(m["xtx"]))
+    captured = np.concatenate([[0.0], np.cumsum(evals)])  # index k: energy in the top-k subspace
+
+    sums = {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "n": 0}
+    parts = val.map_batches(_pca_val_sums, fn_args=(evecs,), batch_format="pyarrow", batch_size=None)
+    for part in parts.iter_batches(batch_size=None, batch_format="numpy"):
+        for key in sums:
+            sums[key] = sums[key] + part[key].sum(0)
+    mean = m["sum"] / n
+    summary = {
+        "split": {"val_fraction": val_fraction, "seed": seed}, "hidden_size": d,
+        "train_tokens": n, "val_tokens": int(sums["n"]),
+        "eigenvalues": (evals / n).tolist(),  # of E[xxᵀ]
+        # Arrays below are indexed by D' (0..D).
+        "explained_variance": (captured / total).tolist(),
+        "train_pca_mse": ((total - captured) / (n * d)).tolist(),
+        "pca_mse": (sums["err"] / (sums["n"] * d)).tolist(),
+        "pca_cosine_similarity": (sums["cos"] / sums["n"]).tolist(),
+        "mean": mean.tolist(), "variance": (m["sumsq"] / n - mean ** 2).tolist(),
+    }
+    return summary, evecs
+
+
+def load_or_compute(shards_dir: str, val_fraction: float, seed: int) -> dict[str, Any]:
+    """The stored spectrum of this shard set and split, computed (and stored) on first use."""
+    path = posixpath.join(shards_dir, SPECTRUM_JSON)
+    summary = read_json(path)
+    if summary is not None and summary["split"] == {"val_fraction": val_fraction, "seed": seed}:
+        return summary
+    print(f"spectrum: one pass over {shards_dir} for the second moment and its eigenvectors", flush=True)
+    summary, evecs = compute_spectrum(shards_dir, val_fraction, seed)
+    fs, p = filesystem(posixpath.join(shards_dir, SPECTRUM_PT))
+    buf = io.BytesIO()
+    torch.save({"eigenvectors": torch.from_numpy(evecs), "split": summary["split"]}, buf)
+    with fs.open_output_stream(p + ".tmp") as f:
+        f.write(buf.getvalue())
+    fs.move(p + ".tmp", p)
+    write_json(path, summary)  # last: a spectrum.json always has its eigenvectors beside it
+    return summary
+
+
+def eigenvectors(shards_dir: str) -> torch.Tensor:
+    fs, p = filesystem(posixpath.join(shards_dir, SPECTRUM_PT))
+    with fs.open_input_file(p) as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)["eigenvectors"]
+
+
+def limits(summary: dict[str, Any], d_compressed: int) -> dict[str, float]:
+    """What the optimal tied linear compressor of width D' reaches on this data."""
+    return {k: summary[k][d_compressed] for k in ("pca_mse", "pca_cosine_similarity", "explained_variance")}
+
+
+def curve_points(d_model: int, extra: list[int] = ()) -> list[int]:
+    points = {2 ** i for i in range(int(np.log2(d_model)) + 1) if 2 ** i < d_model} | set(extra)
+    return sorted(d for d in points if 0 < d < d_model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from trm_ray.cli import connect, run_cli
+    from trm_ray.config import make_config
+
+    parser = argparse.ArgumentParser(prog="python -m trm_ray.spectrum", description=__doc__.splitlines()[0])
+    parser.add_argument("shards_dir")
+    parser.add_argument("--val_fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--num_cpus", type=int, default=None)
+
+    def run() -> None:
+        args = parser.parse_args(argv)
+        connect(make_config({"num_cpus": args.num_cpus}))
+        s = load_or_compute(args.shards_dir, args.val_fraction, args.seed)
+        d = s["hidden_size"]
+        print(f"\nPCA limit of a tied linear compressor, D={d}, {s['train_tokens']:,} train / {s['val_tokens']:,} validation tokens")
+        print(f"{'D_prime':>8} {'explained_var':>14} {'val_pca_mse':>12} {'val_pca_cosine':>15}")
+        for k in curve_points(d):
+            print(f"{k:>8} {s['explained_variance'][k]:>14.4f} {s['pca_mse'][k]:>12.4g} {s['pca_cosine_similarity'][k]:>15.4f}")
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+
