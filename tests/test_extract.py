@@ -10,9 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trm_ray import extract as extract_mod
 from trm_ray.extract import extract, hidden_rows, read_documents, shard_table
-from trm_ray.shards import decode_hidden, encode_hidden, read_manifest, shard_paths
+from trm_ray.shards import decode_hidden, read_manifest, shard_paths
 
-from conftest import small_config
 
 
 def read_rows(cfg):

@@ -1,17 +1,24 @@
 """Bad inputs and interruptions: each refused with a one-line error that says what to fix, nothing lost."""
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from trm_ray import extract as extract_mod
 from trm_ray import sweep
 from trm_ray.config import UserError, load_yaml
 from trm_ray.shards import decode_hidden
+
 
 
 @pytest.fixture
@@ -90,3 +97,38 @@ def test_a_different_sweep_into_the_same_output_dir_is_refused(swept):
     cfg, _ = swept
     with pytest.raises(UserError, match="holds another sweep's results .*learning_rate.* --overwrite"):
         sweep.run(dataclasses.replace(sweep.resumed_config(cfg.output_dir), learning_rate=0.2))
+
+
+def latest_epoch(storage) -> int:
+    """Epoch of the newest resumable checkpoint under a Train run's storage (0 while none is complete)."""
+    epochs = [0]
+    for path in glob.glob(f"{storage}/**/resume.pt", recursive=True):
+        try:
+            epochs.append(torch.load(path, weights_only=True)["epoch"])
+        except Exception:  # still being copied into place
+            pass
+    return max(epochs)
+
+
+def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp_path, ray_cluster):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "trm_ray.sweep", "--model_name", shards.model_name, "--dataset", shards.dataset,
+            "--shards_dir", shards.shards_path, "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20",
+            "--output_dir", str(out), "--sweep", "--sweep_d_values", "8", "16", "--num_epochs", "4", "--batch_size", "1",
+            "--learning_rate", "0.01", "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0",
+            "--address", ray_cluster.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while latest_epoch(out / "ray_results") < 1:
+        assert time.time() < deadline and driver.poll() is None, "the sweep never reported an epoch"
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not (out / "sweep_results.json").exists()
+
+    resumed = sweep.run(sweep.resumed_config(str(out)))
+    clean = sweep.run(dataclasses.replace(sweep.resumed_config(str(out)), output_dir=str(tmp_path / "clean")))
+    assert [r["d_compressed"] for r in resumed] == [r["d_compressed"] for r in clean] == [8, 16]
+    for r, c in zip(resumed, clean):
+        assert r["epochs_trained"] == c["epochs_trained"]
+        assert r["mse"] == pytest.approx(c["mse"], rel=1e-3)

@@ -1,4 +1,3 @@
-import dataclasses
 import glob
 import json
 import os

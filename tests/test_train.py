@@ -1,14 +1,12 @@
 import dataclasses
-import math
 
-import numpy as np
 import pytest
 import torch
 
 from trm_ray import spectrum
 from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
 from trm_ray.config import UserError
-from trm_ray.shards import decode_hidden, load_splits, read_manifest, split_counts
+from trm_ray.shards import load_splits, read_manifest, split_counts
 from trm_ray.sweep import datasets, trial_config_for
 from trm_ray.train import EarlyStopping, get_lr, make_trainer
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from trm_ray.config import Config, UserError, build_parser, config_from_args
-from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name, storage_type,
+from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name,
                             write_json)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")

@@ -114,11 +114,6 @@ def load_splits(shards_dir: str, val_fraction: float, seed: int) -> tuple[Any, A
     return train, val
 
 
-def storage_type(storage_dtype: str) -> pa.DataType:
-    # bfloat16 has no Arrow type: its bits are stored as uint16 and round-trip exactly.
-    return pa.uint16() if storage_dtype == "bfloat16" else pa.float32()
-
-
 def encode_hidden(hidden: torch.Tensor, storage_dtype: str) -> pa.FixedSizeListArray:
     """[N, D] tensor -> one contiguous Arrow column of D-wide rows."""
     if storage_dtype == "bfloat16":

@@ -189,8 +189,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(counts)
         elapsed = time.perf_counter() - t0
         tokens_seen += int(counts[0])
-        metrics.update({"epoch": epoch + 1, "d_compressed": cfg.d_compressed, "tokens_seen": tokens_seen,
-                        "train_loss": float(counts[1] / counts[0]), "tokens_per_s": float(counts[0]) / elapsed, "lr": lr})
+        metrics.update({"epoch": epoch + 1, "resumed_after_epoch": start_epoch, "d_compressed": cfg.d_compressed,
+                        "tokens_seen": tokens_seen, "train_loss": float(counts[1] / counts[0]),
+                        "tokens_per_s": float(counts[0]) / elapsed, "lr": lr})
 
         checkpoint, stop = None, False
         with tempfile.TemporaryDirectory() as tmp:
