@@ -1,0 +1,109 @@
+"""What the benchmarks share: synthetic shards in trm_ray's format, a plain read of them,
+trm_ray's optimisation step without Ray, and the ratio lines."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import posixpath
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from trm_ray.compressor import DimensionCompressor
+from trm_ray.config import Config
+from trm_ray.extract import extraction_settings, shard_table, write_shard
+from trm_ray.shards import MANIFEST, decode_hidden, is_validation_doc, shard_name, shard_paths, write_json
+from trm_ray.train import compile_or_eager, get_lr
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as in every Ray worker (a 1-CPU worker gets OMP_NUM_THREADS=1).
+    It also keeps a baseline steady on a shared machine, where threads that wait on each
+    other's descheduled siblings make small ops erratically slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_synthetic_shards(cfg: Config, hidden_size: int) -> dict[str, Any]:
+    """`cfg.num_samples` documents of `cfg.max_seq_length` tokens in `cfg.shards_path`, written
+    with trm_ray.extract's own shard and manifest code, so readers cannot tell them from an extraction.
+
+    Values are Gaussian with a decaying scale per dimension, a spectrum like an LM's last
+    layer, so the compressor has something to learn; throughput does not depend on them.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scale = torch.logspace(0.5, -1.5, hidden_size)
+    length, names = cfg.max_seq_length, []
+    os.makedirs(cfg.shards_path, exist_ok=True)
+    for index, first in enumerate(range(0, cfg.num_samples, cfg.docs_per_shard)):
+        docs = min(cfg.docs_per_shard, cfg.num_samples - first)
+        hidden = torch.randn(docs * length, hidden_size, generator=gen) * scale
+        doc_ids = np.repeat(np.arange(first, first + docs), length)
+        positions = np.tile(np.arange(length), docs)
+        table = shard_table(hidden, doc_ids, positions, np.zeros(docs * length, np.int32), cfg.storage_dtype)
+        names.append(shard_name(index))
+        write_shard(table, posixpath.join(cfg.shards_path, names[-1]))
+    manifest = {
+        **extraction_settings(cfg, hidden_size, cfg.storage_dtype), "revision": None,
+        "num_docs": cfg.num_samples, "num_tokens": cfg.num_samples * length,
+        "shards": names, "doc_tokens": [length] * cfg.num_samples,
+    }
+    write_json(posixpath.join(cfg.shards_path, MANIFEST), manifest)
+    return manifest
+
+
+def read_train_rows(cfg: Config, manifest: dict[str, Any]) -> torch.Tensor:
+    """The train split as one float32 [N, D] tensor, read with plain pyarrow: the baseline every Ray path is held to."""
+    table = pq.read_table(shard_paths(cfg.shards_path, manifest), columns=["doc_id", "hidden"])
+    train = ~is_validation_doc(table["doc_id"].to_numpy(), cfg.val_fraction, cfg.seed)
+    return decode_hidden(table.filter(pa.array(train))["hidden"])
+
+
+def bare_trainer(cfg: Config, d_model: int, d_compressed: int,
+                 steps_per_epoch: int) -> tuple[DimensionCompressor, Callable[[torch.Tensor], float]]:
+    """trm_ray.train.train_loop_per_worker's optimisation without Ray: the same initialisation,
+    AdamW, get_lr schedule, gradient clipping and (compiled or eager) loss. `step(x)` makes one
+    optimizer step on the rows `x` and returns its loss."""
+    torch.manual_seed(cfg.seed)
+    model = DimensionCompressor(d_model, d_compressed)
+    loss_fn = compile_or_eager(lambda x: nn.functional.mse_loss(model(x), x), cfg.torch_compile)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total_steps = steps_per_epoch * cfg.num_epochs
+    warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
+    steps = itertools.count()
+
+    def step(x: torch.Tensor) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(next(steps), total_steps, warmup_steps, cfg.learning_rate)
+        loss = loss_fn(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        return loss.item()
+
+    return model, step
+
+
+def machine(load_at_start: float) -> str:
+    """Cores and 1-minute load average at the start and now: on a shared machine, other people's
+    work moves every figure, so a result is only read together with this line."""
+    return f"machine: {os.cpu_count()} cores, 1-minute load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+
+
+def print_ratio(name: str, ours: float, baseline: float, unit: str) -> float:
+    """Print `ratio NAME: Rx (ours / baseline UNIT)`, R to 3 significant digits: the line tests/test_benchmarks.py looks for."""
+    ratio = ours / baseline
+    print(f"ratio {name}: {ratio:.3g}x ({ours:,.1f} / {baseline:,.1f} {unit})", flush=True)
+    return ratio

@@ -1,0 +1,84 @@
+"""Data feed: rows/s of Ray Data iter_batches(pyarrow) + decode_hidden over the shards vs a plain pyarrow read.
+
+The Ray side is trm_ray's own path: trm_ray.shards.load_splits (read_parquet plus the
+train/validation filter) iterated by trm_ray.train.hidden_batches in training-sized batches,
+streamed from the files, after .materialize() (what trm_ray.sweep.datasets does when the
+shards fit in the object store), and materialized with the training loop's local shuffle.
+The baseline reads the same files with pyarrow.parquet.read_table, applies the same
+filter and decodes them to one float32 tensor. Every figure is the best of a few passes,
+taken round robin.
+
+    python -m benchmarks.data_feed            # 2 shards of 131,072 rows x 2048 bf16 (512 MiB)
+    python -m benchmarks.data_feed --smoke    # tiny sizes, seconds: checks the script, not the speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.common import machine, print_ratio, read_train_rows, write_synthetic_shards
+from trm_ray.cli import connect
+from trm_ray.config import make_config
+from trm_ray.shards import load_splits, split_counts
+from trm_ray.train import hidden_batches
+
+FULL = dict(d_model=2048, num_samples=512, max_seq_length=512, docs_per_shard=256, batch_size=8, passes=3)
+SMOKE = dict(d_model=64, num_samples=48, max_seq_length=32, docs_per_shard=16, batch_size=4, passes=2)
+
+
+def best_rates(readers: dict[str, Callable[[], int]], passes: int) -> dict[str, float]:
+    """Rows/s of each reader's fastest pass (a reader returns the rows it read). Passes go round
+    robin, so a change in the machine's load hits every reader alike."""
+    best = dict.fromkeys(readers, 0.0)
+    for _ in range(passes):
+        for name, read in readers.items():
+            t0 = time.perf_counter()
+            rows = read()
+            best[name] = max(best[name], rows / (time.perf_counter() - t0))
+    return best
+
+
+def feed(dataset: Any, rows: int, shuffle_seed: int | None = None) -> Callable[[], int]:
+    """One pass over `dataset` as the training loop takes it: decoded float32 batches of `rows` rows."""
+    return lambda: sum(len(x) for x in hidden_batches(dataset, rows, torch.device("cpu"), shuffle_seed))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data_feed", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the speed")
+    sizes = SMOKE if parser.parse_args(argv).smoke else FULL
+    passes, load = sizes["passes"], os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as work_dir:
+        cfg = make_config({k: v for k, v in sizes.items() if k not in ("d_model", "passes")} | dict(
+            model_name="synthetic", storage_dtype="bfloat16", output_dir=work_dir, num_cpus=8))
+        connect(cfg)
+        manifest = write_synthetic_shards(cfg, sizes["d_model"])
+        rows = cfg.batch_size * cfg.max_seq_length
+        train_rows = split_counts(manifest, cfg.val_fraction, cfg.seed)["train_tokens"]
+        train, _ = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
+        t0 = time.perf_counter()
+        cached = train.materialize()
+        materialize_s = time.perf_counter() - t0
+        rates = best_rates({
+            "pyarrow": lambda: len(read_train_rows(cfg, manifest)),
+            "ray_streamed": feed(train, rows),
+            "ray_materialized": feed(cached, rows),
+            "ray_materialized_shuffled": feed(cached, rows, shuffle_seed=cfg.seed),
+        }, passes)
+    print(f"data_feed: {manifest['num_tokens']:,} rows x {manifest['hidden_size']} bf16 in {len(manifest['shards'])} "
+          f"shards ({train_rows:,} train rows), read in batches of {rows:,}; best of {passes} passes; "
+          f"materialize() took {materialize_s:.1f}s")
+    print(machine(load))
+    print("rows/s: " + " | ".join(f"{name} {rate:,.0f}" for name, rate in rates.items()))
+    raw = rates.pop("pyarrow")
+    return {f"{k}/pyarrow": print_ratio(f"{k}/pyarrow", v, raw, "rows/s") for k, v in rates.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Every benchmark's --smoke mode runs end to end and prints its ratio lines.
+
+These check the scripts, not the speed: no timing thresholds, only that each ratio line is
+there and holds a finite positive number. They run in-process on the session's Ray (a
+second local Ray beside it would make Ray's own actors ask which cluster to join).
+"""
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
+
+from benchmarks import data_feed, sweep_cost, train_loop  # noqa: E402
+
+# Not anchored at a line start: Ray's log forwarding may write into the same stdout without a newline.
+RATIO_LINE = re.compile(r"ratio (\S+): (\S+)x \(")
+
+
+@pytest.mark.parametrize("bench", [train_loop, data_feed, sweep_cost], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_smoke_mode_prints_a_finite_positive_ratio_for_each_figure(bench, ray_cluster, capsys):
+    returned = bench.main(["--smoke"])
+    out = capsys.readouterr().out
+    printed = dict(RATIO_LINE.findall(out))
+    assert returned and printed.keys() == returned.keys(), out[-3000:]
+    for name, value in printed.items():
+        assert math.isfinite(float(value)) and float(value) > 0, f"{name}: {value}"
