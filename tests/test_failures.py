@@ -19,6 +19,7 @@ from trm_ray import sweep
 from trm_ray.config import UserError, load_yaml
 from trm_ray.shards import decode_hidden
 
+from test_train import fit
 
 
 @pytest.fixture
@@ -132,3 +133,39 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
     for r, c in zip(resumed, clean):
         assert r["epochs_trained"] == c["epochs_trained"]
         assert r["mse"] == pytest.approx(c["mse"], rel=1e-3)
+
+
+def registered_epoch(run_dir) -> int:
+    """Epoch of the newest checkpoint Train has registered: the one a replaced worker is handed."""
+    try:
+        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # none yet, or being rewritten
+        return 0
+    return latest["metrics"]["epoch"] if latest else 0
+
+
+def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray.util.state import list_actors
+
+    settings = dict(num_epochs=10, early_stopping=False)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(fit, shards, tmp_path / "killed", 1, 2, **settings)
+        deadline = time.time() + 300
+        while registered_epoch(tmp_path / "killed" / "w1" / "d16-lr0.02") < 2:
+            assert time.time() < deadline and not running.done(), "the trial never registered a second checkpoint"
+            time.sleep(0.05)
+        workers = list_actors(address=ray_cluster.get_runtime_context().gcs_address,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        assert len(workers) == 1
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed = running.result(timeout=600)
+    clean = fit(shards, tmp_path / "clean", 1, 2, **settings)
+
+    assert killed.error is None
+    assert killed.metrics["epoch"] == 10
+    assert 2 <= killed.metrics["resumed_after_epoch"] < 10  # continued, not restarted from scratch
+    assert killed.metrics["tokens_seen"] == clean.metrics["tokens_seen"]
+    for key in ("mse", "cosine_similarity", "best_mse"):
+        assert killed.metrics[key] == pytest.approx(clean.metrics[key], rel=1e-4), key

@@ -13,12 +13,15 @@ def connect(cfg: Config) -> None:
     """Join `cfg.address`, or start a local Ray with `cfg.num_cpus` logical CPUs."""
     # Ray Data's per-operator bars flood the log of a sweep; trm_ray prints its own progress.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Train V2's controller collects each epoch's report on its health-check poll (2 s by
+    # default): on a short epoch that poll, not training, set the pace of the whole sweep.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     import ray
 
     if ray.is_initialized():
         return
     # Workers inherit the driver's environment (W&B mode, HF offline flags, ...).
-    env = {k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "HF_", "TRANSFORMERS_", "RAY_DATA_"))}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "HF_", "TRANSFORMERS_", "RAY_DATA_", "RAY_TRAIN_"))}
     if cfg.address:
         ray.init(address=cfg.address, runtime_env={"env_vars": env} if env else None)
     else:

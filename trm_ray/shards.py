@@ -100,7 +100,7 @@ def load_splits(shards_dir: str, val_fraction: float, seed: int) -> tuple[Any, A
     import ray.data
 
     manifest = read_manifest(shards_dir)
-    ds = ray.data.read_parquet(shard_paths(shards_dir, manifest), columns=["doc_id", "hidden"])
+    ds = ray.data.read_parquet(shard_paths(shards_dir, manifest)).select_columns(["doc_id", "hidden"])
     ds.context.execution_options.preserve_order = True  # shard order in, shard order out: reproducible runs
 
     def keep(val_side: bool):
