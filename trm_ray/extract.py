@@ -32,6 +32,7 @@ import torch
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name,
                             write_json)
+from trm_ray.tracking import publish
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
@@ -341,6 +342,7 @@ def extract(cfg: Config) -> dict[str, Any]:
             eta = elapsed / docs * (docs_todo - docs)
             print(f"extract: {len(done)}/{num_shards} shards | {tokens:,} tokens | {tokens / elapsed:,.0f} tokens/s "
                   f"| ETA {eta:.0f}s", flush=True)
+            publish({"extract_tokens": tokens, "extract_tokens_per_s": tokens / elapsed}, stage=cfg.stage)
 
     doc_tokens = [c for i in range(num_shards) for c in done[i]]
     manifest = {

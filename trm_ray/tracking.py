@@ -1,8 +1,13 @@
-"""Weights & Biases for one trial, or a stand-in that does nothing, so the loop never branches on logging.
+"""Where numbers go besides Tune: Weights & Biases for one trial, and Ray's own metrics.
+
+W&B, or a stand-in that does nothing, so the loop never branches on logging.
 
 Only rank 0 of a trial logs: one W&B run per trial, grouped per sweep, with the trial's
 config, its per-epoch metrics and, at the end, its best checkpoint as a model artifact.
 `WANDB_MODE=offline` works without an account or key.
+
+Ray metrics (`publish`) reach the dashboard's Metrics view and every node's Prometheus
+endpoint while a sweep runs, without W&B: the live view of a cluster.
 """
 
 from __future__ import annotations
@@ -68,3 +73,28 @@ def prepare_wandb(cfg: Config) -> None:
     os.environ["WANDB_MODE"] = "offline"
     print(f"W&B: no API key found (wandb login / WANDB_API_KEY); logging offline under {cfg.output_dir}/wandb, "
           "upload later with `wandb sync`", flush=True)
+
+
+# Reported name -> Ray metric (Prometheus shows it with Ray's `ray_` prefix) and what it means.
+RAY_METRICS = {
+    "tokens_per_s": ("trm_train_tokens_per_s", "Training tokens per second of a trial's last epoch, all workers"),
+    "cosine_similarity": ("trm_val_cosine_similarity", "Validation cosine similarity of a trial's last epoch"),
+    "mse": ("trm_val_mse", "Validation reconstruction mse of a trial's last epoch"),
+    "pca_efficiency": ("trm_pca_efficiency", "PCA-limit mse / validation mse of a trial's last epoch (1.0 = optimal)"),
+    "epoch": ("trm_epoch", "Epochs a trial has finished"),
+    "extract_tokens_per_s": ("trm_extract_tokens_per_s", "Hidden-state extraction tokens per second so far"),
+    "extract_tokens": ("trm_extract_tokens", "Token rows extracted so far"),
+}
+_gauges: dict[str, Any] = {}
+
+
+def publish(values: dict[str, Any], **tags: str) -> None:
+    """Set the Ray gauges of the `values` trm_ray publishes, tagged e.g. with the trial's name."""
+    from ray.util.metrics import Gauge
+
+    for key, value in values.items():
+        if key in RAY_METRICS and isinstance(value, (int, float)):
+            if key not in _gauges:
+                name, description = RAY_METRICS[key]
+                _gauges[key] = Gauge(name, description, tag_keys=tuple(sorted(tags)))
+            _gauges[key].set(float(value), tags=tags)

@@ -24,7 +24,7 @@ from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, m
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.shards import decode_hidden
 from trm_ray.spectrum import eigenvectors
-from trm_ray.tracking import tracking
+from trm_ray.tracking import publish, tracking
 
 CHECKPOINT_FILE = "compressor.pt"  # the best compressor so far, in the seed's checkpoint format
 RESUME_FILE = "resume.pt"  # model, optimizer, epoch, early-stopping state, tokens seen
@@ -212,6 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 log.log(metrics)
+                publish(metrics, trial=ctx.get_experiment_name(), sweep=run["group"], stage=cfg.stage)
             ray.train.report(metrics, checkpoint=checkpoint)
             metrics = {}
         if world > 1:  # every rank stops together
