@@ -1,4 +1,11 @@
 import copy
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 
 import jsonschema
 import pytest
@@ -28,3 +35,66 @@ def test_the_schema_check_is_real_a_broken_copy_is_refused(cluster):
     broken["available_node_types"]["gpu_worker"]["resourcez"] = {"GPU": 1}
     with pytest.raises(jsonschema.ValidationError, match="resourcez"):
         validate_config(prepare_config(broken))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Runs in its own process: a Cluster in the test process would share (and, on shutdown, reset)
+# the session's Ray handles. It prints its addresses, then lives until its stdin closes.
+CLUSTER_SCRIPT = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
+    num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]),
+    dashboard_agent_listen_port=int(sys.argv[2]), object_store_memory=300 * 2**20))
+for _ in range(2):
+    cluster.add_node(num_cpus=2, object_store_memory=300 * 2**20)
+print(cluster.webui_url, flush=True)
+sys.stdin.read()
+cluster.shutdown()
+"""
+
+
+@pytest.fixture
+def three_nodes(ray_cluster, monkeypatch):
+    """A head and two worker nodes on this machine (2 CPUs each); yields the head's dashboard URL."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the nodes require the token, and clients send it
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, str(free_port()), str(free_port())],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    yield f"http://{proc.stdout.readline().strip()}"
+    proc.stdin.close()
+    proc.wait(timeout=120)
+
+
+def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_nodes, shards, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors
+
+    out = tmp_path / "out"  # every node of this cluster sees it: shared storage for shards and checkpoints
+    entrypoint = (f"python -m trm_ray.sweep --model_name {shards.model_name} --dataset {shards.dataset} "
+                  f"--shards_dir {shards.shards_path} --num_samples 120 --max_seq_length 64 --docs_per_shard 20 "
+                  f"--output_dir {out} --sweep --sweep_d_values 8 16 32 --num_epochs 2 --batch_size 4 "
+                  "--learning_rate 0.05 --no_wandb --no_torch_compile --downstream_tokens 0 --address auto")
+    url = three_nodes
+    assert url.startswith("http://127.0.0.1:")
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # token authentication is on
+        urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
+    client = JobSubmissionClient(url)
+    job = client.submit_job(entrypoint=entrypoint, metadata={"trm_ray": "quickstart sweep"})
+    deadline = time.time() + 600
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, "the job did not finish in 10 minutes"
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "summary:" in logs
+
+    rows = json.loads((out / "sweep_results.json").read_text())
+    assert [r["d_compressed"] for r in rows] == [8, 16, 32]
+    assert all((out / f"d{d}" / "stage1a_best.pt").exists() for d in (8, 16, 32))
+    workers = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker")], limit=100)
+    assert len({w.node_id for w in workers}) >= 2, "every trial ran on the same node"
