@@ -9,6 +9,8 @@ import os
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# A key that must never show up in what Ray stores or shows, or in anything a sweep writes.
+os.environ.setdefault("WANDB_API_KEY", "trm-test-key-" + "7" * 27)
 
 import pytest  # noqa: E402
 

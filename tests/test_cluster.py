@@ -25,6 +25,10 @@ def test_cluster_yaml_passes_the_ray_autoscaler_schema(cluster):
 def test_cluster_yaml_keeps_the_dashboard_private_and_has_an_autoscaling_gpu_worker(cluster):
     head = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
+    # Token authentication on every node, all with the one token copied from the launching machine.
+    for command in (*cluster["head_start_ray_commands"], *cluster["worker_start_ray_commands"]):
+        assert "ray stop" in command or command.startswith("RAY_AUTH_MODE=token ray start")
+    assert cluster["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
     gpu = cluster["available_node_types"]["gpu_worker"]
     assert gpu["resources"]["GPU"] >= 1 and gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
     assert any("trm_ray" in c for c in cluster["setup_commands"])

@@ -1,11 +1,13 @@
 """What the dashboard and Prometheus show, and what must never show: trm_ray's own metrics, no secrets."""
 
 import dataclasses
+import os
 import re
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from trm_ray.cli import forwarded_env
 from trm_ray.extract import extract
 
 from test_train import fit
@@ -54,3 +56,37 @@ def test_extraction_and_a_running_trial_publish_their_metrics_on_the_prometheus_
                       ("trm_val_mse", "mse")):
         assert result.metrics[key] in seen[(name, trial)], name  # the last epoch's value, exactly
     assert all(v > 0 for v in seen[("trm_train_tokens_per_s", trial)])
+
+
+def test_workers_get_the_driver_settings_but_never_a_secret():
+    environ = {"WANDB_MODE": "offline", "WANDB_API_KEY": "k", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "t",
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "AWS_SECRET_ACCESS_KEY": "s", "HOME": "/root"}
+    assert forwarded_env(environ) == {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+                                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def files_containing(root: str, secret: bytes) -> list[str]:
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                if secret in open(path, "rb").read():
+                    found.append(path)
+            except OSError:  # a socket, or a file removed while we walk
+                pass
+    return found
+
+
+def test_the_wandb_key_reaches_no_job_record_log_or_result(swept, ray_cluster):
+    from ray.util.state import list_jobs
+
+    cfg, _ = swept
+    key = os.environ["WANDB_API_KEY"]
+    jobs = str(list_jobs(address=ray_cluster.get_runtime_context().gcs_address, detail=True))
+    assert "WANDB_MODE" in jobs  # the forwarded settings are there, for anyone with the dashboard to read
+    assert key not in jobs
+    session_dir = ray_cluster._private.worker._global_node.get_session_dir_path()
+    assert files_containing(os.path.join(session_dir, "logs"), key.encode()) == []
+    assert files_containing(cfg.output_dir, key.encode()) == []
+    assert os.path.exists(os.path.join(cfg.output_dir, "wandb"))  # the offline W&B runs were scanned too

@@ -16,17 +16,31 @@ def connect(cfg: Config) -> None:
     # Train V2's controller collects each epoch's report on its health-check poll (2 s by
     # default): on a short epoch that poll, not training, set the pace of the whole sweep.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # The dashboard's Train view (runs named d<D'>-lr<lr>, their workers and attempts).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     import ray
 
     if ray.is_initialized():
         return
-    # Workers inherit the driver's environment (W&B mode, HF offline flags, ...).
-    env = {k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "HF_", "TRANSFORMERS_", "RAY_DATA_", "RAY_TRAIN_"))}
+    env = forwarded_env(os.environ)
     if cfg.address:
         ray.init(address=cfg.address, runtime_env={"env_vars": env} if env else None)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env} if env else None)
+
+
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
+    """The driver's settings that workers need (W&B mode, HF offline flags, Ray Train/Data knobs).
+
+    Never a secret: a job's runtime environment is stored by Ray and shown in its dashboard.
+    Keys stay in each node's own environment (a local Ray inherits the driver's)."""
+    return {k: v for k, v in environ.items()
+            if k.startswith(("WANDB_", "HF_", "TRANSFORMERS_", "RAY_DATA_", "RAY_TRAIN_"))
+            and not any(word in k for word in SECRET_WORDS)}
 
 
 def user_error(exc: BaseException) -> UserError | None:

@@ -34,9 +34,14 @@ class WandbTracking(NoTracking):
     def __init__(self, project: str, group: str, name: str, config: dict[str, Any], directory: str):
         import wandb
 
+        mode = None  # as WANDB_MODE says
+        if not offline() and not wandb_key_found():
+            # The driver had a key, this node has none (keys are never shipped through Ray).
+            print(f"W&B: no API key on this node; logging {name} offline under {directory}/wandb", flush=True)
+            mode = "offline"
         self.name = name
         self.run = wandb.init(project=project, group=group, name=name, id=f"{group}-{name}", resume="allow",
-                              config=config, dir=directory, reinit="create_new",
+                              config=config, dir=directory, reinit="create_new", mode=mode,
                               settings=wandb.Settings(quiet=True))
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -57,19 +62,26 @@ def tracking(enabled: bool, rank: int, **kwargs: Any) -> NoTracking:
     return WandbTracking(**kwargs) if enabled and rank == 0 else NoTracking()
 
 
+def offline() -> bool:
+    return os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun")
+
+
+def wandb_key_found() -> bool:
+    """A key in the environment or in ~/.netrc (where `wandb login` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return bool(netrc.netrc().authenticators("api.wandb.ai"))
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
 def prepare_wandb(cfg: Config) -> None:
     """With W&B on but no key anywhere, log offline (sync later) rather than fail inside a worker.
 
     Must run before Ray starts: workers inherit WANDB_MODE from the driver."""
-    if not cfg.use_wandb or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+    if not cfg.use_wandb or offline() or wandb_key_found():
         return
-    if os.environ.get("WANDB_API_KEY"):
-        return
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return
-    except (FileNotFoundError, netrc.NetrcParseError):
-        pass
     os.environ["WANDB_MODE"] = "offline"
     print(f"W&B: no API key found (wandb login / WANDB_API_KEY); logging offline under {cfg.output_dir}/wandb, "
           "upload later with `wandb sync`", flush=True)
