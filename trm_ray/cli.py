@@ -16,7 +16,7 @@ def connect(cfg: Config) -> None:
     # Train V2's controller collects each epoch's report on its health-check poll (2 s by
     # default): on a short epoch that poll, not training, set the pace of the whole sweep.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # The dashboard's Train view (runs named d<D'>-lr<lr>, their workers and attempts).
+    # Ray Train's state API in the dashboard: each run by name (d<D'>-lr<lr>), status, workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     import ray
 
