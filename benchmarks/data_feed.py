@@ -1,6 +1,6 @@
 """Data feed: rows/s of Ray Data iter_batches(pyarrow) + decode_hidden over the shards vs a plain pyarrow read.
 
-The Ray side is trm_ray's own path: trm_ray.shards.load_splits (read_parquet plus the
+The Ray side is trm_ray's own path: trm_ray.shards.load_splits (a read task per shard plus the
 train/validation filter) iterated by trm_ray.train.hidden_batches in training-sized batches,
 streamed from the files, after .materialize() (what trm_ray.sweep.datasets does when the
 shards fit in the object store), and materialized with the training loop's local shuffle.
