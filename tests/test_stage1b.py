@@ -40,8 +40,7 @@ def test_stage_1b_starts_from_the_stage_1a_weights(stage1b):
     cfg, rows, rows_1a = stage1b
     # The weights the worker builds before its first step are the 1a checkpoint's.
     for d, r_1a in ((8, rows_1a[0]), (16, rows_1a[1])):
-        config = {**sweep.dataclasses.asdict(cfg), "d_compressed": d, "d_model": 64,
-                  "init_checkpoint": sweep.init_checkpoint(cfg, d)}
+        config = {**sweep.dataclasses.asdict(cfg), "d_compressed": d, "d_model": 64}
         model = initial_model(*trial_config(config))
         torch.testing.assert_close(model.weight, DimensionCompressor.from_checkpoint(r_1a["checkpoint"]).weight, rtol=0, atol=0)
     # And the run's first report scored exactly those weights on the 1b validation set.

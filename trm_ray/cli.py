@@ -19,7 +19,11 @@ def connect(cfg: Config) -> None:
     # Ray Train's state API in the dashboard: each run by name (d<D'>-lr<lr>), status, workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     import ray
+    from ray.data import DataContext
 
+    # Datasets carry the driver's context to Ray Data's own actors (split coordinators, readers),
+    # whose bars would otherwise fill the log; the variable above is read only at first import.
+    DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     env = forwarded_env(os.environ)

@@ -120,6 +120,17 @@ class Config:
     def shards_path(self) -> str:
         return self.shards_dir or os.path.join(self.output_dir, "shards", f"stage{self.stage}")
 
+    def export_path(self, d_compressed: int, stage: str | None = None) -> str:
+        """The seed's layout: <output_dir>/d<D'>/stage<stage>_best.pt in a sweep, else <output_dir>/stage<stage>_best.pt."""
+        name = f"stage{stage or self.stage}_best.pt"
+        return os.path.join(self.output_dir, f"d{d_compressed}", name) if self.sweep else os.path.join(self.output_dir, name)
+
+    def init_checkpoint(self, d_compressed: int) -> str | None:
+        """Stage 1b starts from the stage 1a checkpoint of the same D'; stage 1a from scratch."""
+        if self.stage == "1a":
+            return None
+        return self.compressor_checkpoint or self.export_path(d_compressed, stage="1a")
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 

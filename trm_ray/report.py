@@ -22,13 +22,6 @@ from trm_ray.shards import filesystem, write_json
 from trm_ray.spectrum import curve_points
 
 
-def export_path(cfg: Config, d_compressed: int, stage: str | None = None) -> str:
-    name = f"stage{stage or cfg.stage}_best.pt"
-    if cfg.sweep:
-        return os.path.join(cfg.output_dir, f"d{d_compressed}", name)
-    return os.path.join(cfg.output_dir, name)
-
-
 def results_path(cfg: Config) -> str:
     """sweep_results.json for stage 1a; stage 1b's sits beside it without replacing it."""
     name = "sweep_results.json" if cfg.stage == "1a" else f"sweep_results_stage{cfg.stage}.json"
@@ -86,7 +79,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
         row: dict[str, Any] = {"d_compressed": d, "d_model": d_model, "compression_ratio": d_model / d,
                                "num_params": d_model * d}
         if d in best:
-            dest = export_path(cfg, d)
+            dest = cfg.export_path(d)
             _copy(best[d]["src"], dest)
             row.update({k: best[d][k] for k in METRICS})
             row.update({"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / best[d]["mse"],
@@ -145,7 +138,7 @@ def _read_best_metrics(path: str) -> dict[str, float]:
     fs, p = filesystem(path)
     with fs.open_input_file(p) as f:
         ckpt = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    return {**ckpt["best_metrics"], "epoch": int(ckpt["best_metrics"].get("epoch", 0))}
+    return ckpt["best_metrics"]  # the METRICS and the epoch they were reached at
 
 
 def _copy(src: str, dest: str) -> None:

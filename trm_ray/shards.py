@@ -143,11 +143,10 @@ def decode_hidden(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
         column = column.combine_chunks()
     width = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)
+    # A copy either way: Arrow's buffers are read-only, torch tensors are not.
     if values.dtype == np.uint16:
-        t = torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float()
-    else:
-        t = torch.from_numpy(values)
-    return t.reshape(-1, width)
+        return torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float().reshape(-1, width)
+    return torch.from_numpy(values.copy()).reshape(-1, width)
 
 
 def verify_shards(shards_dir: str, manifest: dict[str, Any]) -> None:

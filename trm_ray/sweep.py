@@ -24,7 +24,7 @@ from trm_ray import spectrum
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import Config, UserError, build_parser, config_from_args, make_config
 from trm_ray.extract import extract, hidden_size_of
-from trm_ray.report import exclusions, export_path, export_results, print_table
+from trm_ray.report import exclusions, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.shards import absolute, load_splits, read_json, split_counts, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
@@ -35,8 +35,6 @@ def trial(config: dict[str, Any], train: Any, val: Any) -> None:
     """One Tune trial: a TorchTrainer (Train V2) whose reports reach Tune through TuneReportCallback."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg, _ = trial_config(config)
-    config = {**config, "init_checkpoint": init_checkpoint(cfg, cfg.d_compressed)}
     make_trainer(config, train, val, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -55,13 +53,6 @@ def trial_name(t: Any) -> str:
     """Readable and deterministic (a timestamp in a name breaks a restore): d256, or d256-lr0.001 in an lr grid."""
     cfg, _ = trial_config(t.config)
     return f"d{cfg.d_compressed}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
-
-
-def init_checkpoint(cfg: Config, d_compressed: int) -> str | None:
-    """Stage 1b starts from the stage 1a checkpoint of the same D'; stage 1a from scratch."""
-    if cfg.stage == "1a":
-        return None
-    return cfg.compressor_checkpoint or export_path(cfg, d_compressed, stage="1a")
 
 
 def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -89,7 +80,7 @@ def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]
         if not 0 < d < d_model:
             raise UserError(f"D' = {d} is not in 1..{d_model - 1}: {cfg.model_name} has hidden size D = {d_model}")
     for d in cfg.d_values:  # before any extraction: a 1b run never silently starts from scratch
-        path = init_checkpoint(cfg, d)
+        path = cfg.init_checkpoint(d)
         if path and not os.path.exists(path):
             raise UserError(f"stage 1b starts from a stage 1a checkpoint, and {path} does not exist: "
                             "run stage 1a first, or pass --compressor_checkpoint")
@@ -106,7 +97,7 @@ def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, in
     """What a trial's training loop gets: every Config field plus facts derived from the shards."""
     return {**dataclasses.asdict(cfg), "d_model": manifest["hidden_size"], "train_tokens": counts["train_tokens"],
             "pca_mse": {str(d): limit["pca_mse"][d] for d in cfg.d_values},
-            "train_storage": train_storage, "group": group, "init_checkpoint": init_checkpoint(cfg, cfg.d_compressed)}
+            "train_storage": train_storage, "group": group}
 
 
 def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:

@@ -110,20 +110,24 @@ def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
     """Orthogonal (or PCA) init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'."""
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(run["d_model"], cfg.d_compressed)
-    if cfg.init == "pca" and not run.get("init_checkpoint"):
+    start = cfg.init_checkpoint(cfg.d_compressed)
+    if cfg.init == "pca" and not start:
         with torch.no_grad():  # rows = the top-D' eigenvectors: the optimum itself, up to a rotation
             model.weight.copy_(eigenvectors(cfg.shards_path)[:, :cfg.d_compressed].T)
-    if run.get("init_checkpoint"):
-        ckpt = load_checkpoint(run["init_checkpoint"], d_model=run["d_model"], d_compressed=cfg.d_compressed)
+    if start:
+        ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
     return model
 
 
-def quiet_ray_train_reports() -> None:
-    """Ray Train logs each report's whole metrics dict at INFO; Tune's table, the summary and W&B show them."""
+def quiet_ray_logs() -> None:
+    """Keep the sweep's log readable: Ray Train logs each report's whole metrics dict at INFO (Tune's
+    table, the summary and W&B show them), and Ray Data a summary of every pass over the data
+    (two a trial every epoch; the dashboard's Ray Data view keeps them)."""
     for name in list(logging.root.manager.loggerDict):
         if name.endswith(("train/v2/_internal/execution/context.py", "train.v2._internal.execution.context")):
             logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -131,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg, run = trial_config(config)
-    quiet_ray_train_reports()
+    quiet_ray_logs()
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
