@@ -35,20 +35,23 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def write_synthetic_shards(cfg: Config, hidden_size: int) -> dict[str, Any]:
-    """`cfg.num_samples` documents of `cfg.max_seq_length` tokens in `cfg.shards_path`, written
-    with trm_ray.extract's own shard and manifest code, so readers cannot tell them from an extraction.
+def gaussian_rows(gen: torch.Generator, n: int, hidden_size: int) -> torch.Tensor:
+    """Gaussian with a decaying scale per dimension: something to learn; throughput does not depend on it."""
+    return torch.randn(n, hidden_size, generator=gen) * torch.logspace(0.5, -1.5, hidden_size)
 
-    Values are Gaussian with a decaying scale per dimension, a spectrum like an LM's last
-    layer, so the compressor has something to learn; throughput does not depend on them.
+
+def write_synthetic_shards(cfg: Config, hidden_size: int,
+                           rows: Callable[[torch.Generator, int, int], torch.Tensor] = gaussian_rows) -> dict[str, Any]:
+    """`cfg.num_samples` documents of `cfg.max_seq_length` tokens in `cfg.shards_path`, written
+    with trm_ray.extract's own shard and manifest code, so readers cannot tell them from an
+    extraction. `rows(gen, n, D)` draws the values.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
-    scale = torch.logspace(0.5, -1.5, hidden_size)
     length, names = cfg.max_seq_length, []
     os.makedirs(cfg.shards_path, exist_ok=True)
     for index, first in enumerate(range(0, cfg.num_samples, cfg.docs_per_shard)):
         docs = min(cfg.docs_per_shard, cfg.num_samples - first)
-        hidden = torch.randn(docs * length, hidden_size, generator=gen) * scale
+        hidden = rows(gen, docs * length, hidden_size)
         doc_ids = np.repeat(np.arange(first, first + docs), length)
         positions = np.tile(np.arange(length), docs)
         table = shard_table(hidden, doc_ids, positions, np.zeros(docs * length, np.int32), cfg.storage_dtype)

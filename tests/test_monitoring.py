@@ -24,10 +24,10 @@ def scrape(ray) -> str:
 
 
 def record(seen: dict, text: str) -> None:
-    """Add the trm_ samples of one scrape to `seen`: {(metric, trial tag): [values in scrape order]}."""
+    """Add the trm_ samples of one scrape to `seen`: {(metric, trial or shards tag): [values in scrape order]}."""
     for name, labels, value in re.findall(r"^ray_(trm_\w+)\{([^}]*)\} (\S+)$", text, re.M):
-        trial = re.search(r'trial="([^"]*)"', labels)
-        seen.setdefault((name, trial.group(1) if trial else None), []).append(float(value))
+        source = re.search(r'(?:trial|shards)="([^"]*)"', labels)
+        seen.setdefault((name, source.group(1)), []).append(float(value))
 
 
 def test_extraction_and_a_running_trial_publish_their_metrics_on_the_prometheus_endpoint(shards, tmp_path, ray_cluster):
@@ -35,7 +35,9 @@ def test_extraction_and_a_running_trial_publish_their_metrics_on_the_prometheus_
 
     def work():
         manifest = extract(small)
-        return manifest, fit(shards, tmp_path, num_workers=1, batch_size=8, num_epochs=6, early_stopping=False)
+        # A learning rate no other test uses: the trial's name must be this run's alone.
+        return manifest, fit(shards, tmp_path, num_workers=1, batch_size=8, num_epochs=6, early_stopping=False,
+                             learning_rate=0.0123)
 
     seen: dict = {}
     with ThreadPoolExecutor(1) as pool:
@@ -44,13 +46,13 @@ def test_extraction_and_a_running_trial_publish_their_metrics_on_the_prometheus_
             record(seen, scrape(ray_cluster))
             time.sleep(1)
         manifest, result = running.result()
-    trial, deadline = "d16-lr0.02", time.time() + 60
+    trial, deadline = "d16-lr0.0123", time.time() + 60
     while 6 not in seen.get(("trm_epoch", trial), []) and time.time() < deadline:  # the last epoch's export
         record(seen, scrape(ray_cluster))
         time.sleep(1)
 
-    assert max(seen[("trm_extract_tokens", None)]) == manifest["num_tokens"]
-    assert all(v > 0 for v in seen[("trm_extract_tokens_per_s", None)])
+    assert max(seen[("trm_extract_tokens", small.shards_path)]) == manifest["num_tokens"]
+    assert all(v > 0 for v in seen[("trm_extract_tokens_per_s", small.shards_path)])
     assert max(seen[("trm_epoch", trial)]) == 6
     for name, key in (("trm_pca_efficiency", "pca_efficiency"), ("trm_val_cosine_similarity", "cosine_similarity"),
                       ("trm_val_mse", "mse")):

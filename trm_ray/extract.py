@@ -342,7 +342,7 @@ def extract(cfg: Config) -> dict[str, Any]:
             eta = elapsed / docs * (docs_todo - docs)
             print(f"extract: {len(done)}/{num_shards} shards | {tokens:,} tokens | {tokens / elapsed:,.0f} tokens/s "
                   f"| ETA {eta:.0f}s", flush=True)
-            publish({"extract_tokens": tokens, "extract_tokens_per_s": tokens / elapsed}, stage=cfg.stage)
+            publish({"extract_tokens": tokens, "extract_tokens_per_s": tokens / elapsed}, shards=shards_dir, stage=cfg.stage)
 
     doc_tokens = [c for i in range(num_shards) for c in done[i]]
     manifest = {
