@@ -108,5 +108,5 @@ def machine(load_at_start: float) -> str:
 def print_ratio(name: str, ours: float, baseline: float, unit: str) -> float:
     """Print `ratio NAME: Rx (ours / baseline UNIT)`, R to 3 significant digits: the line tests/test_benchmarks.py looks for."""
     ratio = ours / baseline
-    print(f"ratio {name}: {ratio:.3g}x ({ours:,.1f} / {baseline:,.1f} {unit})", flush=True)
+    print(f"ratio {name}: {ratio:.3g}x ({ours:,.6g} / {baseline:,.6g} {unit})", flush=True)
     return ratio
