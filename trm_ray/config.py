@@ -120,6 +120,16 @@ class Config:
     def shards_path(self) -> str:
         return self.shards_dir or os.path.join(self.output_dir, "shards", f"stage{self.stage}")
 
+    @property
+    def document_field(self) -> str:
+        """The setting that names a record's document: text_field (stage 1a) or messages_field (1b)."""
+        return "text_field" if self.stage == "1a" else "messages_field"
+
+    @property
+    def kept_tokens(self) -> str:
+        """Which tokens of a document reach the shards: --keep_tokens in stage 1b, all of them in 1a."""
+        return self.keep_tokens if self.stage == "1b" else "all"
+
     def export_path(self, d_compressed: int, stage: str | None = None) -> str:
         """The seed's layout: <output_dir>/d<D'>/stage<stage>_best.pt in a sweep, else <output_dir>/stage<stage>_best.pt."""
         name = f"stage{stage or self.stage}_best.pt"

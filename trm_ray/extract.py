@@ -31,7 +31,7 @@ import torch
 
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name,
-                            write_json)
+                            value_bytes, write_json)
 from trm_ray.tracking import publish
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -85,12 +85,11 @@ def read_records(cfg: Config) -> Iterable[dict[str, Any]]:
 
 def read_documents(cfg: Config) -> list[Any]:
     """The first `num_samples` documents: texts (stage 1a) or conversations (stage 1b)."""
-    key = cfg.text_field if cfg.stage == "1a" else cfg.messages_field
-    flag = "--text_field" if cfg.stage == "1a" else "--messages_field"
+    key = getattr(cfg, cfg.document_field)
     docs = []
     for record in read_records(cfg):
         if key not in record:
-            raise UserError(f"records of {cfg.dataset} have no {key!r} field (they have {sorted(record)}): set {flag}")
+            raise UserError(f"records of {cfg.dataset} have no {key!r} field (they have {sorted(record)}): set --{cfg.document_field}")
         doc = record[key]
         if (isinstance(doc, str) and doc.strip()) or (isinstance(doc, list) and doc):
             docs.append(doc)
@@ -209,8 +208,7 @@ class HiddenStateExtractor:
         cfg = self.cfg
         out: dict[str, list] = {"shard": [], "num_docs": [], "num_tokens": [], "doc_tokens": [], "outliers": []}
         for shard, first_doc, docs in zip(batch["shard"], batch["first_doc"], batch["docs"]):
-            keep_tokens = cfg.keep_tokens if cfg.stage == "1b" else "all"
-            token_lists, keeps = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg.max_seq_length, keep_tokens)
+            token_lists, keeps = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg.max_seq_length, cfg.kept_tokens)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             hidden, doc_idx, pos = hidden_rows(self.model, token_lists, cfg.layer, cfg.extract_batch_size, pad)
             keep = np.concatenate(keeps)  # hidden_rows emits documents in order, positions ascending
@@ -247,9 +245,9 @@ def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str) -> di
     """What defines a shard set: if any of it changes, the shards are a different data set."""
     return {
         "model": cfg.model_name, "layer": cfg.layer, "hidden_size": hidden_size, "storage_dtype": storage_dtype,
-        "stage": cfg.stage, "keep_tokens": cfg.keep_tokens if cfg.stage == "1b" else "all",
+        "stage": cfg.stage, "keep_tokens": cfg.kept_tokens,
         "source": {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "dataset_split": cfg.dataset_split,
-                   "field": cfg.text_field if cfg.stage == "1a" else cfg.messages_field},
+                   "field": getattr(cfg, cfg.document_field)},
         "num_samples": cfg.num_samples, "max_seq_length": cfg.max_seq_length, "docs_per_shard": cfg.docs_per_shard,
         "exclude_first_token": cfg.exclude_first_token, "outlier_norm_factor": cfg.outlier_norm_factor,
     }
@@ -313,7 +311,7 @@ def extract(cfg: Config) -> dict[str, Any]:
         raise UserError(f"{shards_dir} holds an unfinished extraction with other settings: delete it or choose another --shards_dir")
 
     docs = [json.dumps(d) for d in read_documents(cfg)]
-    check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * (2 if storage_dtype == "bfloat16" else 4))
+    check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * value_bytes(storage_dtype))
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)
     n = cfg.docs_per_shard
     num_shards = (len(docs) + n - 1) // n

@@ -18,7 +18,7 @@ import torch
 from trm_ray.compressor import METRICS, load_checkpoint
 from trm_ray.config import Config
 from trm_ray.downstream import add_downstream
-from trm_ray.shards import filesystem, write_json
+from trm_ray.shards import filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points
 
 
@@ -135,9 +135,7 @@ def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, 
 
 
 def _read_best_metrics(path: str) -> dict[str, float]:
-    fs, p = filesystem(path)
-    with fs.open_input_file(p) as f:
-        ckpt = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    ckpt = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
     return ckpt["best_metrics"]  # the METRICS and the epoch they were reached at
 
 

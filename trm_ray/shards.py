@@ -40,22 +40,31 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def write_json(path: str, data: Any) -> None:
+def write_bytes(path: str, data: bytes) -> None:
     """Write-then-rename: readers see the old file or the whole new one, nothing between."""
     fs, p = filesystem(path)
     fs.create_dir(posixpath.dirname(p), recursive=True)
     tmp = p + ".tmp"
     with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(data, indent=2).encode())
+        f.write(data)
     fs.move(tmp, p)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_json(path: str, data: Any) -> None:
+    write_bytes(path, json.dumps(data, indent=2).encode())
 
 
 def read_json(path: str) -> dict[str, Any] | None:
     fs, p = filesystem(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         return None
-    with fs.open_input_stream(p) as f:
-        return json.loads(f.read())
+    return json.loads(read_bytes(path))
 
 
 def read_manifest(shards_dir: str) -> dict[str, Any]:
@@ -108,8 +117,7 @@ def load_splits(shards_dir: str, val_fraction: float, seed: int) -> tuple[Any, A
     import ray.data
 
     manifest = read_manifest(shards_dir)
-    value_bytes = 2 if manifest["storage_dtype"] == "bfloat16" else 4
-    rows_per_block = max(1, BLOCK_BYTES // (manifest["hidden_size"] * value_bytes))
+    rows_per_block = max(1, BLOCK_BYTES // (manifest["hidden_size"] * value_bytes(manifest["storage_dtype"])))
 
     def read(val_side: bool):
         def fn(batch: dict[str, np.ndarray]):
@@ -126,6 +134,11 @@ def load_splits(shards_dir: str, val_fraction: float, seed: int) -> tuple[Any, A
     paths.context.execution_options.preserve_order = True
     train, val = (paths.map_batches(read(side), batch_size=1, batch_format="numpy") for side in (False, True))
     return train, val
+
+
+def value_bytes(storage_dtype: str) -> int:
+    """Bytes per stored hidden-state value: bfloat16 bits (uint16) or float32."""
+    return 2 if storage_dtype == "bfloat16" else 4
 
 
 def encode_hidden(hidden: torch.Tensor, storage_dtype: str) -> pa.FixedSizeListArray:

@@ -17,13 +17,13 @@ import argparse
 import io
 import posixpath
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from trm_ray.shards import decode_hidden, filesystem, load_splits, read_json, read_manifest, write_json
+from trm_ray.shards import decode_hidden, load_splits, read_bytes, read_json, read_manifest, write_bytes, write_json
 
 SPECTRUM_JSON = "spectrum.json"
 SPECTRUM_PT = "spectrum.pt"
@@ -35,13 +35,20 @@ def _moment_sums(batch: pa.Table) -> dict[str, np.ndarray]:
             "sumsq": (x ** 2).sum(0, keepdim=True).numpy(), "n": np.array([x.shape[0]])}
 
 
-def second_moment(train: Any, d_model: int) -> dict[str, Any]:
-    """XᵀX, per-dimension sums and the row count of a dataset, one distributed pass, float64."""
-    parts = train.map_batches(_moment_sums, batch_format="pyarrow", batch_size=None)
-    total = {"xtx": np.zeros(d_model * d_model), "sum": np.zeros(d_model), "sumsq": np.zeros(d_model), "n": 0}
+def summed(dataset: Any, fn: Callable[..., dict[str, np.ndarray]], zeros: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """One distributed pass: `fn` makes each block's partial sums (one row per block), added up here."""
+    total = dict(zeros)
+    parts = dataset.map_batches(fn, batch_format="pyarrow", batch_size=None, **kwargs)
     for part in parts.iter_batches(batch_size=None, batch_format="numpy"):
         for key in total:
             total[key] = total[key] + part[key].sum(0)
+    return total
+
+
+def second_moment(train: Any, d_model: int) -> dict[str, Any]:
+    """XᵀX, per-dimension sums and the row count of a dataset, one distributed pass, float64."""
+    total = summed(train, _moment_sums,
+                   {"xtx": np.zeros(d_model * d_model), "sum": np.zeros(d_model), "sumsq": np.zeros(d_model), "n": 0})
     total["xtx"] = total["xtx"].reshape(d_model, d_model)
     return total
 
@@ -70,11 +77,7 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
     total = float(np.trace(m["xtx"]))
     captured = np.concatenate([[0.0], np.cumsum(evals)])  # index k: energy in the top-k subspace
 
-    sums = {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "n": 0}
-    parts = val.map_batches(_pca_val_sums, fn_args=(evecs,), batch_format="pyarrow", batch_size=None)
-    for part in parts.iter_batches(batch_size=None, batch_format="numpy"):
-        for key in sums:
-            sums[key] = sums[key] + part[key].sum(0)
+    sums = summed(val, _pca_val_sums, {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "n": 0}, fn_args=(evecs,))
     mean = m["sum"] / n
     summary = {
         "split": {"val_fraction": val_fraction, "seed": seed}, "hidden_size": d,
@@ -98,25 +101,15 @@ def load_or_compute(shards_dir: str, val_fraction: float, seed: int) -> dict[str
         return summary
     print(f"spectrum: one pass over {shards_dir} for the second moment and its eigenvectors", flush=True)
     summary, evecs = compute_spectrum(shards_dir, val_fraction, seed)
-    fs, p = filesystem(posixpath.join(shards_dir, SPECTRUM_PT))
     buf = io.BytesIO()
     torch.save({"eigenvectors": torch.from_numpy(evecs), "split": summary["split"]}, buf)
-    with fs.open_output_stream(p + ".tmp") as f:
-        f.write(buf.getvalue())
-    fs.move(p + ".tmp", p)
+    write_bytes(posixpath.join(shards_dir, SPECTRUM_PT), buf.getvalue())
     write_json(path, summary)  # last: a spectrum.json always has its eigenvectors beside it
     return summary
 
 
 def eigenvectors(shards_dir: str) -> torch.Tensor:
-    fs, p = filesystem(posixpath.join(shards_dir, SPECTRUM_PT))
-    with fs.open_input_file(p) as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)["eigenvectors"]
-
-
-def limits(summary: dict[str, Any], d_compressed: int) -> dict[str, float]:
-    """What the optimal tied linear compressor of width D' reaches on this data."""
-    return {k: summary[k][d_compressed] for k in ("pca_mse", "pca_cosine_similarity", "explained_variance")}
+    return torch.load(io.BytesIO(read_bytes(posixpath.join(shards_dir, SPECTRUM_PT))), weights_only=True)["eigenvectors"]
 
 
 def curve_points(d_model: int, extra: list[int] = ()) -> list[int]:

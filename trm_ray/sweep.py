@@ -26,7 +26,7 @@ from trm_ray.config import Config, UserError, build_parser, config_from_args, ma
 from trm_ray.extract import extract, hidden_size_of
 from trm_ray.report import exclusions, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
-from trm_ray.shards import absolute, load_splits, read_json, split_counts, verify_shards, write_json
+from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
 from trm_ray.train import CHECKPOINT_FILE, make_trainer, trial_config
 
@@ -64,8 +64,7 @@ def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
     import ray
 
     train, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
-    value_bytes = 2 if manifest["storage_dtype"] == "bfloat16" else 4
-    size = manifest["num_tokens"] * manifest["hidden_size"] * value_bytes
+    size = manifest["num_tokens"] * manifest["hidden_size"] * value_bytes(manifest["storage_dtype"])
     budget = ray.available_resources().get("object_store_memory", 0) * 0.5
     if cfg.cache_datasets == "always" or (cfg.cache_datasets == "auto" and size < budget):
         print(f"sweep: holding {size / 2**20:,.1f} MiB of shards in the object store", flush=True)
@@ -102,7 +101,7 @@ def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, in
 
 def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
     from ray import tune
-    
+
     # Absolute paths: trials and tasks run in other working directories.
     model = os.path.abspath(cfg.model_name) if os.path.exists(cfg.model_name) else cfg.model_name
     cfg = dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir), model_name=model)
