@@ -31,7 +31,8 @@ from benchmarks.common import bare_trainer, machine, one_thread, print_ratio
 from trm_ray import sweep
 from trm_ray.cli import connect
 from trm_ray.config import Config, load_yaml, make_config
-from trm_ray.extract import extract, hidden_rows, load_model, read_documents, tokenize
+from trm_ray.extract import extract, hidden_rows, load_model
+from trm_ray.text import read_documents, tokenize
 from trm_ray.quickstart import write_assets
 from trm_ray.shards import is_validation_doc
 from trm_ray.train import evaluate

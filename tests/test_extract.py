@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trm_ray import extract as extract_mod
-from trm_ray.extract import extract, hidden_rows, read_documents, shard_table
+from trm_ray.extract import extract, hidden_rows, shard_table
+from trm_ray.text import read_documents
 from trm_ray.shards import decode_hidden, read_manifest, shard_paths
 
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from trm_ray import sweep
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
-from trm_ray.extract import read_documents
+from trm_ray.text import read_documents
 from trm_ray.shards import load_splits, read_manifest, shard_paths
 from trm_ray.train import evaluate, hidden_batches, initial_model, trial_config
 
