@@ -54,14 +54,14 @@ def second_moment(train: Any, d_model: int) -> dict[str, Any]:
 
 
 def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-D' sums over validation rows: ||x - P_k x||² and cos(x, P_k x) = ||P_k x|| / ||x||."""
+    """Per-D' sums over validation rows: ||x - P_k x||² and cos(x, P_k x) = ||P_k x|| / ||x||; and Σ||x||²."""
     x = decode_hidden(batch["hidden"]).double()
     z2 = (x @ torch.from_numpy(eigenvectors)) ** 2  # coordinates in the eigenbasis, largest first
     kept = torch.cat([torch.zeros(x.shape[0], 1, dtype=torch.float64), z2.cumsum(1)], 1)  # ||P_k x||², k = 0..D
     norm2 = (x ** 2).sum(1, keepdim=True)
     return {"err": (norm2 - kept).clamp_min(0).sum(0, keepdim=True).numpy(),
             "cos": (kept.sqrt() / norm2.sqrt().clamp_min(1e-30)).sum(0, keepdim=True).numpy(),
-            "n": np.array([x.shape[0]])}
+            "energy": norm2.sum(0).numpy(), "n": np.array([x.shape[0]])}
 
 
 def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[dict[str, Any], np.ndarray]:
@@ -77,15 +77,18 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
     total = float(np.trace(m["xtx"]))
     captured = np.concatenate([[0.0], np.cumsum(evals)])  # index k: energy in the top-k subspace
 
-    sums = summed(val, _pca_val_sums, {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "n": 0}, fn_args=(evecs,))
+    sums = summed(val, _pca_val_sums, {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "energy": 0.0, "n": 0},
+                  fn_args=(evecs,))
     mean = m["sum"] / n
     summary = {
         "split": {"val_fraction": val_fraction, "seed": seed}, "hidden_size": d,
         "train_tokens": n, "val_tokens": int(sums["n"]),
         "eigenvalues": (evals / n).tolist(),  # of E[xxᵀ]
         # Arrays below are indexed by D' (0..D).
-        "explained_variance": (captured / total).tolist(),
+        "explained_variance": (captured / total).tolist(),  # training split
         "train_pca_mse": ((total - captured) / (n * d)).tolist(),
+        # Validation split, like the trained compressors' metrics (1 - ||X - PX||²_F / ||X||²_F, uncentred).
+        "pca_explained_variance": (1.0 - sums["err"] / float(sums["energy"])).tolist(),
         "pca_mse": (sums["err"] / (sums["n"] * d)).tolist(),
         "pca_cosine_similarity": (sums["cos"] / sums["n"]).tolist(),
         "mean": mean.tolist(), "variance": (m["sumsq"] / n - mean ** 2).tolist(),
@@ -97,7 +100,8 @@ def load_or_compute(shards_dir: str, val_fraction: float, seed: int) -> dict[str
     """The stored spectrum of this shard set and split, computed (and stored) on first use."""
     path = posixpath.join(shards_dir, SPECTRUM_JSON)
     summary = read_json(path)
-    if summary is not None and summary["split"] == {"val_fraction": val_fraction, "seed": seed}:
+    # A spectrum stored before it had the validation explained variance is computed again.
+    if summary is not None and summary["split"] == {"val_fraction": val_fraction, "seed": seed} and "pca_explained_variance" in summary:
         return summary
     print(f"spectrum: one pass over {shards_dir} for the second moment and its eigenvectors", flush=True)
     summary, evecs = compute_spectrum(shards_dir, val_fraction, seed)
@@ -133,9 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         s = load_or_compute(args.shards_dir, args.val_fraction, args.seed)
         d = s["hidden_size"]
         print(f"\nPCA limit of a tied linear compressor, D={d}, {s['train_tokens']:,} train / {s['val_tokens']:,} validation tokens")
-        print(f"{'D_prime':>8} {'explained_var':>14} {'val_pca_mse':>12} {'val_pca_cosine':>15}")
+        print(f"{'D_prime':>8} {'train_explained_var':>20} {'val_explained_var':>18} {'val_pca_mse':>12} {'val_pca_cosine':>15}")
         for k in curve_points(d):
-            print(f"{k:>8} {s['explained_variance'][k]:>14.4f} {s['pca_mse'][k]:>12.4g} {s['pca_cosine_similarity'][k]:>15.4f}")
+            print(f"{k:>8} {s['explained_variance'][k]:>20.4f} {s['pca_explained_variance'][k]:>18.4f} "
+                  f"{s['pca_mse'][k]:>12.4g} {s['pca_cosine_similarity'][k]:>15.4f}")
 
     run_cli(run)
 
