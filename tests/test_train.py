@@ -138,7 +138,8 @@ def test_a_compressor_short_of_the_limit_is_told_how_far_and_why():
     cfg = Config(init="orthogonal", learning_rate=1e-3)
     row = {"d_compressed": 128, "pca_efficiency": 0.8, "epochs_trained": 10, "learning_rate": 1e-3}
     assert shortfall_note(row, cfg) == ("d128: validation mse 25.0% above the PCA limit (pca_efficiency 0.8000) after 10 epochs "
-                                        "from the orthogonal init at peak lr 0.001: --init pca starts at the limit")
+                                        "from the orthogonal init at peak lr 0.001: a random start's subspace turns towards the "
+                                        "top-D' one slowly; --init pca starts at the limit")
     assert shortfall_note({**row, "pca_efficiency": 0.996}, cfg) is None
 
 

@@ -144,7 +144,8 @@ def shortfall_note(row: dict[str, Any], cfg: Config) -> str | None:
     if eff >= AT_LIMIT:
         return None
     start = "the stage 1a checkpoint" if cfg.init_checkpoint(row["d_compressed"]) else f"the {cfg.init} init"
-    hint = ("--init pca starts at the limit" if start == "the orthogonal init"
+    hint = ("a random start's subspace turns towards the top-D' one slowly; --init pca starts at the limit"
+            if start == "the orthogonal init"
             else "more epochs (--num_epochs) or another --learning_rate may close the gap")
     return (f"d{row['d_compressed']}: validation mse {1 / eff - 1:.1%} above the PCA limit (pca_efficiency {eff:.4f}) "
             f"after {row['epochs_trained']} epochs from {start} at peak lr {row['learning_rate']:g}: {hint}")
