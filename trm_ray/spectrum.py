@@ -4,7 +4,9 @@ The optimum is the top-D' principal subspace of the uncentred second moment E[xx
 training hidden states (no centring: the compressor has no bias). One Ray Data pass over
 the training shards accumulates XᵀX in float64; its eigen-decomposition gives, for every D'
 at once, the best reachable training MSE and explained variance, and one pass over the
-validation documents gives the PCA reconstruction's validation MSE and mean cosine. Stored
+validation documents gives the PCA reconstruction's validation MSE, explained variance and
+mean cosine (the cosine of the MSE-optimal reconstruction: PCA maximises the energy kept,
+not the mean cosine, so a trained compressor may score a hair above it). Stored
 beside the shards (`spectrum.json`, eigenvectors in `spectrum.pt`), computed once per shard
 set and split, reused by every trial and sweep.
 
