@@ -30,6 +30,12 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+# What each epoch's report carries that ASHA can rank on (anything else would never arrive, and ASHA
+# would silently stop nothing).
+ASHA_METRICS = ("pca_efficiency", "mse", "cosine_similarity", "relative_error", "variance_ratio",
+                "explained_variance", "train_loss")
+
+
 @dataclass
 class Config:
     # --- what to compress ---------------------------------------------------------------
@@ -63,7 +69,7 @@ class Config:
     warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before the cosine decay.")
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold.")
     val_fraction: float = _f(0.1, "Fraction of documents held out for validation.")
-    seed: int = _f(42, "Random seed (initialisation, data order, validation split).")
+    seed: int = _f(42, "Random seed, 0 or more (initialisation, data order, validation split).")
     early_stopping: bool = _f(True, "Stop a trial when validation mse stops improving.", negative="no_early_stopping")
     early_stopping_patience: int = _f(3, "Epochs without improvement before early stopping.")
     early_stopping_min_delta: float = _f(1e-3, "Smallest relative drop of validation mse that counts as an improvement.")
@@ -88,7 +94,7 @@ class Config:
     max_failures: int = _f(3, "Times a trial's workers may die and be replaced, resuming from the latest checkpoint.")
     use_gpu: bool = _f(False, "Give each training worker a GPU.")
     address: str | None = _f(None, "Ray cluster to join ('auto' inside a cluster); default: start a local one.")
-    num_cpus: int | None = _f(None, "Logical CPUs of a local Ray instance (set above the core count on small machines).")
+    num_cpus: int | None = _f(None, "Logical CPUs of a local Ray; default: the core count, or what the trials that the cores can run need (a Tune function and the workers of each, plus one).")
 
     def __post_init__(self) -> None:
         if self.stage not in ("1a", "1b"):
@@ -104,12 +110,22 @@ class Config:
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         for name in ("num_samples", "max_seq_length", "batch_size", "num_epochs", "num_workers",
-                     "docs_per_shard", "extract_batch_size", "early_stopping_patience"):
+                     "docs_per_shard", "extract_batch_size", "early_stopping_patience", "grace_period"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise UserError(f"seed must be 0 or more, got {self.seed}")
+        if self.asha_metric not in ASHA_METRICS:
+            raise UserError(f"asha_metric must be one of {', '.join(ASHA_METRICS)}, got {self.asha_metric!r}")
         for d in [self.d_compressed, *self.sweep_d_values]:
             if not isinstance(d, int) or isinstance(d, bool) or d < 1:
                 raise UserError(f"D' must be a positive integer, got {d!r}: pass e.g. --d_compressed 256")
+        # Two equal values would be two trials with the same name, Tune and Train directories and W&B run.
+        for name, labels in (("sweep_d_values", [str(d) for d in self.sweep_d_values]),
+                             ("sweep_learning_rates", [f"{lr:g}" for lr in self.sweep_learning_rates])):
+            repeated = sorted({v for v in labels if labels.count(v) > 1})
+            if repeated:
+                raise UserError(f"{name} lists {', '.join(repeated)} more than once: give each value once")
 
     @property
     def d_values(self) -> list[int]:
@@ -206,6 +222,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(values)
 
 
+def _number(name: str, value: Any) -> float:
+    """A float from a YAML/JSON number or a numeric string (YAML 1.1 reads `1e-3` as a string)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+
+
 def make_config(values: dict[str, Any]) -> Config:
     _check_keys(list(values), "the configuration")
     types_ = _field_types()
@@ -213,11 +239,15 @@ def make_config(values: dict[str, Any]) -> Config:
         if value is None:
             continue
         tp = types_[name]
-        if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:
-                values[name] = float(value)
-            except ValueError:
-                raise UserError(f"{name} must be a number, got {value!r}") from None
+        if typing.get_origin(tp) is list:
+            if not isinstance(value, list):
+                raise UserError(f"{name} must be a list, got {value!r}: write e.g. {name}: [{value}]")
+            if typing.get_args(tp)[0] is float:
+                values[name] = [_number(name, v) for v in value]
+        elif tp is bool and not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        elif tp is float:
+            values[name] = _number(name, value)
         elif tp is int and not (isinstance(value, int) and not isinstance(value, bool)):
             raise UserError(f"{name} must be an integer, got {value!r}")
     return Config(**values)

@@ -70,7 +70,7 @@ def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int, ma
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lm_head = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).get_output_embeddings().to(device).eval()
     hidden, targets = validation_rows(shards_dir, val_fraction, seed, max_tokens)
-    vecs = eigenvectors(shards_dir).float().to(device)
+    vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     out = {}
     for d, path in checkpoints.items():
         comp = DimensionCompressor.from_checkpoint(path).to(device).eval()

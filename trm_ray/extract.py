@@ -42,15 +42,34 @@ def load_model_config(model_name: str) -> Any:
 
     if not os.path.exists(model_name) and looks_like_path(model_name):
         raise UserError(f"model path {model_name} does not exist: give a local model directory or a hub id")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     try:
         config = AutoConfig.from_pretrained(model_name)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {model_name}: {str(e).splitlines()[0]}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{model_name} is a {config.model_type!r} model without a causal-LM head (an encoder or "
+                        "encoder-decoder): give a causal (decoder-only) LM")
     return config.get_text_config()
 
 
 def hidden_size_of(model_name: str) -> int:
     return int(load_model_config(model_name).hidden_size)
+
+
+def check_layer(cfg: Config) -> None:
+    """hidden_states has num_hidden_layers + 1 entries (the embeddings first): --layer must index one."""
+    layers = int(load_model_config(cfg.model_name).num_hidden_layers)
+    if not -(layers + 1) <= cfg.layer <= layers:
+        raise UserError(f"layer {cfg.layer} is outside {cfg.model_name}'s hidden states: give -{layers + 1}..{layers} "
+                        f"(0 the embeddings, {layers} or -1 the last layer)")
+
+
+def model_id(model_name: str) -> str:
+    """A local model directory made absolute (workers run elsewhere, and the manifest must not depend on the
+    current directory); a hub id as it is. Every entry point names the model this way."""
+    return os.path.abspath(model_name) if os.path.exists(model_name) else model_name
 
 
 def load_model(model_name: str, device: torch.device) -> tuple[Any, Any]:
@@ -203,6 +222,7 @@ def extract(cfg: Config) -> dict[str, Any]:
 
     shards_dir = cfg.shards_path
     hidden_size = hidden_size_of(cfg.model_name)
+    check_layer(cfg)
     manifest = read_json(posixpath.join(shards_dir, MANIFEST))
     storage_dtype = manifest["storage_dtype"] if manifest and cfg.storage_dtype == "auto" else resolve_storage_dtype(cfg)
     settings = extraction_settings(cfg, hidden_size, storage_dtype)
@@ -271,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         cfg = config_from_args(parser.parse_args(argv))
+        cfg = dataclasses.replace(cfg, model_name=model_id(cfg.model_name))
         connect(cfg)
         extract(cfg)
 

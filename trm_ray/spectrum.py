@@ -23,10 +23,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trm_ray.config import UserError
 from trm_ray.shards import decode_hidden, load_splits, read_bytes, read_json, read_manifest, write_bytes, write_json
 
-SPECTRUM_JSON = "spectrum.json"
-SPECTRUM_PT = "spectrum.pt"
+def spectrum_files(shards_dir: str, val_fraction: float, seed: int) -> tuple[str, str]:
+    """spectrum-val<fraction>-seed<seed>.json and .pt: one pair per split, so a spectrum computed for one
+    split never stands in for another's (the PCA init and the PCA downstream KL read the .pt)."""
+    stem = posixpath.join(shards_dir, f"spectrum-val{val_fraction:g}-seed{seed}")
+    return f"{stem}.json", f"{stem}.pt"
 
 
 def _moment_sums(batch: pa.Table) -> dict[str, np.ndarray]:
@@ -95,21 +99,26 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
 
 def load_or_compute(shards_dir: str, val_fraction: float, seed: int) -> dict[str, Any]:
     """The stored spectrum of this shard set and split, computed (and stored) on first use."""
-    path = posixpath.join(shards_dir, SPECTRUM_JSON)
-    summary = read_json(path)
-    if summary is not None and summary["split"] == {"val_fraction": val_fraction, "seed": seed}:
+    json_path, pt_path = spectrum_files(shards_dir, val_fraction, seed)
+    summary = read_json(json_path)
+    if summary is not None:
         return summary
     print(f"spectrum: one pass over {shards_dir} for the second moment and its eigenvectors", flush=True)
     summary, evecs = compute_spectrum(shards_dir, val_fraction, seed)
     buf = io.BytesIO()
     torch.save({"eigenvectors": torch.from_numpy(evecs), "split": summary["split"]}, buf)
-    write_bytes(posixpath.join(shards_dir, SPECTRUM_PT), buf.getvalue())
-    write_json(path, summary)  # last: a spectrum.json always has its eigenvectors beside it
+    write_bytes(pt_path, buf.getvalue())
+    write_json(json_path, summary)  # last: a spectrum's .json always has its eigenvectors beside it
     return summary
 
 
-def eigenvectors(shards_dir: str) -> torch.Tensor:
-    return torch.load(io.BytesIO(read_bytes(posixpath.join(shards_dir, SPECTRUM_PT))), weights_only=True)["eigenvectors"]
+def eigenvectors(shards_dir: str, val_fraction: float, seed: int) -> torch.Tensor:
+    """The eigenvectors of this split's training second moment (columns, largest eigenvalue first)."""
+    _, pt_path = spectrum_files(shards_dir, val_fraction, seed)
+    stored = torch.load(io.BytesIO(read_bytes(pt_path)), weights_only=True)
+    if stored["split"] != {"val_fraction": val_fraction, "seed": seed}:  # a renamed or copied file
+        raise UserError(f"{pt_path} holds the spectrum of split {stored['split']}: delete it to recompute")
+    return stored["eigenvectors"]
 
 
 def curve_points(d_model: int, extra: list[int] = ()) -> list[int]:

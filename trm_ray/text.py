@@ -35,20 +35,43 @@ def _local_files(path: str) -> list[str]:
 
 def _records_from_file(path: str) -> Iterable[dict[str, Any]]:
     if path.endswith(".parquet"):
-        yield from pq.read_table(path).to_pylist()
+        # Batch by batch: only the first num_samples documents are ever held, however large the file.
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
     elif path.endswith(".txt"):
         # Documents are separated by blank lines.
         with open(path) as f:
             for block in f.read().split("\n\n"):
                 yield {"text": block.strip()}
-    else:
+    elif path.endswith(".json") and _starts_with(path, "["):  # one JSON array of records
+        with open(path) as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        for n, record in enumerate(records):
+            yield _record(record, f"{path}[{n}]")
+    else:  # JSON Lines, also under a .json name
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        record = json.loads(line)
                     except json.JSONDecodeError:
                         raise UserError(f"{path}:{n} is not valid JSON") from None
+                    yield _record(record, f"{path}:{n}")
+
+
+def _starts_with(path: str, char: str) -> bool:
+    with open(path) as f:
+        return f.read(4096).lstrip().startswith(char)
+
+
+def _record(record: Any, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is a JSON {type(record).__name__}, not an object of fields: "
+                        "give one JSON object per line, or a JSON array of objects")
+    return record
 
 
 def read_records(cfg: Config) -> Iterable[dict[str, Any]]:

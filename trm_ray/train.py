@@ -47,6 +47,11 @@ def trial_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     return cfg, {k: v for k, v in config.items() if k not in FIELDS}
 
 
+def run_label(cfg: Config) -> str:
+    """A trial's name in Tune, W&B and its artifacts: d256, or d256-lr0.001 when the sweep grids learning rates."""
+    return f"d{cfg.d_compressed}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
+
+
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None) -> Iterator[torch.Tensor]:
     """Float32 [rows, D] tensors from a Ray Data iterator of shard rows."""
     shuffle = {"local_shuffle_buffer_size": 4 * rows, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
@@ -113,7 +118,7 @@ def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
     start = cfg.init_checkpoint(cfg.d_compressed)
     if cfg.init == "pca" and not start:
         with torch.no_grad():  # rows = the top-D' eigenvectors: the optimum itself, up to a rotation
-            model.weight.copy_(eigenvectors(cfg.shards_path)[:, :cfg.d_compressed].T)
+            model.weight.copy_(eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :cfg.d_compressed].T)
     if start:
         ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
@@ -158,7 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
-    name = f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-d{cfg.d_compressed}"
+    name = f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-{run_label(cfg)}"
     log = tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=name, config=config,
                    directory=cfg.output_dir)
 
@@ -201,20 +206,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 metrics.update(validate())
-                if best is None or metrics["mse"] < best["mse"]:
+                # NaN compares false with everything: a NaN epoch must neither become the best nor count as one.
+                finite = math.isfinite(metrics["mse"]) and math.isfinite(metrics["train_loss"])
+                if finite and (best is None or metrics["mse"] < best["mse"]):
                     best = {"state": plain_state(model), **{k: metrics[k] for k in METRICS}, "epoch": epoch + 1}
-                metrics["best_mse"] = best["mse"]
-                stop = cfg.early_stopping and stopper.update(metrics["mse"])
-                if stop:
+                stop = not finite or (cfg.early_stopping and stopper.update(metrics["mse"]))
+                if not finite:
+                    metrics["stop_reason"] = (f"diverged: train loss {metrics['train_loss']}, validation mse {metrics['mse']}; "
+                                              "lower --learning_rate")
+                elif stop:
                     metrics["stop_reason"] = (f"early stopping: validation mse did not improve by {cfg.early_stopping_min_delta:g} "
                                               f"(relative) for {cfg.early_stopping_patience} epochs")
+                if stop:
                     print(f"d{cfg.d_compressed}: {metrics['stop_reason']}; stopped after epoch {epoch + 1}", flush=True)
-                # Every report carries the whole resumable state; its compressor.pt is the best so far.
-                save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
-                torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                            "step": step, "tokens_seen": tokens_seen, "best": best,
-                            "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if best is not None:  # none only when the first epoch already diverged: nothing worth keeping
+                    metrics["best_mse"] = best["mse"]
+                    # Every report carries the whole resumable state; its compressor.pt is the best so far.
+                    save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
+                    torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                "step": step, "tokens_seen": tokens_seen, "best": best,
+                                "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 log.log(metrics)
                 publish(metrics, trial=ctx.get_experiment_name(), sweep=run["group"], stage=cfg.stage)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -225,10 +237,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stop = bool(flag.item())
         if stop:
             break
-    if rank == 0:
+    if rank == 0 and best is not None:
         with tempfile.TemporaryDirectory() as tmp:
             save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
             log.log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: best[k] for k in (*METRICS, "epoch")})
+    if rank == 0:
         log.finish()
 
 
@@ -260,7 +273,10 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
             # and its compressor.pt is the trial's best.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="best_mse", checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # A worker group that cannot start (its resources never come) fails the trial on a local Ray,
+            # where nothing will add them; a cluster waits for its autoscaler (Train's default, no limit).
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=0 if cfg.address is None else -1),
             callbacks=callbacks or [],
         ),
     )
