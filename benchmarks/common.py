@@ -19,7 +19,7 @@ from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import Config
 from trm_ray.extract import extraction_settings, shard_table, write_shard
 from trm_ray.shards import MANIFEST, decode_hidden, is_validation_doc, shard_name, shard_paths, write_json
-from trm_ray.train import compile_or_eager, get_lr
+from trm_ray.train import compile_or_eager, get_lr, make_optimizer
 
 
 @contextlib.contextmanager
@@ -81,7 +81,7 @@ def bare_trainer(cfg: Config, d_model: int, d_compressed: int,
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(d_model, d_compressed)
     loss_fn = compile_or_eager(lambda x: nn.functional.mse_loss(model(x), x), cfg.torch_compile)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     total_steps = steps_per_epoch * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
     steps = itertools.count()

@@ -12,6 +12,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from trm_ray import extract as extract_mod
 from trm_ray import sweep
@@ -137,12 +138,15 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
         assert r["mse"] == pytest.approx(c["mse"], rel=1e-3)
 
 
-def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster):
+@pytest.mark.parametrize("use_gpu", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: Adam's moments must follow the model onto it on resume"))],
+    ids=["cpu", "gpu"])
+def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster, use_gpu):
     from concurrent.futures import ThreadPoolExecutor
 
     from ray.util.state import list_actors
 
-    settings = dict(num_epochs=10, early_stopping=False)
+    settings = dict(num_epochs=10, early_stopping=False, use_gpu=use_gpu)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(fit, shards, tmp_path / "killed", 1, 2, **settings)
         deadline = time.time() + 300

@@ -1,4 +1,5 @@
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstru
 from trm_ray.config import UserError
 from trm_ray.shards import load_splits, read_manifest, split_counts
 from trm_ray.sweep import datasets, trial_config_for
-from trm_ray.train import EarlyStopping, get_lr, make_trainer
+from trm_ray.config import make_config
+from trm_ray.train import EarlyStopping, get_lr, make_optimizer, make_trainer
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -18,6 +20,37 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert get_lr(55, 100, 10, 1.0) == pytest.approx(0.5)
     assert get_lr(100, 100, 10, 1.0) == pytest.approx(0.0)
     assert get_lr(500, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_a_resumed_optimizer_state_follows_the_model_to_where_prepare_model_put_it():
+    cfg = make_config({"learning_rate": 0.01})
+    model = DimensionCompressor(32, 8)
+    optimizer = make_optimizer(model, cfg)
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(model(torch.randn(16, 32)), torch.randn(16, 32))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)  # as resume.pt holds it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed = DimensionCompressor(32, 8)
+    resumed.load_state_dict(model.state_dict())
+    # What prepare_model does to a worker's model: a move (to the GPU there; here to float64, which
+    # the state must follow the same way and which a CPU can check).
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    resumed.to(device=device, dtype=torch.float64)
+    restored = make_optimizer(resumed, cfg, saved)
+    for param, old in zip(resumed.parameters(), model.parameters()):
+        state = restored.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].device == param.device and state[key].dtype == param.dtype, key
+            torch.testing.assert_close(state[key].cpu().float(), optimizer.state[old][key])
+    x = torch.randn(16, 32, dtype=torch.float64, device=device)
+    torch.nn.functional.mse_loss(resumed(x), x).backward()
+    restored.step()  # the step that failed on a GPU when the moments stayed on the CPU
 
 
 def test_compressor_is_weight_tied_orthogonal_and_has_d_times_d_prime_parameters():

@@ -55,10 +55,11 @@ class Config:
     # --- extraction -----------------------------------------------------------------------
     shards_dir: str | None = _f(None, "Where the hidden-state shards live; default <output_dir>/shards/stage<stage>.")
     docs_per_shard: int = _f(256, "Documents per Parquet shard (also the unit of resuming an extraction).")
-    extract_batch_size: int = _f(8, "Documents per forward pass of the LM during extraction.")
-    storage_dtype: str = _f("auto", "Shard value type: float32, bfloat16, or auto (the model's dtype; never float16).")
+    extract_batch_size: int = _f(64, "At most this many documents per forward pass of the LM during extraction.")
+    extract_tokens_per_batch: int = _f(16384, "Extraction batches documents of similar length up to this many (padded) tokens per forward pass; it bounds the activation memory.")
+    storage_dtype: str = _f("auto", "Shard value type: float32, bfloat16, or auto (the model's dtype: bfloat16 with --use_gpu, float32 on CPU; never float16).")
     skip_disk_check: bool = _f(False, "Extract even when the shards may not fit in the free space of their disk.")
-    num_extract_workers: int | None = _f(None, "Model replicas extracting in parallel; default one per GPU, or 1 without GPUs.")
+    num_extract_workers: int | None = _f(None, "Model replicas extracting in parallel; default one per GPU of the cluster (at least 1, which an autoscaler adds with --use_gpu), or 1 on CPU.")
     # --- training -------------------------------------------------------------------------
     d_compressed: int = _f(256, "Compressed dimension D'.")
     init: str = _f("orthogonal", "Stage 1a start: orthogonal (the seed's) or pca (the top-D' eigenvectors of the training second moment).")
@@ -92,7 +93,7 @@ class Config:
     # --- Ray ------------------------------------------------------------------------------
     num_workers: int = _f(1, "Ray Train workers (DDP ranks) per trial.")
     max_failures: int = _f(3, "Times a trial's workers may die and be replaced, resuming from the latest checkpoint.")
-    use_gpu: bool = _f(False, "Give each training worker a GPU.")
+    use_gpu: bool = _f(False, "Run on GPUs: each training worker, extraction replica and the downstream-KL task requests one (an autoscaler adds GPU nodes for them).")
     address: str | None = _f(None, "Ray cluster to join ('auto' inside a cluster); default: start a local one.")
     num_cpus: int | None = _f(None, "Logical CPUs of a local Ray; default: the core count, or what the trials that the cores can run need (a Tune function and the workers of each, plus one).")
 
@@ -110,7 +111,8 @@ class Config:
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         for name in ("num_samples", "max_seq_length", "batch_size", "num_epochs", "num_workers",
-                     "docs_per_shard", "extract_batch_size", "early_stopping_patience", "grace_period"):
+                     "docs_per_shard", "extract_batch_size", "extract_tokens_per_batch", "early_stopping_patience",
+                     "grace_period"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:

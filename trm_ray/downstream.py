@@ -5,7 +5,7 @@ reads), the next-token distribution on the reconstructed state is compared with 
 the original: the KL divergence KL(p_original || p_reconstructed) per token, and the
 increase of the cross-entropy on the true next token. The same is computed for the PCA
 reconstruction of each D', so a trained compressor can be set against the optimum.
-Runs as one Ray task (on a GPU where the cluster has one) over the first validation tokens.
+Runs as one Ray task (on a GPU with --use_gpu; the logits in float32) over the first validation tokens.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int, ma
     from transformers import AutoModelForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lm_head = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).get_output_embeddings().to(device).eval()
+    # Logits in float32 on GPU too: bf16 logits put a noise floor under the small KLs of a wide D'.
+    lm_head = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32).get_output_embeddings().to(device).eval()
     hidden, targets = validation_rows(shards_dir, val_fraction, seed, max_tokens)
     vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     out = {}
@@ -89,8 +89,8 @@ def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any
     if manifest["layer"] != -1 or cfg.downstream_tokens <= 0:
         return
     checkpoints = {r["d_compressed"]: r["checkpoint"] for r in rows if "checkpoint" in r}
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_gpus=gpus, num_cpus=1)(measure)
+    # From the configuration, as extraction decides: with --use_gpu the request makes an autoscaler add a GPU.
+    task = ray.remote(num_gpus=1 if cfg.use_gpu else 0, num_cpus=1)(measure)
     found = ray.get(task.remote(cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.downstream_tokens, checkpoints))
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))

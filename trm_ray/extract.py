@@ -20,7 +20,9 @@ import os
 import posixpath
 import shutil
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,10 +62,7 @@ def hidden_size_of(model_name: str) -> int:
 
 def check_layer(cfg: Config) -> None:
     """hidden_states has num_hidden_layers + 1 entries (the embeddings first): --layer must index one."""
-    layers = int(load_model_config(cfg.model_name).num_hidden_layers)
-    if not -(layers + 1) <= cfg.layer <= layers:
-        raise UserError(f"layer {cfg.layer} is outside {cfg.model_name}'s hidden states: give -{layers + 1}..{layers} "
-                        f"(0 the embeddings, {layers} or -1 the last layer)")
+    final_layer_index(int(load_model_config(cfg.model_name).num_hidden_layers), cfg.layer)
 
 
 def model_id(model_name: str) -> str:
@@ -72,42 +71,85 @@ def model_id(model_name: str) -> str:
     return os.path.abspath(model_name) if os.path.exists(model_name) else model_name
 
 
-def load_model(model_name: str, device: torch.device) -> tuple[Any, Any]:
-    """Tokenizer and model; bf16 on GPU (as the model is served), float32 on CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def final_layer_index(num_layers: int, layer: int) -> int:
+    """`layer` as a non-negative index into hidden_states (num_layers + 1 entries: the embeddings, then
+    each layer's output; the last one after the final norm)."""
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise UserError(f"layer {layer} is out of range, outside the model's {num_layers + 1} hidden states: "
+                        f"give {-(num_layers + 1)}..{num_layers} (0 the embeddings, {num_layers} or -1 the last layer)")
+    return layer % (num_layers + 1)
+
+
+def cut_at_layer(model: Any, layer: int) -> Any:
+    """The base model truncated so that its `last_hidden_state` is `hidden_states[layer]`.
+
+    The layers after the requested one are dropped, and for any layer but the last the final
+    norm too (hidden_states[i] < num_layers is the raw residual stream). One forward then
+    computes exactly what is stored: no LM head, no later layers, no tuple of every layer.
+    """
+    n = model.config.num_hidden_layers
+    index = final_layer_index(n, layer)
+    if index == n:
+        return model
+    if not isinstance(getattr(model, "layers", None), torch.nn.ModuleList) or not hasattr(model, "norm"):
+        raise UserError(f"layer {layer}: only the last layer (-1) can be extracted from a {type(model).__name__}; "
+                        "intermediate layers need a decoder with `layers` and `norm` (Llama, Qwen, SmolLM3, ...)")
+    model.layers = model.layers[:index]
+    model.norm = torch.nn.Identity()
+    return model
+
+
+def load_model(model_name: str, device: torch.device, layer: int) -> tuple[Any, Any]:
+    """Tokenizer and the base model cut at `layer`; bf16 on GPU (as the model is served), float32 on CPU."""
+    from transformers import AutoModel, AutoTokenizer
 
     load_model_config(model_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device).eval()
-    return tokenizer, model
+    model = AutoModel.from_pretrained(model_name, dtype=dtype, attn_implementation="sdpa")
+    return tokenizer, cut_at_layer(model, layer).to(device).eval()
+
+
+def length_batches(lengths: list[int], tokens_per_batch: int, max_batch: int) -> list[list[int]]:
+    """Document indices grouped longest first, each group at most `max_batch` documents and
+    `tokens_per_batch` padded tokens (a single longer document is a batch of its own).
+    Sorted lengths keep the padding small; a token budget keeps the memory of a batch flat."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_batch and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens_per_batch:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.no_grad()
-def hidden_rows(model: Any, token_lists: list[list[int]], layer: int, batch_size: int,
-                pad_id: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Hidden states of `layer` for every real token: ([N, D], doc index [N], position [N]).
+def hidden_rows(model: Any, token_lists: list[list[int]], pad_id: int, tokens_per_batch: int,
+                max_batch: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """`model`'s last hidden state for every real token, in document order: ([N, D], doc index [N], position [N]).
 
     Sequences are right-padded within a batch; under causal attention the pad positions
     cannot change the real ones, and they are dropped here, so they never reach a shard.
+    Values keep the model's dtype (bf16 on GPU): the shard's storage dtype decides the rest.
     """
     device = next(model.parameters()).device
-    hidden, docs, positions = [], [], []
-    for start in range(0, len(token_lists), batch_size):
-        batch = token_lists[start:start + batch_size]
-        width = max(len(ids) for ids in batch)
+    per_doc: list[torch.Tensor] = [torch.empty(0)] * len(token_lists)
+    for batch in length_batches([len(ids) for ids in token_lists], tokens_per_batch, max_batch):
+        width = len(token_lists[batch[0]])
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            mask[i, :len(ids)] = 1
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-        real = mask.bool()
-        hidden.append(out.hidden_states[layer][real.to(device)].float().cpu())
-        rows, cols = real.nonzero(as_tuple=True)
-        docs.append((rows + start).numpy())
-        positions.append(cols.numpy())
-    return torch.cat(hidden), np.concatenate(docs), np.concatenate(positions)
+        for row, doc in enumerate(batch):
+            input_ids[row, :len(token_lists[doc])] = torch.tensor(token_lists[doc])
+            mask[row, :len(token_lists[doc])] = 1
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        real = out[mask.bool().to(device)].cpu()  # one copy off the device per batch
+        for doc, rows in zip(batch, real.split([len(token_lists[d]) for d in batch])):
+            per_doc[doc] = rows
+    lengths = [len(ids) for ids in token_lists]
+    docs = np.repeat(np.arange(len(token_lists)), lengths)
+    positions = np.concatenate([np.arange(n) for n in lengths]) if lengths else np.zeros(0, np.int64)
+    return torch.cat(per_doc), docs, positions
 
 
 def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarray,
@@ -124,12 +166,23 @@ def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray
 
 
 class HiddenStateExtractor:
-    """A Ray Data actor: one model replica that turns a chunk of documents into one shard."""
+    """A Ray Data actor: one model replica that turns a chunk of documents into one shard.
+
+    Two calls run at once on each replica (`extraction_compute`): one holds the model, the
+    other tokenizes its documents or writes its shard meanwhile, so the forward passes never
+    wait on tokenization or on the disk, and a call still returns only once its shard is written.
+    """
 
     def __init__(self, cfg: dict[str, Any], storage_dtype: str, shards_dir: str):
+        import ray
+
         self.cfg = Config(**cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer, self.model = load_model(self.cfg.model_name, self.device)
+        if self.device.type == "cpu":  # the CPUs this replica was scheduled with (never more than the node's cores)
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(max(1, min(int(cpus), len(os.sched_getaffinity(0)))))
+        self.tokenizer, self.model = load_model(self.cfg.model_name, self.device, self.cfg.layer)
+        self.model_lock = threading.Lock()
         self.storage_dtype, self.shards_dir = storage_dtype, shards_dir
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -138,17 +191,19 @@ class HiddenStateExtractor:
         for shard, first_doc, docs in zip(batch["shard"], batch["first_doc"], batch["docs"]):
             token_lists, keeps = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg.max_seq_length, cfg.kept_tokens)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            hidden, doc_idx, pos = hidden_rows(self.model, token_lists, cfg.layer, cfg.extract_batch_size, pad)
+            with self.model_lock:
+                hidden, doc_idx, pos = hidden_rows(self.model, token_lists, pad, cfg.extract_tokens_per_batch,
+                                                   cfg.extract_batch_size)
             keep = np.concatenate(keeps)  # hidden_rows emits documents in order, positions ascending
             if cfg.exclude_first_token:
                 keep &= pos > 0
             outliers = 0
             if cfg.outlier_norm_factor > 0:
-                norms = hidden.norm(dim=-1).numpy()
+                norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).numpy()
                 big = keep & (norms > cfg.outlier_norm_factor * np.median(norms[keep]))
                 outliers, keep = int(big.sum()), keep & ~big
+            token_ids = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in token_lists])[keep]
             hidden, doc_idx, pos = hidden[torch.from_numpy(keep)], doc_idx[keep], pos[keep]
-            token_ids = np.array([token_lists[d][p] for d, p in zip(doc_idx, pos)], dtype=np.int32)
             table = shard_table(hidden, doc_idx + int(first_doc), pos, token_ids, self.storage_dtype)
             write_shard(table, posixpath.join(self.shards_dir, shard_name(int(shard))))
             out["shard"].append(int(shard))
@@ -181,12 +236,66 @@ def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str) -> di
     }
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where extraction runs: `replicas` model copies, each requesting `num_gpus` GPUs and `num_cpus` CPUs."""
+
+    replicas: int
+    num_gpus: int
+    num_cpus: int
+
+
+def placement(cfg: Config, cluster_gpus: float, node_cpus: float, cluster_cpus: float) -> Placement:
+    """Decided by the configuration, not by what the cluster has at this moment.
+
+    With --use_gpu every replica requests a GPU even while the cluster has none (an autoscaling
+    cluster starts without GPU workers; the request is what makes it add them); one replica per
+    GPU present, at least one. On CPU, one replica (unless --num_extract_workers) with the CPUs
+    of a node, which become its torch threads.
+    """
+    if cfg.use_gpu:
+        return Placement(replicas=cfg.num_extract_workers or max(1, int(cluster_gpus)), num_gpus=1, num_cpus=1)
+    replicas = cfg.num_extract_workers or 1
+    return Placement(replicas=replicas, num_gpus=0, num_cpus=max(1, int(min(node_cpus, cluster_cpus // replicas))))
+
+
+CPU_FLOPS_PER_CORE = 50e9  # a generous sustained float32 matmul rate of one AVX-512 core
+
+
+def flops_per_token(model_config: Any, layer: int) -> float:
+    """Forward FLOPs per token up to `layer`: 2 x the parameters that multiply (the embedding is a lookup).
+    Attention's own O(sequence) term is left out: a few percent at 512 tokens and D=2048."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = cut_at_layer(AutoModel.from_config(model_config), layer)
+    lookup = model.get_input_embeddings().weight.numel()
+    return 2.0 * (sum(p.numel() for p in model.parameters()) - lookup)
+
+
+def announce(cfg: Config, place: Placement, cluster_gpus: float, max_tokens: int) -> None:
+    """Say where extraction runs, and on CPU how long it may take, before it starts."""
+    if place.num_gpus:
+        print(f"extract: {place.replicas} replica(s), {place.num_gpus} GPU each, bf16 weights and SDPA attention "
+              f"(the cluster has {cluster_gpus:g} GPU(s) now; an autoscaler adds them for the requests)", flush=True)
+        return
+    flops = flops_per_token(load_model_config(cfg.model_name), cfg.layer)
+    cores = place.replicas * place.num_cpus
+    seconds = max_tokens * flops / (cores * CPU_FLOPS_PER_CORE)
+    print(f"extract: on CPU ({place.replicas} replica(s) x {place.num_cpus} CPU(s)): up to {max_tokens:,} tokens x "
+          f"{flops / 1e9:,.2f} GFLOP/token; at best ~{seconds / 3600:,.1f} hours at {CPU_FLOPS_PER_CORE / 1e9:g} GFLOP/s a core",
+          flush=True)
+    if seconds > 86400:
+        print(f"extract: WARNING: that is {seconds / 86400:,.1f} days on CPU; pass --use_gpu to extract on GPUs", flush=True)
+    if cluster_gpus:
+        print(f"extract: the cluster has {cluster_gpus:g} GPU(s): pass --use_gpu to extract on them", flush=True)
+
+
 def resolve_storage_dtype(cfg: Config) -> str:
+    """'auto' is the dtype the model runs in: bf16 on GPUs (--use_gpu), float32 on CPU."""
     if cfg.storage_dtype != "auto":
         return cfg.storage_dtype
-    import ray
-
-    return "bfloat16" if ray.cluster_resources().get("GPU", 0) > 0 else "float32"
+    return "bfloat16" if cfg.use_gpu else "float32"
 
 
 def _existing_shard_counts(shards_dir: str, num_docs: int, docs_per_shard: int) -> dict[int, list[int]]:
@@ -251,12 +360,16 @@ def extract(cfg: Config) -> dict[str, Any]:
           f"({len(done)} already done), model {cfg.model_name}, layer {cfg.layer}, D={hidden_size}, {storage_dtype}",
           flush=True)
     if todo:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        replicas = cfg.num_extract_workers or max(1, int(gpus))
+        cluster = ray.cluster_resources()
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+        place = placement(cfg, cluster.get("GPU", 0), node_cpus, cluster.get("CPU", 1))
+        announce(cfg, place, cluster.get("GPU", 0), sum(len(c["docs"]) for c in todo) * cfg.max_seq_length)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             HiddenStateExtractor,
             fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), storage_dtype=storage_dtype, shards_dir=shards_dir),
-            batch_size=1, concurrency=replicas, num_gpus=1 if gpus else None,
+            batch_size=1, num_cpus=place.num_cpus, num_gpus=place.num_gpus or None,
+            compute=ray.data.ActorPoolStrategy(size=place.replicas, max_tasks_in_flight_per_actor=2,
+                                               max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         )
         docs_todo = sum(len(c["docs"]) for c in todo)
         t0, docs, tokens = time.time(), 0, 0

@@ -125,6 +125,16 @@ def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
     return model
 
 
+def make_optimizer(model: nn.Module, cfg: Config, saved: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """AdamW over `model`'s parameters, with a saved state loaded. Call it after the model is on its
+    device (`prepare_model`): loading moves Adam's moments to their parameter's device and dtype,
+    whereas moving the model afterwards leaves them behind, and the first step on a GPU fails."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
+    return optimizer
+
+
 def quiet_ray_logs() -> None:
     """Keep the sweep's log readable: Ray Train logs each report's whole metrics dict at INFO (Tune's
     table, the summary and W&B show them), and Ray Data a summary of every pass over the data
@@ -146,19 +156,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = initial_model(cfg, run)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    start_epoch, step, tokens_seen, best = 0, 0, 0, None
+    start_epoch, step, tokens_seen, best, state = 0, 0, 0, None, None
     resumed = ray.train.get_checkpoint()
     if resumed:  # a replaced worker, or a restored sweep: continue where the last report left off
         with resumed.as_directory() as d:
             state = torch.load(f"{d}/{RESUME_FILE}", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         stopper = EarlyStopping(**state["stopper"])
         start_epoch, step, tokens_seen, best = state["epoch"], state["step"], state["tokens_seen"], state["best"]
         print(f"d{cfg.d_compressed}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
     ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the worker's device
+    optimizer = make_optimizer(model, cfg, state["optimizer"] if state else None)
     loss_fn = compile_or_eager(lambda x: nn.functional.mse_loss(ddp(x), x), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
