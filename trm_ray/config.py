@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import os
 import types
@@ -46,8 +47,10 @@ class Config:
     dataset_config: str | None = _f("sample-10BT", "Hub dataset configuration name (ignored for local files).")
     dataset_split: str = _f("train", "Hub dataset split to stream.")
     text_field: str = _f("text", "Column or JSON key that holds the text (stage 1a).")
-    messages_field: str = _f("messages", "Column or JSON key that holds the conversation, a list of {role, content} (stage 1b).")
-    keep_tokens: str = _f("thinking", "Stage 1b: keep the thinking span (<think> ... </think>) or all tokens of each conversation.")
+    messages_field: str = _f("messages", "Column or JSON key that holds the conversation (stage 1b): a list of {role, content}, or ShareGPT {from, value} with human/gpt/system (converted).")
+    keep_tokens: str = _f("thinking", "Stage 1b: keep only the thinking spans of assistant turns (between --think_markers), or all tokens of each conversation.")
+    think_markers: list[str] = _f(["<think>", "</think>"], "Stage 1b: the two strings that open and close a thinking span in an assistant turn's content, e.g. <|begin_of_thought|> <|end_of_thought|>.")
+    chat_date: str = _f("2025-07-08", "Stage 1b: the date (YYYY-MM-DD) a chat template reading strftime_now writes (SmolLM3's 'Today Date'), pinned so that the rendered prompt, and so the hidden states, do not change with the day extraction runs.")
     num_samples: int = _f(50000, "Number of documents to extract.")
     max_seq_length: int = _f(512, "Tokens per document kept (longer ones are truncated).")
     exclude_first_token: bool = _f(True, "Leave each sequence's first token (an attention sink with an outsized norm) out of the shards.", negative="keep_first_token")
@@ -106,6 +109,12 @@ class Config:
             raise UserError(f"init must be orthogonal or pca, got {self.init!r}")
         if self.keep_tokens not in ("thinking", "all"):
             raise UserError(f"keep_tokens must be thinking or all, got {self.keep_tokens!r}")
+        if len(self.think_markers) != 2 or not all(self.think_markers) or self.think_markers[0] == self.think_markers[1]:
+            raise UserError(f"think_markers must be two different non-empty strings (open, close), got {self.think_markers!r}")
+        try:
+            datetime.date.fromisoformat(self.chat_date)
+        except (TypeError, ValueError):
+            raise UserError(f"chat_date must be a date as YYYY-MM-DD, got {self.chat_date!r}") from None
         if self.cache_datasets not in ("auto", "always", "never"):
             raise UserError(f"cache_datasets must be auto, always or never, got {self.cache_datasets!r}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -250,6 +259,8 @@ def make_config(values: dict[str, Any]) -> Config:
             raise UserError(f"{name} must be true or false, got {value!r}")
         elif tp is float:
             values[name] = _number(name, value)
+        elif tp is str and isinstance(value, datetime.date):  # YAML reads an unquoted 2025-07-08 as a date
+            values[name] = value.isoformat()
         elif tp is int and not (isinstance(value, int) and not isinstance(value, bool)):
             raise UserError(f"{name} must be an integer, got {value!r}")
     return Config(**values)

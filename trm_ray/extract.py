@@ -34,7 +34,7 @@ import torch
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name,
                             value_bytes, write_json)
-from trm_ray.text import looks_like_path, read_documents, tokenize
+from trm_ray.text import chat_settings, load_tokenizer, looks_like_path, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
 
 
@@ -189,7 +189,8 @@ class HiddenStateExtractor:
         cfg = self.cfg
         out: dict[str, list] = {"shard": [], "num_docs": [], "num_tokens": [], "doc_tokens": [], "outliers": []}
         for shard, first_doc, docs in zip(batch["shard"], batch["first_doc"], batch["docs"]):
-            token_lists, keeps = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg.max_seq_length, cfg.kept_tokens)
+            tokens = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg)
+            token_lists, keeps = tokens.ids, tokens.keeps
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             with self.model_lock:
                 hidden, doc_idx, pos = hidden_rows(self.model, token_lists, pad, cfg.extract_tokens_per_batch,
@@ -224,15 +225,16 @@ def write_shard(table: pa.Table, path: str) -> None:
 
 # --- driver -------------------------------------------------------------------------------
 
-def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str) -> dict[str, Any]:
-    """What defines a shard set: if any of it changes, the shards are a different data set."""
+def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str, chat: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What defines a shard set: if any of it changes, the shards are a different data set.
+    `chat` (stage 1b) is `trm_ray.text.chat_settings`: the chat template's hash and pinned variables."""
     return {
         "model": cfg.model_name, "layer": cfg.layer, "hidden_size": hidden_size, "storage_dtype": storage_dtype,
         "stage": cfg.stage, "keep_tokens": cfg.kept_tokens,
         "source": {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "dataset_split": cfg.dataset_split,
                    "field": getattr(cfg, cfg.document_field)},
         "num_samples": cfg.num_samples, "max_seq_length": cfg.max_seq_length, "docs_per_shard": cfg.docs_per_shard,
-        "exclude_first_token": cfg.exclude_first_token, "outlier_norm_factor": cfg.outlier_norm_factor,
+        "exclude_first_token": cfg.exclude_first_token, "outlier_norm_factor": cfg.outlier_norm_factor, "chat": chat,
     }
 
 
@@ -334,7 +336,8 @@ def extract(cfg: Config) -> dict[str, Any]:
     check_layer(cfg)
     manifest = read_json(posixpath.join(shards_dir, MANIFEST))
     storage_dtype = manifest["storage_dtype"] if manifest and cfg.storage_dtype == "auto" else resolve_storage_dtype(cfg)
-    settings = extraction_settings(cfg, hidden_size, storage_dtype)
+    tokenizer = load_tokenizer(cfg.model_name) if cfg.stage == "1b" else None
+    settings = extraction_settings(cfg, hidden_size, storage_dtype, chat_settings(tokenizer, cfg))
     if manifest is not None:
         check_hidden_size(manifest, shards_dir, hidden_size, cfg.model_name)
         changed = sorted(k for k in settings if manifest.get(k) != settings[k])
@@ -348,7 +351,10 @@ def extract(cfg: Config) -> dict[str, Any]:
     if started is not None and started != settings:
         raise UserError(f"{shards_dir} holds an unfinished extraction with other settings: delete it or choose another --shards_dir")
 
-    docs = [json.dumps(d) for d in read_documents(cfg)]
+    docs = read_documents(cfg)
+    if tokenizer is not None:  # before any model is loaded: a corpus without thinking fails here
+        print(f"extract: {thinking_summary(tokenize(tokenizer, docs, cfg), cfg)}", flush=True)
+    docs = [json.dumps(d) for d in docs]
     check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * value_bytes(storage_dtype))
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)
     n = cfg.docs_per_shard
