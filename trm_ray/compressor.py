@@ -90,6 +90,13 @@ def metrics_from_sums(s: torch.Tensor) -> dict[str, float]:
     }
 
 
+def orthonormality_error(weight: torch.Tensor) -> float:
+    """||W Wᵀ - I||_F / sqrt(D'): 0 when W's rows are orthonormal, i.e. when WᵀW is an orthogonal projection
+    and distances in D' space equal distances of the reconstructions (what phase 2's D'-space loss assumes)."""
+    w = weight.detach().double()
+    return float(torch.linalg.matrix_norm(w @ w.T - torch.eye(w.shape[0], dtype=w.dtype, device=w.device))) / w.shape[0] ** 0.5
+
+
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the weights, without the prefixes DDP (`module.`) or torch.compile (`_orig_mod.`) add."""
     return {k.replace("_orig_mod.", "").replace("module.", ""): v.detach().cpu().clone()

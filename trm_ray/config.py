@@ -66,6 +66,9 @@ class Config:
     # --- training -------------------------------------------------------------------------
     d_compressed: int = _f(256, "Compressed dimension D'.")
     init: str = _f("orthogonal", "Stage 1a start: orthogonal (the seed's) or pca (the top-D' eigenvectors of the training second moment).")
+    objective: str = _f("mse", "Training loss: mse (reconstruction), kl (next-token KL of the LM head reading the reconstruction, "
+                           "last layer only; starts from PCA, or in stage 1b from the 1a checkpoint), or mse+kl.")
+    kl_weight: float = _f(1.0, "With --objective mse+kl: the loss is mse + kl_weight * KL.")
     batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
     num_epochs: int = _f(10, "Maximum training epochs.")
     learning_rate: float = _f(1e-3, "Peak AdamW learning rate.")
@@ -85,7 +88,8 @@ class Config:
     sweep: bool = _f(False, "Sweep D' over sweep_d_values instead of training one D'.")
     sweep_d_values: list[int] = _f([64, 128, 256, 512, 1024], "D' values of the sweep.")
     grace_period: int = _f(2, "ASHA: epochs every trial runs before it can be stopped.")
-    asha_metric: str = _f("pca_efficiency", "ASHA ranks the trials of each D' on this metric; pca_efficiency = PCA-limit mse / mse.")
+    asha_metric: str = _f("auto", "ASHA ranks the trials of each D' on this metric; auto: pca_efficiency (PCA-limit mse / mse) for "
+                             "--objective mse, else downstream_efficiency (PCA's next-token KL / the trial's).")
     sweep_learning_rates: list[float] = _f([], "Also grid over these learning rates (empty: just --learning_rate); the export keeps the best trial per D'.")
     downstream_tokens: int = _f(4096, "Validation tokens on which the LM head's next-token KL is measured for each exported D' (last layer only; 0: skip).")
     max_concurrent_trials: int | None = _f(None, "Trials running at once; default: as many as the cluster fits.")
@@ -107,6 +111,11 @@ class Config:
             raise UserError(f"storage_dtype must be auto, float32 or bfloat16, got {self.storage_dtype!r}")
         if self.init not in ("orthogonal", "pca"):
             raise UserError(f"init must be orthogonal or pca, got {self.init!r}")
+        if self.objective not in ("mse", "kl", "mse+kl"):
+            raise UserError(f"objective must be mse, kl or mse+kl, got {self.objective!r}")
+        if self.objective != "mse" and self.layer != -1:
+            raise UserError(f"--objective {self.objective} trains on what the LM head reads, the last layer's hidden state: "
+                            f"it needs --layer -1, not {self.layer}")
         if self.keep_tokens not in ("thinking", "all"):
             raise UserError(f"keep_tokens must be thinking or all, got {self.keep_tokens!r}")
         if len(self.think_markers) != 2 or not all(self.think_markers) or self.think_markers[0] == self.think_markers[1]:
@@ -142,6 +151,19 @@ class Config:
     def d_values(self) -> list[int]:
         """The D' values this run trains: the sweep grid, or the single --d_compressed."""
         return list(self.sweep_d_values) if self.sweep else [self.d_compressed]
+
+    @property
+    def score_metric(self) -> str:
+        """What "best" means for an epoch, a trial and early stopping: validation mse, or next-token KL
+        when that is what the compressor is trained for (lower is better either way)."""
+        return "mse" if self.objective == "mse" else "downstream_kl"
+
+    @property
+    def rank_metric(self) -> str:
+        """The D'-fair metric ASHA ranks a width's trials on (higher is better for the auto choices)."""
+        if self.asha_metric != "auto":
+            return self.asha_metric
+        return "pca_efficiency" if self.objective == "mse" else "downstream_efficiency"
 
     @property
     def shards_path(self) -> str:

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import torch
 
-from trm_ray.compressor import METRICS, load_checkpoint
+from trm_ray.compressor import METRICS, load_checkpoint, orthonormality_error
 from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
 from trm_ray.shards import filesystem, read_bytes, write_json
@@ -74,7 +74,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
             unusable.setdefault(d, []).append(label + why)
             continue
         src = posixpath.join(src, checkpoint_file)
-        if d not in best or metrics["mse"] < best[d]["mse"]:
+        if d not in best or metrics[cfg.score_metric] < best[d][cfg.score_metric]:
             epochs = int(result.metrics.get("epoch", 0))
             reason = result.metrics.get("stop_reason") or (
                 "completed all epochs" if epochs >= cfg.num_epochs else "stopped by ASHA")
@@ -84,11 +84,12 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
     rows = []
     for d in sorted(set(best) | set(errors) | set(unusable)):
         row: dict[str, Any] = {"d_compressed": d, "d_model": d_model, "compression_ratio": d_model / d,
-                               "num_params": d_model * d}
+                               "num_params": d_model * d, "objective": cfg.objective}
         if d in best:
             dest = cfg.export_path(d)
             _copy(best[d]["src"], dest)
             row.update({k: best[d][k] for k in METRICS})
+            row["orthonormality_error"] = orthonormality_error(load_checkpoint(dest)["compressor"]["weight"])
             row.update({"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / best[d]["mse"],
                         "pca_cosine_similarity": limit["pca_cosine_similarity"][d],
                         "pca_explained_variance": limit["explained_variance"][d],

@@ -24,6 +24,7 @@ from trm_ray import spectrum
 from trm_ray.cli import trial_cpus
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
+from trm_ray.downstream import on_a_gpu, pca_kl
 from trm_ray.extract import extract, hidden_size_of, model_id
 from trm_ray.report import exclusions, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
@@ -39,7 +40,7 @@ def trial(config: dict[str, Any], train: Any, val: Any) -> None:
     make_trainer(config, train, val, callbacks=[TuneReportCallback()]).fit()
 
 
-LOWER_IS_BETTER = ("mse", "relative_error", "train_loss")
+LOWER_IS_BETTER = ("mse", "relative_error", "train_loss", "downstream_kl")
 SWEEP_CONFIG = "trm_ray_config.json"
 # Settings that may change between an interrupted sweep and its resumption.
 RUNTIME_ONLY = {"address", "num_cpus", "max_concurrent_trials", "max_failures", "use_wandb"}
@@ -120,7 +121,18 @@ def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]
     manifest = extract(cfg)
     verify_shards(cfg.shards_path, manifest)
     counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
-    return manifest, counts, spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    return manifest, counts, limits(cfg)
+
+
+def limits(cfg: Config) -> dict[str, Any]:
+    """The PCA references trials are measured against: the spectrum (mse, cosine, ... for every D'),
+    and for a KL objective the PCA reconstruction's next-token KL over the validation set, per D'."""
+    limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    if cfg.objective == "mse":
+        return limit
+    print("sweep: next-token KL of the PCA reconstruction of each D' on the validation set", flush=True)
+    return {**limit, "pca_downstream_kl": on_a_gpu(cfg.use_gpu, pca_kl, cfg.model_name, cfg.shards_path, cfg.val_fraction,
+                                                   cfg.seed, cfg.d_values)}
 
 
 def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],
@@ -128,6 +140,7 @@ def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, in
     """What a trial's training loop gets: every Config field plus facts derived from the shards."""
     return {**dataclasses.asdict(cfg), "d_model": manifest["hidden_size"], "train_tokens": counts["train_tokens"],
             "pca_mse": {str(d): limit["pca_mse"][d] for d in cfg.d_values},
+            **({"pca_downstream_kl": limit["pca_downstream_kl"]} if "pca_downstream_kl" in limit else {}),
             "train_storage": train_storage, "group": group}
 
 
@@ -160,7 +173,7 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
                    "learning_rate": tune.grid_search(cfg.sweep_learning_rates or [cfg.learning_rate])}
     tokens_per_epoch = counts["train_tokens"] - cfg.num_workers  # an equal split across workers drops a row or so
     scheduler = PerWidthASHA(
-        time_attr="tokens_seen", metric=cfg.asha_metric, mode="min" if cfg.asha_metric in LOWER_IS_BETTER else "max",
+        time_attr="tokens_seen", metric=cfg.rank_metric, mode="min" if cfg.rank_metric in LOWER_IS_BETTER else "max",
         max_t=cfg.num_epochs * tokens_per_epoch, grace_period=min(cfg.grace_period, cfg.num_epochs) * tokens_per_epoch,
         reduction_factor=2,
         stop_last_trials=False,  # the default kills the survivors at max_t before they finish cleanly

@@ -19,15 +19,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, plain_state,
-                                reconstruction_sums, save_checkpoint)
+from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
+                                plain_state, reconstruction_sums, save_checkpoint)
 from trm_ray.config import FIELDS, Config, make_config
+from trm_ray.downstream import load_lm_head, next_token_kl
 from trm_ray.shards import decode_hidden
 from trm_ray.spectrum import eigenvectors
 from trm_ray.tracking import publish, tracking
 
 CHECKPOINT_FILE = "compressor.pt"  # the best compressor so far, in the seed's checkpoint format
 RESUME_FILE = "resume.pt"  # model, optimizer, epoch, early-stopping state, tokens seen
+KL_METRICS = ("downstream_kl", "pca_downstream_kl", "downstream_efficiency")  # kept with the best weights of a KL objective
 
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -60,13 +62,32 @@ def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Token-weighted metrics over every batch (the whole validation set), not a mean of batch means."""
-    sums = None
+def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], lm_head: nn.Linear | None = None) -> dict[str, float]:
+    """Token-weighted metrics over every batch (the whole validation set), not a mean of batch means;
+    with `lm_head`, also the mean next-token KL of the head reading the reconstruction."""
+    sums, kl = None, 0.0
     for x in batches:
-        s = reconstruction_sums(x, model(x))
+        x_hat = model(x)
+        s = reconstruction_sums(x, x_hat)
         sums = s if sums is None else sums + s
-    return metrics_from_sums(sums)
+        if lm_head is not None:
+            kl += float(next_token_kl(lm_head, x, x_hat))
+    metrics = metrics_from_sums(sums)
+    if lm_head is not None:
+        metrics["downstream_kl"] = kl / float(sums[6])  # sums[6]: tokens
+    return metrics
+
+
+def objective_loss(cfg: Config, model: nn.Module, lm_head: nn.Linear | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training loss of `--objective`, per token: reconstruction mse, next-token KL, or mse + kl_weight * KL."""
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        x_hat = model(x)
+        if cfg.objective == "mse":
+            return nn.functional.mse_loss(x_hat, x)
+        kl = next_token_kl(lm_head, x, x_hat) / x.shape[0]
+        return kl if cfg.objective == "kl" else nn.functional.mse_loss(x_hat, x) + cfg.kl_weight * kl
+
+    return loss
 
 
 @dataclass
@@ -112,11 +133,12 @@ def compile_or_eager(fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) 
 
 
 def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
-    """Orthogonal (or PCA) init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'."""
+    """Orthogonal (or PCA) init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'.
+    A KL objective always starts from the best MSE solution (PCA, or the 1a checkpoint) and refines it."""
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(run["d_model"], cfg.d_compressed)
     start = cfg.init_checkpoint(cfg.d_compressed)
-    if cfg.init == "pca" and not start:
+    if (cfg.init == "pca" or cfg.objective != "mse") and not start:
         with torch.no_grad():  # rows = the top-D' eigenvectors: the optimum itself, up to a rotation
             model.weight.copy_(eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :cfg.d_compressed].T)
     if start:
@@ -168,7 +190,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"d{cfg.d_compressed}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
     ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the worker's device
     optimizer = make_optimizer(model, cfg, state["optimizer"] if state else None)
-    loss_fn = compile_or_eager(lambda x: nn.functional.mse_loss(ddp(x), x), cfg.torch_compile)
+    # Loaded once per worker: what phase 2 decompresses into, so what a KL objective trains against.
+    lm_head = load_lm_head(cfg.model_name, device) if cfg.objective != "mse" else None
+    loss_fn = compile_or_eager(objective_loss(cfg, ddp, lm_head), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
@@ -179,14 +203,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     pca_mse = run["pca_mse"][str(cfg.d_compressed)]
+    score = cfg.score_metric
+    best_keys = METRICS if lm_head is None else (*METRICS, *KL_METRICS)
 
     def validate() -> dict[str, float]:
-        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device))
+        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device), lm_head)
         # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
-        return {**m, "pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"]}
+        m.update({"pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"],
+                  "orthonormality_error": orthonormality_error(model.weight)})
+        if lm_head is not None:  # the same ratio for what the LM head reads (> 1: better than PCA)
+            pca_kl = run["pca_downstream_kl"][str(cfg.d_compressed)]
+            m.update({"pca_downstream_kl": pca_kl, "downstream_efficiency": pca_kl / m["downstream_kl"]})
+        return m
 
     # Where training starts from (1b: the 1a weights), scored on this run's validation set.
-    metrics: dict[str, Any] = {f"initial_{k}": v for k, v in validate().items() if k != "pca_mse"} if rank == 0 and not resumed else {}
+    metrics: dict[str, Any] = ({f"initial_{k}": v for k, v in validate().items() if k not in ("pca_mse", "pca_downstream_kl")}
+                               if rank == 0 and not resumed else {})
     for epoch in range(start_epoch, cfg.num_epochs):
         model.train()
         t0, epoch_tokens, loss_sum = time.perf_counter(), 0, 0.0
@@ -216,20 +248,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 metrics.update(validate())
                 # NaN compares false with everything: a NaN epoch must neither become the best nor count as one.
-                finite = math.isfinite(metrics["mse"]) and math.isfinite(metrics["train_loss"])
-                if finite and (best is None or metrics["mse"] < best["mse"]):
-                    best = {"state": plain_state(model), **{k: metrics[k] for k in METRICS}, "epoch": epoch + 1}
-                stop = not finite or (cfg.early_stopping and stopper.update(metrics["mse"]))
+                finite = all(math.isfinite(metrics[k]) for k in ("mse", score, "train_loss"))
+                if finite and (best is None or metrics[score] < best[score]):
+                    best = {"state": plain_state(model), **{k: metrics[k] for k in best_keys}, "epoch": epoch + 1}
+                stop = not finite or (cfg.early_stopping and stopper.update(metrics[score]))
                 if not finite:
-                    metrics["stop_reason"] = (f"diverged: train loss {metrics['train_loss']}, validation mse {metrics['mse']}; "
+                    metrics["stop_reason"] = (f"diverged: train loss {metrics['train_loss']}, validation {score} {metrics[score]}; "
                                               "lower --learning_rate")
                 elif stop:
-                    metrics["stop_reason"] = (f"early stopping: validation mse did not improve by {cfg.early_stopping_min_delta:g} "
+                    metrics["stop_reason"] = (f"early stopping: validation {score} did not improve by {cfg.early_stopping_min_delta:g} "
                                               f"(relative) for {cfg.early_stopping_patience} epochs")
                 if stop:
                     print(f"d{cfg.d_compressed}: {metrics['stop_reason']}; stopped after epoch {epoch + 1}", flush=True)
                 if best is not None:  # none only when the first epoch already diverged: nothing worth keeping
                     metrics["best_mse"] = best["mse"]
+                    metrics[f"best_{score}"] = best[score]
                     # Every report carries the whole resumable state; its compressor.pt is the best so far.
                     save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
                     torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
@@ -249,13 +282,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and best is not None:
         with tempfile.TemporaryDirectory() as tmp:
             save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
-            log.log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: best[k] for k in (*METRICS, "epoch")})
+            log.log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: v for k, v in best.items() if k != "state"})
     if rank == 0:
         log.finish()
 
 
 def save_best(path: str, best: dict[str, Any], config: dict[str, Any]) -> None:
-    save_checkpoint(path, best["state"], config, best["mse"], {k: best[k] for k in (*METRICS, "epoch")})
+    score = trial_config(config)[0].score_metric
+    save_checkpoint(path, best["state"], config, best[score], {k: v for k, v in best.items() if k != "state"})
 
 
 def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[Any] | None = None) -> Any:
@@ -278,10 +312,9 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
         run_config=ray.train.RunConfig(
             name=f"d{cfg.d_compressed}-lr{cfg.learning_rate:g}",
             storage_path=run["train_storage"],
-            # best_mse never rises, so the one checkpoint kept is the latest: it resumes the trial
-            # and its compressor.pt is the trial's best.
+            # The one checkpoint kept is the latest: it resumes the trial and its compressor.pt is the trial's best.
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="best_mse", checkpoint_score_order="min"),
+                num_to_keep=1, checkpoint_score_attribute="epoch", checkpoint_score_order="max"),
             # A worker group that cannot start (its resources never come) fails the trial on a local Ray,
             # where nothing will add them; a cluster waits for its autoscaler (Train's default, no limit).
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
