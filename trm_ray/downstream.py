@@ -10,15 +10,15 @@ Runs as one Ray task (on a GPU where the cluster has one) over the first validat
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from trm_ray.compressor import DimensionCompressor
-from trm_ray.shards import decode_hidden, filesystem, is_validation_doc, read_manifest, shard_paths
+from trm_ray.shards import decode_hidden, read_manifest, rows_per_block, shard_paths, side_tables
 from trm_ray.spectrum import eigenvectors
 
 
@@ -26,10 +26,8 @@ def validation_rows(shards_dir: str, val_fraction: float, seed: int, max_tokens:
     """The first `max_tokens` validation rows: hidden states [N, D] and the next token of each (-1: none stored)."""
     manifest = read_manifest(shards_dir)
     tables, n = [], 0
-    for path in shard_paths(shards_dir, manifest):
-        fs, p = filesystem(path)
-        t = pq.read_table(p, filesystem=fs)
-        t = t.filter(pa.array(is_validation_doc(t["doc_id"].to_numpy(), val_fraction, seed)))
+    parts = (side_tables(p, val_fraction, seed, True, rows_per_block(manifest)) for p in shard_paths(shards_dir, manifest))
+    for t in itertools.chain.from_iterable(parts):  # only the validation row groups, only as far as needed
         tables.append(t)
         n += t.num_rows
         if n >= max_tokens:
