@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from ray.tune import Result
@@ -238,3 +239,26 @@ def test_a_local_ray_has_room_for_the_trials_the_cores_can_run(monkeypatch):
     assert local_cpus(dataclasses.replace(cfg, num_workers=2)) == 4  # 1 trial of 2 workers
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert local_cpus(cfg) == 64
+
+
+def test_a_validation_pass_reads_only_the_validation_documents_row_groups(shards, tmp_path):
+    import pyarrow.parquet as pq
+
+    from trm_ray.shards import is_validation_doc, read_manifest, shard_paths, side_row_groups, side_tables
+
+    manifest = read_manifest(shards.shards_path)
+    for path in shard_paths(shards.shards_path, manifest):
+        meta = pq.read_metadata(path)
+        docs = [meta.row_group(i).column(0).statistics.min for i in range(meta.num_row_groups)]
+        assert docs == sorted(set(pq.read_table(path, columns=["doc_id"])["doc_id"].to_pylist()))  # one document each
+        val = is_validation_doc(pq.read_table(path)["doc_id"].to_numpy(), shards.val_fraction, shards.seed)
+        groups = side_row_groups(meta, shards.val_fraction, shards.seed, True)
+        assert sum(meta.row_group(i).num_rows for i in groups) == val.sum()  # nothing else is read
+        # A shard of the earlier layout (one row group of many documents) gives the same rows, filtered.
+        old = tmp_path / "old.parquet"
+        pq.write_table(pq.read_table(path), old)
+        for side in (True, False):
+            new_rows, old_rows = (pa.concat_tables(list(side_tables(str(p), shards.val_fraction, shards.seed, side, 50)) or
+                                                   [pq.read_table(path).slice(0, 0).select(["doc_id", "position", "token_id", "hidden"])])
+                                  for p in (path, old))
+            assert new_rows.equals(old_rows)

@@ -17,29 +17,26 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trm_ray.compressor import DimensionCompressor
-from trm_ray.shards import decode_hidden, filesystem, is_validation_doc, read_manifest, shard_paths
+from trm_ray.shards import decode_hidden, read_manifest, rows_per_block, shard_paths, side_tables
 from trm_ray.spectrum import eigenvectors
 
 
 def validation_tables(shards_dir: str, val_fraction: float, seed: int) -> Iterator[pa.Table]:
     """The validation rows of each shard in turn (whole held-out documents, in document order)."""
     manifest = read_manifest(shards_dir)
-    for path in shard_paths(shards_dir, manifest):
-        fs, p = filesystem(path)
-        t = pq.read_table(p, filesystem=fs)
-        yield t.filter(pa.array(is_validation_doc(t["doc_id"].to_numpy(), val_fraction, seed)))
+    for path in shard_paths(shards_dir, manifest):  # only the validation row groups
+        yield from side_tables(path, val_fraction, seed, True, rows_per_block(manifest))
 
 
 def validation_rows(shards_dir: str, val_fraction: float, seed: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `max_tokens` validation rows: hidden states [N, D] and the next token of each (-1: none stored)."""
     tables, n = [], 0
-    for t in validation_tables(shards_dir, val_fraction, seed):
+    for t in validation_tables(shards_dir, val_fraction, seed):  # lazily: only as far as needed
         tables.append(t)
         n += t.num_rows
         if n >= max_tokens:
@@ -146,7 +143,7 @@ def pca_kl(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_v
     the reference a KL-trained trial's `downstream_efficiency` is measured against, every epoch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device)
-    vecs = eigenvectors(shards_dir).float().to(device)
+    vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     sums, n = dict.fromkeys(d_values, 0.0), 0
     for table in validation_tables(shards_dir, val_fraction, seed):
         x = decode_hidden(table["hidden"]).to(device)

@@ -216,10 +216,17 @@ class HiddenStateExtractor:
 
 
 def write_shard(table: pa.Table, path: str) -> None:
-    """Temporary name, then rename: a shard that exists under its real name is complete."""
+    """Temporary name, then rename: a shard that exists under its real name is complete.
+
+    One row group per document (rows come in document order): a pass over the validation
+    documents then reads only their row groups (`shards.side_row_groups`), not every shard whole."""
     fs, p = filesystem(path)
     tmp = posixpath.join(posixpath.dirname(p), "." + posixpath.basename(p) + ".tmp")
-    pq.write_table(table, tmp, filesystem=fs)
+    doc = table["doc_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]]) if len(doc) else np.array([], dtype=int)
+    with pq.ParquetWriter(tmp, table.schema, filesystem=fs) as writer:
+        for start, end in zip(starts, [*starts[1:], len(doc)]):
+            writer.write_table(table.slice(start, end - start))
     fs.move(tmp, p)
 
 
