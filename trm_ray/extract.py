@@ -292,7 +292,7 @@ def announce(cfg: Config, place: Placement, cluster_gpus: float, max_tokens: int
     cores = place.replicas * place.num_cpus
     seconds = max_tokens * flops / (cores * CPU_FLOPS_PER_CORE)
     print(f"extract: on CPU ({place.replicas} replica(s) x {place.num_cpus} CPU(s)): up to {max_tokens:,} tokens x "
-          f"{flops / 1e9:,.2f} GFLOP/token; at best ~{seconds / 3600:,.1f} hours at {CPU_FLOPS_PER_CORE / 1e9:g} GFLOP/s a core",
+          f"{flops / 1e9:.3g} GFLOP/token; at best ~{seconds / 3600:.3g} hours at {CPU_FLOPS_PER_CORE / 1e9:g} GFLOP/s a core",
           flush=True)
     if seconds > 86400:
         print(f"extract: WARNING: that is {seconds / 86400:,.1f} days on CPU; pass --use_gpu to extract on GPUs", flush=True)
