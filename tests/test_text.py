@@ -145,3 +145,12 @@ def test_shards_of_another_chat_template_are_refused(assets, tmp_path):
     write_json(str(tmp_path / MANIFEST), extraction_settings(cfg, 64, "float32", other))
     with pytest.raises(UserError, match=r"other settings \(chat differ\)"):
         extract(cfg)
+
+
+def test_extraction_of_conversations_without_thinking_stops_before_the_model_runs(assets, tmp_path):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": NO_THINKING}) + "\n" for _ in range(3)))
+    cfg = make_config({"stage": "1b", "model_name": assets["model"], "dataset": str(tmp_path / "chat.jsonl"),
+                       "shards_dir": str(tmp_path / "shards"), "storage_dtype": "float32"})
+    with pytest.raises(UserError, match=r"none of the 3 conversations has a thinking span"):
+        extract(cfg)
+    assert not (tmp_path / "shards" / "extraction.json").exists()
