@@ -4,11 +4,10 @@ import io
 import pytest
 import torch
 
-from trm_ray import spectrum
 from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
 from trm_ray.config import UserError
 from trm_ray.shards import load_splits, read_manifest, split_counts
-from trm_ray.sweep import datasets, trial_config_for
+from trm_ray.sweep import datasets, limits, trial_config_for
 from trm_ray.config import make_config
 from trm_ray.train import EarlyStopping, get_lr, make_optimizer, make_trainer
 
@@ -108,7 +107,7 @@ def fit(cfg, tmp_path, num_workers, batch_size, **overrides):
     cfg = dataclasses.replace(cfg, **{"num_workers": num_workers, "batch_size": batch_size, "d_compressed": 16,
                                       "sweep": False, "num_epochs": 4, "learning_rate": 0.02, "use_wandb": False,
                                       "torch_compile": False, **overrides})
-    limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    limit = limits(cfg)
     config = trial_config_for(cfg, manifest, counts, limit, str(tmp_path / f"w{num_workers}"))
     train, val = datasets(cfg, manifest)
     return make_trainer(config, train, val).fit()
