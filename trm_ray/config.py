@@ -65,13 +65,14 @@ class Config:
     num_extract_workers: int | None = _f(None, "Model replicas extracting in parallel; default one per GPU of the cluster (at least 1, which an autoscaler adds with --use_gpu), or 1 on CPU.")
     # --- training -------------------------------------------------------------------------
     d_compressed: int = _f(256, "Compressed dimension D'.")
-    init: str = _f("orthogonal", "Stage 1a start: orthogonal (the seed's) or pca (the top-D' eigenvectors of the training second moment).")
+    init: str = _f("pca", "Stage 1a start: pca (the top-D' eigenvectors of the training second moment: the MSE optimum) or orthogonal (the seed's random start).")
+    orthonormal: bool = _f(True, "Re-orthonormalise W's rows after every optimizer step (a QR retraction), so WᵀW stays an orthogonal projection.", negative="no_orthonormal")
     objective: str = _f("mse", "Training loss: mse (reconstruction), kl (next-token KL of the LM head reading the reconstruction, "
                            "last layer only; starts from PCA, or in stage 1b from the 1a checkpoint), or mse+kl.")
     kl_weight: float = _f(1.0, "With --objective mse+kl: the loss is mse + kl_weight * KL.")
     batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
     num_epochs: int = _f(10, "Maximum training epochs.")
-    learning_rate: float = _f(1e-3, "Peak AdamW learning rate.")
+    learning_rate: float = _f(1e-4, "Peak AdamW learning rate (small: the PCA start is already the MSE optimum; the seed's 1e-3 suits an orthogonal start).")
     weight_decay: float = _f(0.0, "AdamW weight decay (0: decay would pull the tied matrix off orthonormality).")
     warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before the cosine decay.")
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold.")

@@ -92,11 +92,12 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
             row["orthonormality_error"] = orthonormality_error(load_checkpoint(dest)["compressor"]["weight"])
             row.update({"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / best[d]["mse"],
                         "pca_cosine_similarity": limit["pca_cosine_similarity"][d],
-                        "pca_explained_variance": limit["explained_variance"][d],
+                        "pca_explained_variance": limit["pca_explained_variance"][d],
                         "learning_rate": best[d]["learning_rate"],
                         "initial_cosine_similarity": best[d]["initial_cosine_similarity"],
                         "best_epoch": best[d]["epoch"], "epochs_trained": best[d]["epochs"],
                         "stop_reason": best[d]["stop_reason"], "checkpoint": os.path.abspath(dest)})
+            row["note"] = shortfall_note(row, cfg)
         failures = errors.get(d, []) + (unusable.get(d, []) if d not in best else [])
         if failures:  # with an lr grid, a D' may have an exported trial and failed ones
             row["error"] = "; ".join(failures)
@@ -139,8 +140,8 @@ def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, 
     xs = curve_points(d_model, [r["d_compressed"] for r in rows])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, limit_key, title in ((axes[0], "cosine_similarity", "pca_cosine_similarity", "validation cosine similarity"),
-                                      (axes[1], "explained_variance", "explained_variance", "explained variance (uncentred)")):
-        ax.plot(xs, [limit[limit_key][x] for x in xs], "k--", label="PCA limit (optimal tied linear)")
+                                      (axes[1], "explained_variance", "pca_explained_variance", "validation explained variance (uncentred)")):
+        ax.plot(xs, [limit[limit_key][x] for x in xs], "k--", label="PCA (the MSE-optimal tied linear compressor)")
         ax.plot([r["d_compressed"] for r in done], [r[key] for r in done], "o-", color="tab:blue", label=f"trained (stage {cfg.stage})")
         if key == "cosine_similarity":
             seed = sorted(SEED_EXPECTED_COSINE.items())
@@ -155,6 +156,22 @@ def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+AT_LIMIT = 0.995  # pca_efficiency from which a compressor counts as at the PCA limit
+
+
+def shortfall_note(row: dict[str, Any], cfg: Config) -> str | None:
+    """For a compressor short of the PCA limit: by how much, and why, in one line (None at the limit)."""
+    eff = row["pca_efficiency"]
+    if eff >= AT_LIMIT:
+        return None
+    start = "the stage 1a checkpoint" if cfg.init_checkpoint(row["d_compressed"]) else f"the {cfg.init} init"
+    hint = ("a random start's subspace turns towards the top-D' one slowly; --init pca starts at the limit"
+            if start == "the orthogonal init"
+            else "more epochs (--num_epochs) or another --learning_rate may close the gap")
+    return (f"d{row['d_compressed']}: validation mse {1 / eff - 1:.1%} above the PCA limit (pca_efficiency {eff:.4f}) "
+            f"after {row['epochs_trained']} epochs from {start} at peak lr {row['learning_rate']:g}: {hint}")
 
 
 def _read_best_metrics(path: str) -> dict[str, float]:
@@ -178,7 +195,7 @@ def _copy(src: str, dest: str) -> None:
 
 def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
     head = (f"{'D_prime':>8} {'ratio':>7} {'params':>10} {'mse':>11} {'cosine':>8} {'rel_err':>8} {'var_ratio':>9} "
-            f"{'pca_cos':>8} {'pca_eff':>8} {'KL':>9} {'pca_KL':>9}  checkpoint")
+            f"{'pca_cos':>8} {'pca_eff':>8} {'orth_err':>9} {'KL':>9} {'pca_KL':>9}  checkpoint")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "checkpoint" not in r:
@@ -186,11 +203,16 @@ def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
             continue
         print(f"{r['d_compressed']:>8} {r['compression_ratio']:>6.1f}x {r['num_params']:>10,} {r['mse']:>11.4g} "
               f"{r['cosine_similarity']:>8.4f} {r['relative_error']:>8.4f} {r['variance_ratio']:>9.4f} "
-              f"{r['pca_cosine_similarity']:>8.4f} {r['pca_efficiency']:>8.4f} {r.get('downstream_kl', float('nan')):>9.3g} "
-              f"{r.get('pca_downstream_kl', float('nan')):>9.3g}  {r['checkpoint']}")
+              f"{r['pca_cosine_similarity']:>8.4f} {r['pca_efficiency']:>8.4f} {r['orthonormality_error']:>9.2g} "
+              f"{r.get('downstream_kl', float('nan')):>9.3g} {r.get('pca_downstream_kl', float('nan')):>9.3g}  {r['checkpoint']}")
         if "error" in r:  # an lr grid: the exported trial above, and failed ones of the same D'
             print(f"{'':>8} other trials of this D' FAILED: {r['error']}")
     for failure in sorted({r["downstream_error"] for r in rows if "downstream_error" in r}):
         print(f"downstream KL FAILED: {failure}")
+    print("\nThe best epoch of each trial and the best learning rate of each D' are picked on the validation set these "
+          "metrics are measured on (held-out documents, never trained on).")
+    for r in rows:
+        if r.get("note"):
+            print(f"note: {r['note']}")
     print(f"\nsummary: {results_path(cfg)} (and .csv); plot: {results_path(cfg, 'report', 'png')}\n", flush=True)
 

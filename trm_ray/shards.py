@@ -143,10 +143,11 @@ def side_tables(path: str, val_fraction: float, seed: int, val_side: bool, batch
             yield pa.Table.from_batches([part]).filter(pa.array(mask if val_side else ~mask))
 
 
-def load_splits(shards_dir: str, val_fraction: float, seed: int) -> tuple[Any, Any]:
+def load_splits(shards_dir: str, val_fraction: float, seed: int, shard_order_seed: int | None = None) -> tuple[Any, Any]:
     """(train, val) Ray Datasets of token rows; validation is whole held-out documents.
 
-    One plain read task per shard, in shard order (reproducible runs). Not `read_parquet`:
+    One plain read task per shard, in shard order, or in the order `shard_order_seed` draws
+    (reproducible runs either way). Not `read_parquet`:
     it indexes every file's footer on freshly started actors at each pass (5-7 s a pass
     here, before the first row), and the manifest already says which shards there are."""
     import ray.data
@@ -163,6 +164,8 @@ def load_splits(shards_dir: str, val_fraction: float, seed: int) -> tuple[Any, A
     paths = ray.data.from_items([{"path": p} for p in shard_paths(shards_dir, manifest)],
                                 override_num_blocks=len(manifest["shards"]))
     paths.context.execution_options.preserve_order = True
+    if shard_order_seed is not None:  # one block per path: this permutes the reads, streaming stays
+        paths = paths.randomize_block_order(seed=shard_order_seed)
     train, val = (paths.map_batches(read(side), batch_size=1, batch_format="numpy") for side in (False, True))
     return train, val
 

@@ -8,6 +8,7 @@ rank 0 over the whole held-out set, so the metrics do not depend on the number o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import tempfile
@@ -20,10 +21,10 @@ import torch.distributed as dist
 from torch import nn
 
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
-                                plain_state, reconstruction_sums, save_checkpoint)
+                                orthonormalize_, plain_state, reconstruction_sums, save_checkpoint)
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.downstream import load_lm_head, next_token_kl
-from trm_ray.shards import decode_hidden
+from trm_ray.shards import decode_hidden, load_splits
 from trm_ray.spectrum import eigenvectors
 from trm_ray.tracking import publish, tracking
 
@@ -59,6 +60,30 @@ def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed:
     shuffle = {"local_shuffle_buffer_size": 4 * rows, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
     for batch in iterator.iter_batches(batch_size=rows, batch_format="pyarrow", **shuffle):
         yield decode_hidden(batch["hidden"]).to(device, non_blocking=True)
+
+
+def epoch_rows(train: Any, cfg: Config, epoch: int) -> Any:
+    """This epoch's training rows, their blocks in an order drawn from (seed, epoch): every epoch
+    ends its learning-rate decay on other documents, and a resumed epoch reads exactly what the
+    uninterrupted one read. Held in the object store, the blocks are permuted where they are (no
+    data moves); streamed, the shards are read in a permuted order (a block shuffle of a streamed
+    dataset would first wait for all of it)."""
+    from ray.data.dataset import MaterializedDataset
+
+    order_seed = cfg.seed * 1000 + epoch
+    if isinstance(train, MaterializedDataset):
+        return train.randomize_block_order(seed=order_seed)
+    return load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed, shard_order_seed=order_seed)[0]
+
+
+def rank_share(dataset: Any, rank: int, world: int) -> Any:
+    """This rank's equal part of `dataset`: rank 0 splits it and hands every rank its iterator, so
+    the ranks take the same number of steps (DDP's all-reduce waits for all of them)."""
+    if world == 1:
+        return dataset
+    parts = [dataset.streaming_split(world, equal=True) if rank == 0 else None]
+    dist.broadcast_object_list(parts, src=0)
+    return parts[0][rank]
 
 
 @torch.no_grad()
@@ -167,7 +192,9 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
+    """One worker's training of one D'; `train` is the training split's Ray Dataset (each epoch reads
+    its own block order of it, see epoch_rows)."""
     import ray.train
     import ray.train.torch
 
@@ -200,7 +227,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=name, config=config,
                    directory=cfg.output_dir)
 
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     pca_mse = run["pca_mse"][str(cfg.d_compressed)]
     score = cfg.score_metric
@@ -216,12 +242,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             m.update({"pca_downstream_kl": pca_kl, "downstream_efficiency": pca_kl / m["downstream_kl"]})
         return m
 
-    # Where training starts from (1b: the 1a weights), scored on this run's validation set.
-    metrics: dict[str, Any] = ({f"initial_{k}": v for k, v in validate().items() if k not in ("pca_mse", "pca_downstream_kl")}
-                               if rank == 0 and not resumed else {})
+    metrics: dict[str, Any] = {}
+    if rank == 0 and not resumed:
+        # Where training starts from (1a: PCA or orthogonal, 1b: the 1a weights), scored on this run's
+        # validation set. It is the first candidate for the best checkpoint, so a trial never exports
+        # anything worse than its start (epoch 0), and epochs must beat it to count as improvements.
+        start = validate()
+        metrics = {f"initial_{k}": v for k, v in start.items() if k not in ("pca_mse", "pca_downstream_kl")}
+        best = {"state": plain_state(model), **{k: start[k] for k in best_keys}, "epoch": 0}
+        stopper.update(start[score])
     for epoch in range(start_epoch, cfg.num_epochs):
         model.train()
         t0, epoch_tokens, loss_sum = time.perf_counter(), 0, 0.0
+        train_shard = rank_share(epoch_rows(train, cfg, epoch), rank, world)
         for x in hidden_batches(train_shard, rows, device, shuffle_seed=cfg.seed * 1000 + epoch):
             lr = get_lr(step, total_steps, warmup_steps, cfg.learning_rate)
             for group in optimizer.param_groups:
@@ -231,6 +264,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if cfg.orthonormal:  # back onto orthonormal rows: WᵀW stays a projection (DESIGN: what phase 2 needs)
+                orthonormalize_(model.weight)
             step += 1
             epoch_tokens += x.shape[0]
             loss_sum += loss.item() * x.shape[0]
@@ -298,17 +333,19 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
     from ray.train.torch import TorchTrainer
 
     cfg, run = trial_config(config)
-    # Blocks in a fixed order + a seeded shuffle buffer: the same data order on every run,
-    # so a resumed or recompiled run can be compared with an uninterrupted one.
+    # Blocks in an order drawn from (seed, epoch) + a seeded shuffle buffer: a data order that
+    # changes every epoch yet is the same on every run, so a resumed or recompiled run can be
+    # compared with an uninterrupted one. The training loop reads `train` itself, one block order
+    # per epoch (epoch_rows); Train's ingest serves the validation set, which is not split: rank 0
+    # scores the whole held-out set.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
     return TorchTrainer(
-        train_loop_per_worker,
+        functools.partial(train_loop_per_worker, train=train),
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        datasets={"train": train, "val": val},
-        # Validation is not split: rank 0 scores the whole held-out set.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        datasets={"val": val},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=ray.train.RunConfig(
             name=f"d{cfg.d_compressed}-lr{cfg.learning_rate:g}",
             storage_path=run["train_storage"],
