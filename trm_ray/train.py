@@ -115,6 +115,20 @@ def objective_loss(cfg: Config, model: nn.Module, lm_head: nn.Linear | None) -> 
     return loss
 
 
+def optimizer_step(model: DimensionCompressor, optimizer: torch.optim.Optimizer,
+                   loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """One step on the rows `x`: loss, backward, clipped AdamW update, and with --orthonormal the
+    rows put back onto an orthonormal set, so WᵀW stays a projection (what phase 2 needs)."""
+    loss = loss_fn(x)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if cfg.orthonormal:
+        orthonormalize_(model.weight)
+    return loss
+
+
 @dataclass
 class EarlyStopping:
     """Stop after `patience` epochs whose loss is not `min_delta` (relative) below the best so far."""
@@ -259,13 +273,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
             lr = get_lr(step, total_steps, warmup_steps, cfg.learning_rate)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if cfg.orthonormal:  # back onto orthonormal rows: WᵀW stays a projection (DESIGN: what phase 2 needs)
-                orthonormalize_(model.weight)
+            loss = optimizer_step(model, optimizer, loss_fn, x, cfg)
             step += 1
             epoch_tokens += x.shape[0]
             loss_sum += loss.item() * x.shape[0]
