@@ -12,6 +12,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from trm_ray import extract as extract_mod
 from trm_ray import sweep
@@ -137,12 +138,19 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
         assert r["mse"] == pytest.approx(c["mse"], rel=1e-3)
 
 
-def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster):
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: Adam's moments must follow the model onto it on resume")
+
+
+@pytest.mark.parametrize("objective,use_gpu", [("mse", False), ("kl", False), pytest.param("mse", True, marks=GPU)],
+                         ids=["mse", "kl", "mse-gpu"])
+def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster,
+                                                                                      objective, use_gpu):
     from concurrent.futures import ThreadPoolExecutor
 
     from ray.util.state import list_actors
 
-    settings = dict(num_epochs=10, early_stopping=False, init="orthogonal")  # weights that move every epoch
+    # An orthogonal start: weights that move every epoch.
+    settings = dict(num_epochs=10, early_stopping=False, objective=objective, use_gpu=use_gpu, init="orthogonal")
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(fit, shards, tmp_path / "killed", 1, 2, **settings)
         deadline = time.time() + 300
@@ -160,5 +168,5 @@ def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkp
     assert killed.metrics["epoch"] == 10
     assert 2 <= killed.metrics["resumed_after_epoch"] < 10  # continued, not restarted from scratch
     assert killed.metrics["tokens_seen"] == clean.metrics["tokens_seen"]
-    for key in ("mse", "cosine_similarity", "best_mse"):
+    for key in ("mse", "cosine_similarity", "best_mse", *(("downstream_kl", "best_downstream_kl") if objective == "kl" else ())):
         assert killed.metrics[key] == pytest.approx(clean.metrics[key], rel=1e-4), key

@@ -1,4 +1,5 @@
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -6,11 +7,11 @@ import torch
 from trm_ray import spectrum
 from trm_ray.compressor import (DimensionCompressor, metrics_from_sums, orthonormality_error, orthonormalize_,
                                 reconstruction_sums)
-from trm_ray.config import Config, UserError
+from trm_ray.config import Config, UserError, make_config
 from trm_ray.report import shortfall_note
 from trm_ray.shards import load_splits, read_manifest, split_counts
-from trm_ray.sweep import datasets, trial_config_for
-from trm_ray.train import EarlyStopping, epoch_rows, get_lr, make_trainer
+from trm_ray.sweep import datasets, limits, trial_config_for
+from trm_ray.train import EarlyStopping, epoch_rows, get_lr, make_optimizer, make_trainer
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -20,6 +21,37 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert get_lr(55, 100, 10, 1.0) == pytest.approx(0.5)
     assert get_lr(100, 100, 10, 1.0) == pytest.approx(0.0)
     assert get_lr(500, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_a_resumed_optimizer_state_follows_the_model_to_where_prepare_model_put_it():
+    cfg = make_config({"learning_rate": 0.01})
+    model = DimensionCompressor(32, 8)
+    optimizer = make_optimizer(model, cfg)
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(model(torch.randn(16, 32)), torch.randn(16, 32))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)  # as resume.pt holds it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed = DimensionCompressor(32, 8)
+    resumed.load_state_dict(model.state_dict())
+    # What prepare_model does to a worker's model: a move (to the GPU there; here to float64, which
+    # the state must follow the same way and which a CPU can check).
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    resumed.to(device=device, dtype=torch.float64)
+    restored = make_optimizer(resumed, cfg, saved)
+    for param, old in zip(resumed.parameters(), model.parameters()):
+        state = restored.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].device == param.device and state[key].dtype == param.dtype, key
+            torch.testing.assert_close(state[key].cpu().float(), optimizer.state[old][key])
+    x = torch.randn(16, 32, dtype=torch.float64, device=device)
+    torch.nn.functional.mse_loss(resumed(x), x).backward()
+    restored.step()  # the step that failed on a GPU when the moments stayed on the CPU
 
 
 def test_compressor_is_weight_tied_orthogonal_and_has_d_times_d_prime_parameters():
@@ -108,7 +140,7 @@ def fit(cfg, tmp_path, num_workers, batch_size, **overrides):
     cfg = dataclasses.replace(cfg, **{"num_workers": num_workers, "batch_size": batch_size, "d_compressed": 16,
                                       "sweep": False, "num_epochs": 4, "learning_rate": 0.02, "use_wandb": False,
                                       "torch_compile": False, **overrides})
-    limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    limit = limits(cfg)
     config = trial_config_for(cfg, manifest, counts, limit, str(tmp_path / f"w{num_workers}"))
     train, val = datasets(cfg, manifest)
     return make_trainer(config, train, val).fit()

@@ -5,31 +5,38 @@ reads), the next-token distribution on the reconstructed state is compared with 
 the original: the KL divergence KL(p_original || p_reconstructed) per token, and the
 increase of the cross-entropy on the true next token. The same is computed for the PCA
 reconstruction of each D', so a trained compressor can be set against the optimum.
-Runs as one Ray task (on a GPU where the cluster has one) over the first validation tokens.
+Runs as one Ray task (on a GPU with --use_gpu; the logits in float32) over the first validation tokens.
+
+The same KL (`next_token_kl`, one code path) is the training loss of `--objective kl`: the
+teacher's logits are recomputed from the cached hidden state on the fly, chunked over tokens.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trm_ray.compressor import DimensionCompressor
-from trm_ray.shards import decode_hidden, filesystem, is_validation_doc, read_manifest, shard_paths
+from trm_ray.shards import decode_hidden, read_manifest, rows_per_block, shard_paths, side_tables
 from trm_ray.spectrum import eigenvectors
+
+
+def validation_tables(shards_dir: str, val_fraction: float, seed: int) -> Iterator[pa.Table]:
+    """The validation rows of each shard in turn (whole held-out documents, in document order)."""
+    manifest = read_manifest(shards_dir)
+    for path in shard_paths(shards_dir, manifest):  # only the validation row groups
+        yield from side_tables(path, val_fraction, seed, True, rows_per_block(manifest))
 
 
 def validation_rows(shards_dir: str, val_fraction: float, seed: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `max_tokens` validation rows: hidden states [N, D] and the next token of each (-1: none stored)."""
-    manifest = read_manifest(shards_dir)
     tables, n = [], 0
-    for path in shard_paths(shards_dir, manifest):
-        fs, p = filesystem(path)
-        t = pq.read_table(p, filesystem=fs)
-        t = t.filter(pa.array(is_validation_doc(t["doc_id"].to_numpy(), val_fraction, seed)))
+    for t in validation_tables(shards_dir, val_fraction, seed):  # lazily: only as far as needed
         tables.append(t)
         n += t.num_rows
         if n >= max_tokens:
@@ -43,18 +50,67 @@ def validation_rows(shards_dir: str, val_fraction: float, seed: int, max_tokens:
     return decode_hidden(t["hidden"]), torch.from_numpy(targets)
 
 
+def load_lm_head(model_name: str, device: torch.device, dtype: torch.dtype | None = None) -> nn.Linear:
+    """The model's LM head alone (for tied embeddings, the input embedding matrix), frozen, on `device`.
+
+    By default bf16 on GPU (as the model is served, for training), float32 on CPU. The rest of the
+    model is dropped: `hidden_states[-1]` already went through the final norm, so the head is all that reads it."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    head = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).get_output_embeddings()
+    lm_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device=device, dtype=dtype)
+    lm_head.load_state_dict(head.state_dict())
+    return lm_head.requires_grad_(False).eval()
+
+
+def log_probs(lm_head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [N, V]: the matmul in the head's dtype, the softmax in float32."""
+    return torch.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float(), -1)
+
+
+def kl_per_token(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each row [N], from log-probabilities."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _chunk_kl_sum(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # the teacher: recomputed, never stored (V floats a token)
+        logp = log_probs(lm_head, x)
+    return kl_per_token(logp, log_probs(lm_head, x_hat)).sum()
+
+
+KL_CHUNK_ELEMENTS = 2 ** 25  # logits per chunk: 128 MiB of float32, ~260 tokens of a 128k vocabulary
+
+
+def next_token_kl(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(softmax(head(x)) || softmax(head(x_hat))), differentiable in x_hat.
+
+    Chunked over tokens so that [rows, V] logits never exist at once; under autograd each chunk
+    is checkpointed (only its inputs are kept, its logits recomputed in the backward pass),
+    so memory stays at one chunk's logits whatever the batch."""
+    chunk = max(1, KL_CHUNK_ELEMENTS // lm_head.out_features)
+    total = torch.zeros((), device=x.device)
+    for i in range(0, x.shape[0], chunk):
+        args = (lm_head, x[i:i + chunk], x_hat[i:i + chunk])
+        if torch.is_grad_enabled() and x_hat.requires_grad:
+            total = total + checkpoint(_chunk_kl_sum, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_kl_sum(*args)
+    return total
+
+
 @torch.no_grad()
-def next_token_damage(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+def next_token_damage(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
                       reconstruct: Callable[[torch.Tensor], torch.Tensor], batch: int = 256) -> dict[str, float]:
     """Mean KL(p(x) || p(x̂)) over tokens, and mean CE(x̂) - CE(x) over tokens with a known next token."""
     kl_sum, ce_sum, n_ce = 0.0, 0.0, 0
-    device = next(lm_head.parameters()).device
+    device = lm_head.weight.device
     for i in range(0, hidden.shape[0], batch):
         x = hidden[i:i + batch].to(device)
         t = targets[i:i + batch].to(device)
-        logp = torch.log_softmax(lm_head(x.to(lm_head.weight.dtype)).float(), -1)
-        logq = torch.log_softmax(lm_head(reconstruct(x).to(lm_head.weight.dtype)).float(), -1)
-        kl_sum += float((logp.exp() * (logp - logq)).sum())
+        logp, logq = log_probs(lm_head, x), log_probs(lm_head, reconstruct(x))
+        kl_sum += float(kl_per_token(logp, logq).sum())
         known = t >= 0
         ce_sum += float((logp[known, t[known]] - logq[known, t[known]]).sum())
         n_ce += int(known.sum())
@@ -64,13 +120,11 @@ def next_token_damage(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: t
 def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int, max_tokens: int,
             checkpoints: dict[int, str]) -> dict[int, dict[str, float]]:
     """For each D': KL and CE increase of the exported compressor and of the PCA reconstruction."""
-    from transformers import AutoModelForCausalLM
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lm_head = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).get_output_embeddings().to(device).eval()
+    # Logits in float32 on GPU too: bf16 logits put a noise floor under the small KLs of a wide D'.
+    lm_head = load_lm_head(model_name, device, torch.float32)
     hidden, targets = validation_rows(shards_dir, val_fraction, seed, max_tokens)
-    vecs = eigenvectors(shards_dir).float().to(device)
+    vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     out = {}
     for d, path in checkpoints.items():
         comp = DimensionCompressor.from_checkpoint(path).to(device).eval()
@@ -78,19 +132,42 @@ def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int, ma
         trained = next_token_damage(lm_head, hidden, targets, comp)
         pca = next_token_damage(lm_head, hidden, targets, lambda x: (x @ top) @ top.T)
         out[d] = {"downstream_kl": trained["kl"], "ce_increase": trained["ce_increase"],
-                  "pca_downstream_kl": pca["kl"], "pca_ce_increase": pca["ce_increase"]}
+                  "pca_downstream_kl": pca["kl"], "pca_ce_increase": pca["ce_increase"],
+                  "downstream_efficiency": pca["kl"] / trained["kl"]}
     return out
+
+
+@torch.no_grad()
+def pca_kl(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int]) -> dict[str, float]:
+    """Mean next-token KL of the PCA reconstruction of each D' over the whole validation set:
+    the reference a KL-trained trial's `downstream_efficiency` is measured against, every epoch."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm_head = load_lm_head(model_name, device)
+    vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
+    sums, n = dict.fromkeys(d_values, 0.0), 0
+    for table in validation_tables(shards_dir, val_fraction, seed):
+        x = decode_hidden(table["hidden"]).to(device)
+        for d in d_values:
+            top = vecs[:, :d]
+            sums[d] += float(next_token_kl(lm_head, x, (x @ top) @ top.T))
+        n += x.shape[0]
+    return {str(d): s / n for d, s in sums.items()}
+
+
+def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` as one Ray task; with --use_gpu it requests a GPU, decided from the configuration
+    (as extraction decides) so that an autoscaler adds a GPU node even when the cluster has none yet."""
+    import ray
+
+    return ray.get(ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn).remote(*args))
 
 
 def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any]) -> None:
     """Fill the downstream columns of the exported rows (last-layer sweeps only)."""
-    import ray
-
     if manifest["layer"] != -1 or cfg.downstream_tokens <= 0:
         return
     checkpoints = {r["d_compressed"]: r["checkpoint"] for r in rows if "checkpoint" in r}
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_gpus=gpus, num_cpus=1)(measure)
-    found = ray.get(task.remote(cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.downstream_tokens, checkpoints))
+    found = on_a_gpu(cfg.use_gpu, measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed,
+                     cfg.downstream_tokens, checkpoints)
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))

@@ -1,5 +1,8 @@
 """Make the offline quickstart's inputs: a tiny SmolLM3-architecture model and small corpora.
 
+The model is trained for a few seconds on its own corpus, so its LM head and hidden states
+are those of a (tiny) language model rather than of random weights.
+
 Both are written as ordinary files (a `save_pretrained` model directory with its own
 tokenizer, a jsonl corpus) so that the quickstart and the tests load them through exactly
 the code path the production model and dataset take. Nothing here touches a hub.
@@ -13,6 +16,7 @@ import argparse
 import json
 import random
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -33,9 +37,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the generator's vocabulary: real, deterministic, instant."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + SYMBOLS + WORDS)}
+def make_tokenizer(chat_template: str = CHAT_TEMPLATE, extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the generator's vocabulary: real, deterministic, instant.
+    Another chat template (a real model's, in the tests) can come with the words it writes."""
+    words = sorted(set(WORDS) | {w.lower() for w in extra_words} - set(SPECIAL + SYMBOLS))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + SYMBOLS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -48,7 +54,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<|begin_of_text|>",
         eos_token="<|end_of_text|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         padding_side="right",
     )
 
@@ -75,6 +81,26 @@ def make_model(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, seed: 
     with torch.no_grad():
         model.model.norm.weight.copy_(torch.logspace(0.5, -1.5, hidden_size))
     return model
+
+
+def train_briefly(model: SmolLM3ForCausalLM, tokenizer: PreTrainedTokenizerFast, docs: list[str], steps: int = 150,
+                  seed: int = 0) -> SmolLM3ForCausalLM:
+    """A few seconds of next-token training on the corpus, so the LM head and the hidden states are
+    a real model's: confident where the template fixes the next word, unsure where it is drawn at
+    random. A random head would make the downstream KL (and a compressor trained on it) meaningless."""
+    torch.manual_seed(seed)
+    ids = tokenizer(docs, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    labels = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(docs), (8,), generator=gen)
+        loss = model(input_ids=ids["input_ids"][batch], attention_mask=ids["attention_mask"][batch], labels=labels[batch]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 def make_documents(num_docs: int, seed: int = 0) -> list[str]:
@@ -118,10 +144,11 @@ def write_assets(out_dir: str | Path, num_docs: int = 400, hidden_size: int = 64
     model_dir = out / "tiny-smollm3"
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(model_dir)
-    make_model(tokenizer, hidden_size).save_pretrained(model_dir)
+    docs = make_documents(num_docs)
+    train_briefly(make_model(tokenizer, hidden_size), tokenizer, docs).save_pretrained(model_dir)
     corpus = out / "corpus.jsonl"
     with corpus.open("w") as f:
-        for doc in make_documents(num_docs):
+        for doc in docs:
             f.write(json.dumps({"text": doc}) + "\n")
     reasoning = out / "reasoning.jsonl"
     with reasoning.open("w") as f:

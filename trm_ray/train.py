@@ -23,12 +23,14 @@ from torch import nn
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
                                 orthonormalize_, plain_state, reconstruction_sums, save_checkpoint)
 from trm_ray.config import FIELDS, Config, make_config
+from trm_ray.downstream import load_lm_head, next_token_kl
 from trm_ray.shards import decode_hidden, load_splits
 from trm_ray.spectrum import eigenvectors
 from trm_ray.tracking import publish, tracking
 
 CHECKPOINT_FILE = "compressor.pt"  # the best compressor so far, in the seed's checkpoint format
 RESUME_FILE = "resume.pt"  # model, optimizer, epoch, early-stopping state, tokens seen
+KL_METRICS = ("downstream_kl", "pca_downstream_kl", "downstream_efficiency")  # kept with the best weights of a KL objective
 
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -46,6 +48,11 @@ def trial_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """Split a trial's flat config dict into the user's Config and the run's derived facts."""
     cfg = make_config({k: v for k, v in config.items() if k in FIELDS})
     return cfg, {k: v for k, v in config.items() if k not in FIELDS}
+
+
+def run_label(cfg: Config) -> str:
+    """A trial's name in Tune, W&B and its artifacts: d256, or d256-lr0.001 when the sweep grids learning rates."""
+    return f"d{cfg.d_compressed}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
 
 
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None) -> Iterator[torch.Tensor]:
@@ -80,13 +87,46 @@ def rank_share(dataset: Any, rank: int, world: int) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Token-weighted metrics over every batch (the whole validation set), not a mean of batch means."""
-    sums = None
+def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], lm_head: nn.Linear | None = None) -> dict[str, float]:
+    """Token-weighted metrics over every batch (the whole validation set), not a mean of batch means;
+    with `lm_head`, also the mean next-token KL of the head reading the reconstruction."""
+    sums, kl = None, 0.0
     for x in batches:
-        s = reconstruction_sums(x, model(x))
+        x_hat = model(x)
+        s = reconstruction_sums(x, x_hat)
         sums = s if sums is None else sums + s
-    return metrics_from_sums(sums)
+        if lm_head is not None:
+            kl += float(next_token_kl(lm_head, x, x_hat))
+    metrics = metrics_from_sums(sums)
+    if lm_head is not None:
+        metrics["downstream_kl"] = kl / float(sums[6])  # sums[6]: tokens
+    return metrics
+
+
+def objective_loss(cfg: Config, model: nn.Module, lm_head: nn.Linear | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training loss of `--objective`, per token: reconstruction mse, next-token KL, or mse + kl_weight * KL."""
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        x_hat = model(x)
+        if cfg.objective == "mse":
+            return nn.functional.mse_loss(x_hat, x)
+        kl = next_token_kl(lm_head, x, x_hat) / x.shape[0]
+        return kl if cfg.objective == "kl" else nn.functional.mse_loss(x_hat, x) + cfg.kl_weight * kl
+
+    return loss
+
+
+def optimizer_step(model: DimensionCompressor, optimizer: torch.optim.Optimizer,
+                   loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """One step on the rows `x`: loss, backward, clipped AdamW update, and with --orthonormal the
+    rows put back onto an orthonormal set, so WᵀW stays a projection (what phase 2 needs)."""
+    loss = loss_fn(x)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if cfg.orthonormal:
+        orthonormalize_(model.weight)
+    return loss
 
 
 @dataclass
@@ -132,17 +172,28 @@ def compile_or_eager(fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) 
 
 
 def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
-    """Orthogonal (or PCA) init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'."""
+    """Orthogonal (or PCA) init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'.
+    A KL objective always starts from the best MSE solution (PCA, or the 1a checkpoint) and refines it."""
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(run["d_model"], cfg.d_compressed)
     start = cfg.init_checkpoint(cfg.d_compressed)
-    if cfg.init == "pca" and not start:
+    if (cfg.init == "pca" or cfg.objective != "mse") and not start:
         with torch.no_grad():  # rows = the top-D' eigenvectors: the optimum itself, up to a rotation
-            model.weight.copy_(eigenvectors(cfg.shards_path)[:, :cfg.d_compressed].T)
+            model.weight.copy_(eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :cfg.d_compressed].T)
     if start:
         ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
     return model
+
+
+def make_optimizer(model: nn.Module, cfg: Config, saved: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """AdamW over `model`'s parameters, with a saved state loaded. Call it after the model is on its
+    device (`prepare_model`): loading moves Adam's moments to their parameter's device and dtype,
+    whereas moving the model afterwards leaves them behind, and the first step on a GPU fails."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
+    return optimizer
 
 
 def quiet_ray_logs() -> None:
@@ -168,35 +219,42 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     device = ray.train.torch.get_device()
 
     model = initial_model(cfg, run)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    start_epoch, step, tokens_seen, best = 0, 0, 0, None
+    start_epoch, step, tokens_seen, best, state = 0, 0, 0, None, None
     resumed = ray.train.get_checkpoint()
     if resumed:  # a replaced worker, or a restored sweep: continue where the last report left off
         with resumed.as_directory() as d:
             state = torch.load(f"{d}/{RESUME_FILE}", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         stopper = EarlyStopping(**state["stopper"])
         start_epoch, step, tokens_seen, best = state["epoch"], state["step"], state["tokens_seen"], state["best"]
         print(f"d{cfg.d_compressed}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
     ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the worker's device
-    loss_fn = compile_or_eager(lambda x: nn.functional.mse_loss(ddp(x), x), cfg.torch_compile)
+    optimizer = make_optimizer(model, cfg, state["optimizer"] if state else None)
+    # Loaded once per worker: what phase 2 decompresses into, so what a KL objective trains against.
+    lm_head = load_lm_head(cfg.model_name, device) if cfg.objective != "mse" else None
+    loss_fn = compile_or_eager(objective_loss(cfg, ddp, lm_head), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
-    name = f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-d{cfg.d_compressed}"
+    name = f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-{run_label(cfg)}"
     log = tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=name, config=config,
                    directory=cfg.output_dir)
 
     val_shard = ray.train.get_dataset_shard("val")
     pca_mse = run["pca_mse"][str(cfg.d_compressed)]
+    score = cfg.score_metric
+    best_keys = METRICS if lm_head is None else (*METRICS, *KL_METRICS)
 
     def validate() -> dict[str, float]:
-        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device))
+        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device), lm_head)
         # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
-        return {**m, "orthonormality_error": orthonormality_error(model.weight), "pca_mse": pca_mse,
-                "pca_efficiency": pca_mse / m["mse"]}
+        m.update({"pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"],
+                  "orthonormality_error": orthonormality_error(model.weight)})
+        if lm_head is not None:  # the same ratio for what the LM head reads (> 1: better than PCA)
+            pca_kl = run["pca_downstream_kl"][str(cfg.d_compressed)]
+            m.update({"pca_downstream_kl": pca_kl, "downstream_efficiency": pca_kl / m["downstream_kl"]})
+        return m
 
     metrics: dict[str, Any] = {}
     if rank == 0 and not resumed:
@@ -204,9 +262,9 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
         # validation set. It is the first candidate for the best checkpoint, so a trial never exports
         # anything worse than its start (epoch 0), and epochs must beat it to count as improvements.
         start = validate()
-        metrics = {f"initial_{k}": v for k, v in start.items() if k != "pca_mse"}
-        best = {"state": plain_state(model), **{k: start[k] for k in METRICS}, "epoch": 0}
-        stopper.update(start["mse"])
+        metrics = {f"initial_{k}": v for k, v in start.items() if k not in ("pca_mse", "pca_downstream_kl")}
+        best = {"state": plain_state(model), **{k: start[k] for k in best_keys}, "epoch": 0}
+        stopper.update(start[score])
     for epoch in range(start_epoch, cfg.num_epochs):
         model.train()
         t0, epoch_tokens, loss_sum = time.perf_counter(), 0, 0.0
@@ -215,13 +273,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
             lr = get_lr(step, total_steps, warmup_steps, cfg.learning_rate)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if cfg.orthonormal:  # back onto orthonormal rows: WᵀW stays a projection (DESIGN: what phase 2 needs)
-                orthonormalize_(model.weight)
+            loss = optimizer_step(model, optimizer, loss_fn, x, cfg)
             step += 1
             epoch_tokens += x.shape[0]
             loss_sum += loss.item() * x.shape[0]
@@ -238,20 +290,28 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 metrics.update(validate())
-                if best is None or metrics["mse"] < best["mse"]:
-                    best = {"state": plain_state(model), **{k: metrics[k] for k in METRICS}, "epoch": epoch + 1}
-                metrics["best_mse"] = best["mse"]
-                stop = cfg.early_stopping and stopper.update(metrics["mse"])
-                if stop:
-                    metrics["stop_reason"] = (f"early stopping: validation mse did not improve by {cfg.early_stopping_min_delta:g} "
+                # NaN compares false with everything: a NaN epoch must neither become the best nor count as one.
+                finite = all(math.isfinite(metrics[k]) for k in ("mse", score, "train_loss"))
+                if finite and (best is None or metrics[score] < best[score]):
+                    best = {"state": plain_state(model), **{k: metrics[k] for k in best_keys}, "epoch": epoch + 1}
+                stop = not finite or (cfg.early_stopping and stopper.update(metrics[score]))
+                if not finite:
+                    metrics["stop_reason"] = (f"diverged: train loss {metrics['train_loss']}, validation {score} {metrics[score]}; "
+                                              "lower --learning_rate")
+                elif stop:
+                    metrics["stop_reason"] = (f"early stopping: validation {score} did not improve by {cfg.early_stopping_min_delta:g} "
                                               f"(relative) for {cfg.early_stopping_patience} epochs")
+                if stop:
                     print(f"d{cfg.d_compressed}: {metrics['stop_reason']}; stopped after epoch {epoch + 1}", flush=True)
-                # Every report carries the whole resumable state; its compressor.pt is the best so far.
-                save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
-                torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                            "step": step, "tokens_seen": tokens_seen, "best": best,
-                            "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if best is not None:  # none only when the first epoch already diverged: nothing worth keeping
+                    metrics["best_mse"] = best["mse"]
+                    metrics[f"best_{score}"] = best[score]
+                    # Every report carries the whole resumable state; its compressor.pt is the best so far.
+                    save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
+                    torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                "step": step, "tokens_seen": tokens_seen, "best": best,
+                                "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 log.log(metrics)
                 publish(metrics, trial=ctx.get_experiment_name(), sweep=run["group"], stage=cfg.stage)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -262,15 +322,17 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
             stop = bool(flag.item())
         if stop:
             break
-    if rank == 0:
+    if rank == 0 and best is not None:
         with tempfile.TemporaryDirectory() as tmp:
             save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
-            log.log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: best[k] for k in (*METRICS, "epoch")})
+            log.log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: v for k, v in best.items() if k != "state"})
+    if rank == 0:
         log.finish()
 
 
 def save_best(path: str, best: dict[str, Any], config: dict[str, Any]) -> None:
-    save_checkpoint(path, best["state"], config, best["mse"], {k: best[k] for k in (*METRICS, "epoch")})
+    score = trial_config(config)[0].score_metric
+    save_checkpoint(path, best["state"], config, best[score], {k: v for k, v in best.items() if k != "state"})
 
 
 def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[Any] | None = None) -> Any:
@@ -295,11 +357,13 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
         run_config=ray.train.RunConfig(
             name=f"d{cfg.d_compressed}-lr{cfg.learning_rate:g}",
             storage_path=run["train_storage"],
-            # best_mse never rises, so the one checkpoint kept is the latest: it resumes the trial
-            # and its compressor.pt is the trial's best.
+            # The one checkpoint kept is the latest: it resumes the trial and its compressor.pt is the trial's best.
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="best_mse", checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                num_to_keep=1, checkpoint_score_attribute="epoch", checkpoint_score_order="max"),
+            # A worker group that cannot start (its resources never come) fails the trial on a local Ray,
+            # where nothing will add them; a cluster waits for its autoscaler (Train's default, no limit).
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=0 if cfg.address is None else -1),
             callbacks=callbacks or [],
         ),
     )

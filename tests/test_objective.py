@@ -1,0 +1,70 @@
+"""--objective kl / mse+kl: the compressor trained on what phase 2 reads, the LM head's next-token distribution."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from trm_ray import downstream
+from trm_ray.compressor import DimensionCompressor
+from trm_ray.config import UserError, make_config
+from trm_ray.downstream import load_lm_head, next_token_damage, next_token_kl, validation_rows
+from trm_ray.train import objective_loss
+
+from test_train import fit
+
+
+@pytest.fixture(scope="module")
+def head_and_rows(shards):
+    lm_head = load_lm_head(shards.model_name, torch.device("cpu"))
+    hidden, targets = validation_rows(shards.shards_path, shards.val_fraction, shards.seed, 600)
+    return lm_head, hidden, targets
+
+
+def test_the_training_kl_equals_the_downstream_modules_kl_on_the_same_rows(shards, head_and_rows):
+    lm_head, hidden, targets = head_and_rows
+    torch.manual_seed(0)
+    comp = DimensionCompressor(64, 8)
+    kl_cfg = dataclasses.replace(shards, objective="kl")
+    training = objective_loss(kl_cfg, comp, lm_head)(hidden).item()
+    measured = next_token_damage(lm_head, hidden, targets, comp)["kl"]
+    assert training == pytest.approx(measured, rel=1e-5)
+    assert training > 0.01  # a random 8-of-64 compressor hurts the next token
+    mixed = objective_loss(dataclasses.replace(shards, objective="mse+kl", kl_weight=0.5), comp, lm_head)(hidden).item()
+    mse = float(torch.nn.functional.mse_loss(comp(hidden), hidden))
+    assert mixed == pytest.approx(mse + 0.5 * measured, rel=1e-5)
+
+
+def test_the_chunked_kl_and_its_gradient_equal_the_kl_of_all_rows_at_once(head_and_rows, monkeypatch):
+    lm_head, hidden, _ = head_and_rows
+    x = hidden[:300]
+    x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    logp = torch.log_softmax(x @ lm_head.weight.T, -1)
+    whole = (logp.exp() * (logp - torch.log_softmax(x_hat @ lm_head.weight.T, -1))).sum()
+    (expected_grad,) = torch.autograd.grad(whole, x_hat)
+    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 70 * lm_head.out_features)  # 5 chunks, the last one short
+    chunked = next_token_kl(lm_head, x, x_hat)
+    chunked.backward()
+    torch.testing.assert_close(chunked, whole.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(x_hat.grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_kl_objective_on_another_layer_than_the_last_is_a_one_line_error():
+    with pytest.raises(UserError, match="needs --layer -1, not -2") as err:
+        make_config({"objective": "kl", "layer": -2})
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="objective must be mse, kl or mse\\+kl"):
+        make_config({"objective": "ce"})
+
+
+def test_a_kl_trial_starts_at_pca_and_lowers_validation_kl_below_pcas(shards, tmp_path):
+    result = fit(shards, tmp_path, num_workers=1, batch_size=1, objective="kl", num_epochs=3, learning_rate=0.02)
+    m = result.metrics
+    assert result.error is None
+    assert m["initial_downstream_efficiency"] == pytest.approx(1.0, rel=1e-4)  # the PCA solution itself
+    assert m["pca_downstream_kl"] > 0
+    assert m["best_downstream_kl"] < 0.8 * m["pca_downstream_kl"]
+    assert m["downstream_efficiency"] == pytest.approx(m["pca_downstream_kl"] / m["downstream_kl"])
+    best = torch.load(f"{result.checkpoint.path}/compressor.pt", weights_only=True)
+    assert best["best_loss"] == pytest.approx(m["best_downstream_kl"])  # the trial's best is chosen on KL
+    assert m["orthonormality_error"] > 0  # KL training leaves the projection family
