@@ -136,7 +136,7 @@ class Config:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise UserError(f"seed must be 0 or more, got {self.seed}")
-        if self.asha_metric not in ASHA_METRICS:
+        if self.asha_metric != "auto" and self.asha_metric not in ASHA_METRICS:
             raise UserError(f"asha_metric must be one of {', '.join(ASHA_METRICS)}, got {self.asha_metric!r}")
         for d in [self.d_compressed, *self.sweep_d_values]:
             if not isinstance(d, int) or isinstance(d, bool) or d < 1:
