@@ -157,3 +157,18 @@ def test_without_use_gpu_extraction_stays_on_cpu_with_a_nodes_cpus_even_on_a_gpu
     assert placement(make_config({"num_extract_workers": 4}), 0, 16, 32).num_cpus == 8
     assert resolve_storage_dtype(cfg) == "float32"
     assert resolve_storage_dtype(make_config({"use_gpu": True, "storage_dtype": "float32"})) == "float32"
+
+
+def test_a_3b_model_on_cpu_is_announced_as_days_before_extraction_starts(tmp_path, capsys):
+    from transformers import SmolLM3Config
+
+    SmolLM3Config(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                  num_attention_heads=16, num_key_value_heads=4).save_pretrained(tmp_path)
+    cfg = make_config({"model_name": str(tmp_path)})
+    extract_mod.announce(cfg, placement(cfg, 0, 16, 16), 0, max_tokens=50000 * 512)
+    out = capsys.readouterr().out
+    assert "5.62 GFLOP/token" in out and "days" in out and "--use_gpu" in out
+
+    gpu = make_config({"model_name": str(tmp_path), "use_gpu": True})
+    extract_mod.announce(gpu, placement(gpu, 0, 16, 16), 0, max_tokens=50000 * 512)
+    assert "1 GPU each" in capsys.readouterr().out

@@ -291,11 +291,12 @@ def announce(cfg: Config, place: Placement, cluster_gpus: float, max_tokens: int
     flops = flops_per_token(load_model_config(cfg.model_name), cfg.layer)
     cores = place.replicas * place.num_cpus
     seconds = max_tokens * flops / (cores * CPU_FLOPS_PER_CORE)
+    took = (f"{seconds / 86400:,.1f} days" if seconds > 86400 else f"{seconds / 3600:.2g} hours" if seconds > 3600
+            else f"{seconds / 60:.2g} minutes" if seconds > 60 else f"{seconds:.2g} seconds")
     print(f"extract: on CPU ({place.replicas} replica(s) x {place.num_cpus} CPU(s)): up to {max_tokens:,} tokens x "
-          f"{flops / 1e9:.3g} GFLOP/token; at best ~{seconds / 3600:.3g} hours at {CPU_FLOPS_PER_CORE / 1e9:g} GFLOP/s a core",
-          flush=True)
+          f"{flops / 1e9:.3g} GFLOP/token: at best ~{took} at {CPU_FLOPS_PER_CORE / 1e9:g} GFLOP/s a core", flush=True)
     if seconds > 86400:
-        print(f"extract: WARNING: that is {seconds / 86400:,.1f} days on CPU; pass --use_gpu to extract on GPUs", flush=True)
+        print("extract: WARNING: extracting this model on CPU takes days; pass --use_gpu to extract on GPUs", flush=True)
     if cluster_gpus:
         print(f"extract: the cluster has {cluster_gpus:g} GPU(s): pass --use_gpu to extract on them", flush=True)
 
