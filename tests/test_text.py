@@ -154,3 +154,13 @@ def test_extraction_of_conversations_without_thinking_stops_before_the_model_run
     with pytest.raises(UserError, match=r"none of the 3 conversations has a thinking span"):
         extract(cfg)
     assert not (tmp_path / "shards" / "extraction.json").exists()
+
+
+def test_a_template_that_drops_the_thinking_is_named_in_the_error():
+    # Like DeepSeek-R1's template: an assistant turn is rendered without what precedes </think>.
+    drops = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'].split('</think>')[-1] }}<|im_end|> "
+             "{% endfor %}")
+    out = tokenize(make_tokenizer(drops), [PLAIN, TWO_ROUNDS], stage1b())
+    assert out.has_thinking == [False, False] and out.dropped == [True, True]
+    with pytest.raises(UserError, match=r"the 'messages' field\); the chat template leaves out the thinking of 2: set"):
+        thinking_summary(out, stage1b())
