@@ -1,5 +1,5 @@
 """Text -> tokens for stage 1b, on SmolLM3's real chat template (tests/data/smollm3_chat_template.jinja,
-the `chat_template` of HuggingFaceTB/SmolLM3-3B's tokenizer_config.json) carried by a word-level tokenizer."""
+the `chat_template` of HuggingFaceTB/SmolLM3-3B's tokenizer_config.json, Apache-2.0) carried by a word-level tokenizer."""
 
 import datetime
 import json
