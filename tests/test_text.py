@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trm_ray.config import UserError, make_config
+from trm_ray.config import UserError, load_yaml, make_config
 from trm_ray.extract import extract, extraction_settings
 from trm_ray.quickstart import make_conversations, make_tokenizer
 from trm_ray.shards import MANIFEST, write_json
@@ -164,3 +164,8 @@ def test_a_template_that_drops_the_thinking_is_named_in_the_error():
     assert out.has_thinking == [False, False] and out.dropped == [True, True]
     with pytest.raises(UserError, match=r"the 'messages' field\); the chat template leaves out the thinking of 2: set"):
         thinking_summary(out, stage1b())
+
+
+def test_an_unquoted_chat_date_in_yaml_is_read_as_the_date(tmp_path):
+    (tmp_path / "run.yaml").write_text("stage: 1b\nchat_date: 2024-01-02\n")  # YAML reads it as a datetime.date
+    assert make_config(load_yaml(tmp_path / "run.yaml")).chat_date == "2024-01-02"
