@@ -1,5 +1,5 @@
 """Text -> tokens for stage 1b, on SmolLM3's real chat template (tests/data/smollm3_chat_template.jinja,
-the `chat_template` of HuggingFaceTB/SmolLM3-3B's tokenizer_config.json) carried by a word-level tokenizer."""
+the `chat_template` of HuggingFaceTB/SmolLM3-3B's tokenizer_config.json, Apache-2.0) carried by a word-level tokenizer."""
 
 import datetime
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trm_ray.config import UserError, make_config
+from trm_ray.config import UserError, load_yaml, make_config
 from trm_ray.extract import extract, extraction_settings
 from trm_ray.quickstart import make_conversations, make_tokenizer
 from trm_ray.shards import MANIFEST, write_json
@@ -154,3 +154,18 @@ def test_extraction_of_conversations_without_thinking_stops_before_the_model_run
     with pytest.raises(UserError, match=r"none of the 3 conversations has a thinking span"):
         extract(cfg)
     assert not (tmp_path / "shards" / "extraction.json").exists()
+
+
+def test_a_template_that_drops_the_thinking_is_named_in_the_error():
+    # Like DeepSeek-R1's template: an assistant turn is rendered without what precedes </think>.
+    drops = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'].split('</think>')[-1] }}<|im_end|> "
+             "{% endfor %}")
+    out = tokenize(make_tokenizer(drops), [PLAIN, TWO_ROUNDS], stage1b())
+    assert out.has_thinking == [False, False] and out.dropped == [True, True]
+    with pytest.raises(UserError, match=r"the 'messages' field\); the chat template leaves out the thinking of 2: set"):
+        thinking_summary(out, stage1b())
+
+
+def test_an_unquoted_chat_date_in_yaml_is_read_as_the_date(tmp_path):
+    (tmp_path / "run.yaml").write_text("stage: 1b\nchat_date: 2024-01-02\n")  # YAML reads it as a datetime.date
+    assert make_config(load_yaml(tmp_path / "run.yaml")).chat_date == "2024-01-02"

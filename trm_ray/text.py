@@ -97,6 +97,9 @@ def read_records(cfg: Config) -> Iterable[dict[str, Any]]:
         yield from datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split, streaming=True)
 
 
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
 def to_messages(conversation: Any, field: str) -> list[dict[str, str]]:
     """A conversation as {role, content} messages; ShareGPT's {from, value} (human/gpt/system) is converted."""
     if not isinstance(conversation, list):
@@ -114,9 +117,6 @@ def to_messages(conversation: Any, field: str) -> list[dict[str, str]]:
             raise UserError(f"a {role!r} message in the {field!r} field has {type(content).__name__} content; text is needed")
         messages.append({"role": role, "content": content})
     return messages
-
-
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
 def read_documents(cfg: Config) -> list[Any]:
@@ -250,7 +250,7 @@ def tokenize(tokenizer: Any, docs: list[Any], cfg: Config) -> Tokenized:
         return Tokenized(ids, [np.ones(len(t), dtype=bool) for t in ids], none, none, none)
     texts = [render(tokenizer, d, cfg) for d in docs]
     if not tokenizer.is_fast:
-        raise UserError(f"finding thinking spans needs a fast tokenizer (character offsets), and {cfg.model_name}'s is not: use --keep_tokens all")
+        raise UserError(f"stage 1b maps conversations to tokens by character offsets, which needs a fast tokenizer; {cfg.model_name}'s is not")
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = Tokenized([], [], [], [], [])
     for text, doc, ids, offsets in zip(texts, docs, enc["input_ids"], enc["offset_mapping"]):
@@ -272,13 +272,11 @@ def thinking_summary(tok: Tokenized, cfg: Config) -> str:
     """One line on what stage 1b keeps; a UserError when no conversation has thinking to keep."""
     n, found = len(tok.ids), sum(tok.has_thinking)
     where = f"{' ... '.join(cfg.think_markers)} in the assistant turns of the {cfg.messages_field!r} field"
+    dropped = f"; the chat template leaves out the thinking of {sum(tok.dropped)}" if any(tok.dropped) else ""
     if found == 0 and cfg.kept_tokens == "thinking":
-        raise UserError(f"none of the {n} conversations has a thinking span ({where}): "
+        raise UserError(f"none of the {n} conversations has a thinking span ({where}){dropped}: "
                         "set --think_markers or --messages_field, or pass --keep_tokens all")
     kept = sum(int(k.sum()) for k, t in zip(tok.keeps, tok.has_thinking) if t)
-    line = (f"{n} conversations read, {found} with a thinking span ({where}), "
+    return (f"{n} conversations read, {found} with a thinking span ({where}), "
             f"{sum(tok.cut)} with it cut by max_seq_length {cfg.max_seq_length}, "
-            f"{kept / max(found, 1):,.1f} kept tokens per conversation with a span")
-    if any(tok.dropped):
-        line += f"; the chat template leaves out the thinking of {sum(tok.dropped)}"
-    return line
+            f"{kept / max(found, 1):,.1f} kept tokens per conversation with a span{dropped}")
