@@ -36,11 +36,11 @@ from trm_ray.train import evaluate
 
 QUICKSTART = dict(num_samples=400, max_seq_length=64, docs_per_shard=50, sweep_d_values=[8, 16, 32], batch_size=4,
                   num_epochs=8, learning_rate=0.02)
-REAL = dict(num_samples=64, max_seq_length=128, docs_per_shard=16, sweep_d_values=[32, 128], batch_size=2,
-            num_epochs=2, learning_rate=0.005, val_fraction=0.15)
+REAL = dict(num_samples=32, max_seq_length=128, docs_per_shard=8, sweep_d_values=[32, 128], batch_size=1,
+            num_epochs=2, learning_rate=0.003, val_fraction=0.15)
 SMOKE = dict(num_samples=48, max_seq_length=32, docs_per_shard=16, sweep_d_values=[8, 16], batch_size=4,
              num_epochs=1, learning_rate=0.02)
-COST_STEPS = 5  # steps of each objective timed on the same batches for the cost per token
+COST_STEPS = 3  # steps of each objective timed on the same batches for the cost per token
 
 
 def inputs(args: argparse.Namespace, work_dir: str) -> tuple[str, str, dict[str, Any]]:

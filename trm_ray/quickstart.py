@@ -94,12 +94,19 @@ def train_briefly(model: SmolLM3ForCausalLM, tokenizer: PreTrainedTokenizerFast,
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(docs), (8,), generator=gen)
-        loss = model(input_ids=ids["input_ids"][batch], attention_mask=ids["attention_mask"][batch], labels=labels[batch]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    # Ops this small gain nothing from threads; on a busy machine, threads waiting on each
+    # other's descheduled siblings made these steps 20x slower.
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            batch = torch.randint(0, len(docs), (8,), generator=gen)
+            loss = model(input_ids=ids["input_ids"][batch], attention_mask=ids["attention_mask"][batch], labels=labels[batch]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
