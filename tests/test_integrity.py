@@ -262,3 +262,16 @@ def test_a_validation_pass_reads_only_the_validation_documents_row_groups(shards
                                                    [pq.read_table(path).slice(0, 0).select(["doc_id", "position", "token_id", "hidden"])])
                                   for p in (path, old))
             assert new_rows.equals(old_rows)
+
+
+def test_a_local_ray_runs_only_the_trials_whose_workers_fit_and_refuses_one_that_never_fits(ray_cluster):
+    cfg = make_config({"sweep": True, "sweep_d_values": [8, 16, 32]})
+    assert ray_cluster.cluster_resources()["CPU"] == 8
+    assert sweep.trials_that_fit(cfg) == 3  # 2 CPUs a trial, one left for Ray Data's reads
+    assert sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=3)) == 1
+    assert sweep.trials_that_fit(dataclasses.replace(cfg, address="auto")) is None  # a cluster's autoscaler decides
+    needs = r"a trial needs 10 CPUs \(Tune, 8 worker\(s\), Ray Data\), the local Ray has 8 CPUs and 0 GPUs: pass --num_cpus"
+    with pytest.raises(UserError, match=needs):
+        sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=8))
+    with pytest.raises(UserError, match="and 1 GPUs, the local Ray has 8 CPUs and 0 GPUs"):
+        sweep.trials_that_fit(dataclasses.replace(cfg, use_gpu=True))

@@ -77,7 +77,8 @@ def trials_that_fit(cfg: Config) -> int | None:
         return None
     total = ray.cluster_resources()
     if trial_cpus(cfg) + 1 > total.get("CPU", 0) or (cfg.use_gpu and cfg.num_workers > total.get("GPU", 0)):
-        raise UserError(f"a trial needs {trial_cpus(cfg) + 1} CPUs (with Ray Data's){f' and {cfg.num_workers} GPUs' if cfg.use_gpu else ''}, "
+        raise UserError(f"a trial needs {trial_cpus(cfg) + 1} CPUs (Tune, {cfg.num_workers} worker(s), Ray Data)"
+                        f"{f' and {cfg.num_workers} GPUs' if cfg.use_gpu else ''}, "
                         f"the local Ray has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs: "
                         "pass --num_cpus, fewer --num_workers, or --no_use_gpu")
     return max(1, int(total.get("CPU", 0) - 1) // trial_cpus(cfg))
@@ -150,6 +151,7 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
     # Absolute paths: trials and tasks run in other working directories.
     cfg = dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir),
                               model_name=model_id(cfg.model_name))
+    concurrent = trials_that_fit(cfg)  # before anything runs: a trial that can never start is refused now
     manifest, counts, limit = prepare(cfg)
     d_model = manifest["hidden_size"]
     print(f"sweep: D={d_model}, D' in {cfg.d_values}; {counts['train_tokens']:,} train tokens "
@@ -180,7 +182,6 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
     )
     train, val = datasets(cfg, manifest)
     trainable = tune.with_parameters(trial, train=train, val=val)
-    concurrent = cfg.max_concurrent_trials or trials_that_fit(cfg)
     if resume:
         print(f"sweep: resuming {exp_dir}: finished trials are kept, unfinished ones continue from their latest "
               "checkpoint, errored ones are retried", flush=True)
@@ -190,7 +191,7 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                scheduler=scheduler, max_concurrent_trials=concurrent,
+                scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials or concurrent,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
