@@ -346,7 +346,8 @@ def extract(cfg: Config) -> dict[str, Any]:
         cluster = ray.cluster_resources()
         node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
         place = placement(cfg, cluster.get("GPU", 0), node_cpus, cluster.get("CPU", 1))
-        announce(cfg, place, cluster.get("GPU", 0), sum(len(c["docs"]) for c in todo) * cfg.max_seq_length)
+        docs_todo = sum(len(c["docs"]) for c in todo)
+        announce(cfg, place, cluster.get("GPU", 0), docs_todo * cfg.max_seq_length)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             HiddenStateExtractor,
             fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), storage_dtype=storage_dtype, shards_dir=shards_dir),
@@ -354,7 +355,6 @@ def extract(cfg: Config) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(size=place.replicas, max_tasks_in_flight_per_actor=2,
                                                max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         )
-        docs_todo = sum(len(c["docs"]) for c in todo)
         t0, docs, tokens = time.time(), 0, 0
         for row in ds.iter_rows():
             done[int(row["shard"])] = json.loads(row["doc_tokens"])
