@@ -62,7 +62,7 @@ def hidden_size_of(model_name: str) -> int:
 
 def check_layer(cfg: Config) -> None:
     """hidden_states has num_hidden_layers + 1 entries (the embeddings first): --layer must index one."""
-    final_layer_index(int(load_model_config(cfg.model_name).num_hidden_layers), cfg.layer)
+    layer_index(int(load_model_config(cfg.model_name).num_hidden_layers), cfg.layer)
 
 
 def model_id(model_name: str) -> str:
@@ -71,7 +71,7 @@ def model_id(model_name: str) -> str:
     return os.path.abspath(model_name) if os.path.exists(model_name) else model_name
 
 
-def final_layer_index(num_layers: int, layer: int) -> int:
+def layer_index(num_layers: int, layer: int) -> int:
     """`layer` as a non-negative index into hidden_states (num_layers + 1 entries: the embeddings, then
     each layer's output; the last one after the final norm)."""
     if not -(num_layers + 1) <= layer <= num_layers:
@@ -88,7 +88,7 @@ def cut_at_layer(model: Any, layer: int) -> Any:
     computes exactly what is stored: no LM head, no later layers, no tuple of every layer.
     """
     n = model.config.num_hidden_layers
-    index = final_layer_index(n, layer)
+    index = layer_index(n, layer)
     if index == n:
         return model
     if not isinstance(getattr(model, "layers", None), torch.nn.ModuleList) or not hasattr(model, "norm"):
@@ -134,8 +134,9 @@ def hidden_rows(model: Any, token_lists: list[list[int]], pad_id: int, tokens_pe
     Values keep the model's dtype (bf16 on GPU): the shard's storage dtype decides the rest.
     """
     device = next(model.parameters()).device
+    lengths = [len(ids) for ids in token_lists]
     per_doc: list[torch.Tensor] = [torch.empty(0)] * len(token_lists)
-    for batch in length_batches([len(ids) for ids in token_lists], tokens_per_batch, max_batch):
+    for batch in length_batches(lengths, tokens_per_batch, max_batch):
         width = len(token_lists[batch[0]])
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -144,12 +145,10 @@ def hidden_rows(model: Any, token_lists: list[list[int]], pad_id: int, tokens_pe
             mask[row, :len(token_lists[doc])] = 1
         out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         real = out[mask.bool().to(device)].cpu()  # one copy off the device per batch
-        for doc, rows in zip(batch, real.split([len(token_lists[d]) for d in batch])):
+        for doc, rows in zip(batch, real.split([lengths[d] for d in batch])):
             per_doc[doc] = rows
-    lengths = [len(ids) for ids in token_lists]
     docs = np.repeat(np.arange(len(token_lists)), lengths)
-    positions = np.concatenate([np.arange(n) for n in lengths]) if lengths else np.zeros(0, np.int64)
-    return torch.cat(per_doc), docs, positions
+    return torch.cat(per_doc), docs, np.concatenate([np.arange(n) for n in lengths])
 
 
 def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarray,
@@ -168,7 +167,7 @@ def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray
 class HiddenStateExtractor:
     """A Ray Data actor: one model replica that turns a chunk of documents into one shard.
 
-    Two calls run at once on each replica (`extraction_compute`): one holds the model, the
+    Two calls run at once on each replica (the actor pool `extract` starts): one holds the model, the
     other tokenizes its documents or writes its shard meanwhile, so the forward passes never
     wait on tokenization or on the disk, and a call still returns only once its shard is written.
     """
@@ -180,7 +179,7 @@ class HiddenStateExtractor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":  # the CPUs this replica was scheduled with (never more than the node's cores)
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, min(int(cpus), len(os.sched_getaffinity(0)))))
+            torch.set_num_threads(max(1, min(int(cpus), os.cpu_count() or 1)))
         self.tokenizer, self.model = load_model(self.cfg.model_name, self.device, self.cfg.layer)
         self.model_lock = threading.Lock()
         self.storage_dtype, self.shards_dir = storage_dtype, shards_dir
@@ -377,7 +376,8 @@ def extract(cfg: Config) -> dict[str, Any]:
         cluster = ray.cluster_resources()
         node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
         place = placement(cfg, cluster.get("GPU", 0), node_cpus, cluster.get("CPU", 1))
-        announce(cfg, place, cluster.get("GPU", 0), sum(len(c["docs"]) for c in todo) * cfg.max_seq_length)
+        docs_todo = sum(len(c["docs"]) for c in todo)
+        announce(cfg, place, cluster.get("GPU", 0), docs_todo * cfg.max_seq_length)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             HiddenStateExtractor,
             fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), storage_dtype=storage_dtype, shards_dir=shards_dir),
@@ -385,7 +385,6 @@ def extract(cfg: Config) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(size=place.replicas, max_tasks_in_flight_per_actor=2,
                                                max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         )
-        docs_todo = sum(len(c["docs"]) for c in todo)
         t0, docs, tokens = time.time(), 0, 0
         for row in ds.iter_rows():
             done[int(row["shard"])] = json.loads(row["doc_tokens"])
