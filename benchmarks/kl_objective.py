@@ -35,7 +35,7 @@ from trm_ray.sweep import limits
 from trm_ray.train import evaluate
 
 QUICKSTART = dict(num_samples=400, max_seq_length=64, docs_per_shard=50, sweep_d_values=[8, 16, 32], batch_size=4,
-                  num_epochs=8, learning_rate=0.02)
+                  num_epochs=16, learning_rate=0.02)
 REAL = dict(num_samples=32, max_seq_length=128, docs_per_shard=8, sweep_d_values=[32, 128], batch_size=1,
             num_epochs=2, learning_rate=0.003, val_fraction=0.15)
 SMOKE = dict(num_samples=48, max_seq_length=32, docs_per_shard=16, sweep_d_values=[8, 16], batch_size=4,
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"{'D_prime':>8} {'pca_KL':>10} {'KL':>10} {'pca_CE+':>9} {'CE+':>9} {'pca_mse':>10} {'mse':>10} {'ortho_err':>9}")
     for d, pca_kl, pca, trained, pca_mse, mse, ortho in rows:
         assert math.isclose(pca_kl, pca["kl"], rel_tol=1e-4)  # the sweep's reference = this measurement
-        print(f"{d:>8} {pca['kl']:>10.4g} {trained['kl']:>10.4g} {pca['ce_increase']:>9.4f} {trained['ce_increase']:>9.4f} "
+        print(f"{d:>8} {pca['kl']:>10.4g} {trained['kl']:>10.4g} {pca['ce_increase']:>9.4g} {trained['ce_increase']:>9.4g} "
               f"{pca_mse:>10.4g} {mse:>10.4g} {ortho:>9.4f}")
     out = {}
     for d, _, pca, trained, pca_mse, mse, _ in rows:
