@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import bare_trainer, machine, one_thread, print_ratio, read_train_rows
 from trm_ray.cli import connect
+from trm_ray.compressor import orthonormality_error
 from trm_ray.config import Config, make_config
 from trm_ray.downstream import load_lm_head, next_token_damage, validation_rows
 from trm_ray.extract import extract
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     pca = next_token_damage(lm_head, val, targets, lambda h: h @ vecs[:, :d] @ vecs[:, :d].T)
                     mse = evaluate(model, [val])["mse"]
                 rows.append((d, limit["pca_downstream_kl"][str(d)], pca, trained, limit["pca_mse"][d], mse,
-                             float(torch.linalg.matrix_norm(model.weight @ model.weight.T - torch.eye(d))) / d ** 0.5))
+                             orthonormality_error(model.weight)))
                 costs.append((kl_s, mse_s))
     print(f"kl_objective: {model_dir.rsplit('/', 1)[-1]}, D={x.shape[1]}, vocab {lm_head.out_features:,}, "
           f"{len(x):,} train / {len(val):,} validation tokens, {cfg.num_epochs} epochs, batch {cfg.batch_size}x"
