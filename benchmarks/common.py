@@ -20,7 +20,7 @@ from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import Config
 from trm_ray.extract import extraction_settings, shard_table, write_shard
 from trm_ray.shards import MANIFEST, decode_hidden, is_validation_doc, shard_name, shard_paths, write_json
-from trm_ray.train import compile_or_eager, get_lr, initial_model, objective_loss
+from trm_ray.train import compile_or_eager, get_lr, initial_model, make_optimizer, objective_loss, optimizer_step
 
 
 @contextlib.contextmanager
@@ -77,11 +77,11 @@ def read_train_rows(cfg: Config, manifest: dict[str, Any]) -> torch.Tensor:
 def bare_trainer(cfg: Config, d_model: int, d_compressed: int, steps_per_epoch: int,
                  lm_head: nn.Linear | None = None) -> tuple[DimensionCompressor, Callable[[torch.Tensor], float]]:
     """trm_ray.train.train_loop_per_worker's optimisation without Ray: the same initialisation,
-    objective (`lm_head` for a KL one), AdamW, get_lr schedule, gradient clipping and (compiled
+    objective (`lm_head` for a KL one), AdamW step (clipped, rows kept orthonormal), get_lr schedule and (compiled
     or eager) loss. `step(x)` makes one optimizer step on the rows `x` and returns its loss."""
     model = initial_model(dataclasses.replace(cfg, d_compressed=d_compressed), {"d_model": d_model})
     loss_fn = compile_or_eager(objective_loss(cfg, model, lm_head), cfg.torch_compile)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     total_steps = steps_per_epoch * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
     steps = itertools.count()
@@ -89,12 +89,7 @@ def bare_trainer(cfg: Config, d_model: int, d_compressed: int, steps_per_epoch: 
     def step(x: torch.Tensor) -> float:
         for group in optimizer.param_groups:
             group["lr"] = get_lr(next(steps), total_steps, warmup_steps, cfg.learning_rate)
-        loss = loss_fn(x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(model, optimizer, loss_fn, x, cfg).item()
 
     return model, step
 

@@ -3,7 +3,9 @@
 The Ray side is trm_ray's own path: trm_ray.shards.load_splits (a read task per shard plus the
 train/validation filter) iterated by trm_ray.train.hidden_batches in training-sized batches,
 streamed from the files, after .materialize() (what trm_ray.sweep.datasets does when the
-shards fit in the object store), and materialized with the training loop's local shuffle.
+shards fit in the object store), and materialized with the training loop's local shuffle;
+and both as an epoch of training reads them, in that epoch's own block order
+(trm_ray.train.epoch_rows: shards read in a permuted order, or materialized blocks permuted).
 The baseline reads the same files with pyarrow.parquet.read_table, applies the same
 filter and decodes them to one float32 tensor. Every figure is the best of a few passes,
 taken round robin.
@@ -26,7 +28,7 @@ from benchmarks.common import machine, print_ratio, read_train_rows, write_synth
 from trm_ray.cli import connect
 from trm_ray.config import make_config
 from trm_ray.shards import load_splits, split_counts
-from trm_ray.train import hidden_batches
+from trm_ray.train import epoch_rows, hidden_batches
 
 FULL = dict(d_model=2048, num_samples=512, max_seq_length=512, docs_per_shard=256, batch_size=8, passes=3)
 SMOKE = dict(d_model=64, num_samples=48, max_seq_length=32, docs_per_shard=16, batch_size=4, passes=2)
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "ray_streamed": feed(train, rows),
             "ray_materialized": feed(cached, rows),
             "ray_materialized_shuffled": feed(cached, rows, shuffle_seed=cfg.seed),
+            "ray_streamed_epoch_order": feed(epoch_rows(train, cfg, 1), rows),
+            "ray_materialized_epoch_order_shuffled": feed(epoch_rows(cached, cfg, 1), rows, shuffle_seed=cfg.seed),
         }, passes)
     print(f"data_feed: {manifest['num_tokens']:,} rows x {manifest['hidden_size']} bf16 in {len(manifest['shards'])} "
           f"shards ({train_rows:,} train rows), read in batches of {rows:,}; best of {passes} passes; "

@@ -9,7 +9,13 @@ scales falling as i^-0.6 (variances as i^-1.2) along a random rotation, and two 
 dimensions with 4x the largest scale. Each D' is trained by trm_ray's own TorchTrainer
 (`make_trainer`, the sweep's trial), and compared with the PCA limit trm_ray.spectrum computes.
 
+With `--real`, the same on real hidden states: the last layer of a pretrained causal LM
+(SmolLM2-135M-Instruct, D=576, see benchmarks.real_model) over ~100k tokens of real English,
+extracted by trm_ray.extract, trained with trm_ray's defaults at D' from 8 to D/2 = 288
+(`--seed_settings`: the seed's orthogonal start, free rows and lr 1e-3 instead).
+
     python -m benchmarks.quality            # D=512, 98k tokens, D' in 16/64/128: ~5 minutes on 2 cores
+    python -m benchmarks.quality --real     # SmolLM2-135M, 100k tokens, D' 8..288 (extraction cached)
     python -m benchmarks.quality --smoke    # tiny sizes: checks the script, not the quality
 """
 
@@ -20,19 +26,20 @@ import dataclasses
 import os
 import tempfile
 import time
+from typing import Any
 
 import torch
 
 from benchmarks.common import machine, print_ratio, write_synthetic_shards
 from trm_ray import spectrum
 from trm_ray.cli import connect
-from trm_ray.config import make_config
+from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
 from trm_ray.sweep import datasets, trial_config_for
 from trm_ray.train import make_trainer
 
-FULL = dict(d_model=512, sweep_d_values=[16, 64, 128], num_samples=384, max_seq_length=256, docs_per_shard=64,
-            batch_size=4, num_epochs=10, learning_rate=0.05)
+FULL = dict(d_model=512, sweep_d_values=[16, 64, 128, 256], num_samples=384, max_seq_length=256, docs_per_shard=64,
+            batch_size=4)
 SMOKE = dict(d_model=64, sweep_d_values=[8, 16], num_samples=48, max_seq_length=32, docs_per_shard=16,
              batch_size=4, num_epochs=2, learning_rate=0.01)
 
@@ -48,36 +55,86 @@ def heavy_tailed_rows(gen: torch.Generator, n: int, hidden_size: int) -> torch.T
     return x
 
 
+# Real text through a real LM: only the model, the data and the D' grid are given, the rest are trm_ray's defaults
+# (torch.compile off: on 2 CPU cores it costs more than the training; it does not change the result).
+REAL = dict(num_samples=400, max_seq_length=256, docs_per_shard=25, sweep_d_values=[8, 16, 32, 64, 128, 288])
+SEED_SETTINGS = dict(init="orthogonal", orthonormal=False, learning_rate=1e-3)
+
+
+def train_each(cfg: Config, manifest: dict[str, Any], storage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each D' of `cfg.sweep_d_values` trained by trm_ray's own TorchTrainer; (the PCA limit, one row per D')."""
+    limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
+    train, val = datasets(cfg, manifest)
+    rows = []
+    for d in cfg.sweep_d_values:
+        t0 = time.perf_counter()
+        config = trial_config_for(dataclasses.replace(cfg, d_compressed=d), manifest, counts, limit, storage)
+        result = make_trainer(config, train, val).fit()
+        if result.error is not None:
+            raise result.error
+        best = torch.load(f"{result.checkpoint.path}/compressor.pt", weights_only=True)["best_metrics"]
+        rows.append({"d": d, "train_tokens": counts["train_tokens"], "best": best, "last": result.metrics,
+                     "wall_s": time.perf_counter() - t0})
+    return limit, rows
+
+
+def real(seed_settings: bool) -> dict[str, float]:
+    """The defaults (or the seed's settings) on SmolLM2-135M's last-layer hidden states of real English."""
+    from benchmarks.real_model import CACHE, english_corpus, pretrained_lm_dir
+    from trm_ray.extract import extract
+
+    load, started = os.getloadavg()[0], time.perf_counter()
+    work_dir = str(CACHE / "quality_real")  # the extraction is kept: a rerun trains only
+    cfg = make_config(REAL | (SEED_SETTINGS if seed_settings else {}) | dict(
+        model_name=pretrained_lm_dir(), dataset=english_corpus(os.path.join(work_dir, "corpus.jsonl"), REAL["num_samples"]),
+        output_dir=work_dir, sweep=True, num_cpus=8, use_wandb=False, torch_compile=False))
+    connect(cfg)
+    manifest = extract(cfg)
+    with tempfile.TemporaryDirectory() as storage:
+        limit, rows = train_each(cfg, manifest, storage)
+    print(f"quality --real: {os.path.basename(cfg.model_name)} last layer, D={manifest['hidden_size']}, "
+          f"{rows[0]['train_tokens']:,} train tokens of English; init {cfg.init}, orthonormal {cfg.orthonormal}, "
+          f"lr {cfg.learning_rate:g}, at most {cfg.num_epochs} epochs; {time.perf_counter() - started:.0f}s")
+    print(machine(load))
+    print(f"{'D_prime':>8} {'pca_efficiency':>15} {'orth_err':>9} {'cosine':>8} {'pca_cosine':>11} {'best_epoch':>11} "
+          f"{'epochs':>7} {'wall_s':>7}")
+    for r in rows:
+        print(f"{r['d']:>8} {r['last']['pca_mse'] / r['best']['mse']:>15.4f} {r['best']['orthonormality_error']:>9.2g} "
+              f"{r['best']['cosine_similarity']:>8.4f} {limit['pca_cosine_similarity'][r['d']]:>11.4f} "
+              f"{int(r['best']['epoch']):>11} {r['last']['epoch']:>7} {r['wall_s']:>7.0f}")
+    return {f"pca_efficiency_d{r['d']}": print_ratio(f"pca_efficiency_d{r['d']}", r["last"]["pca_mse"], r["best"]["mse"],
+                                                     "mse, PCA limit / best checkpoint") for r in rows}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the quality")
-    sizes = SMOKE if parser.parse_args(argv).smoke else FULL
+    parser.add_argument("--real", action="store_true", help="real hidden states of a pretrained LM instead of synthetic ones")
+    parser.add_argument("--seed_settings", action="store_true", help="with --real: the seed's training settings, not the defaults")
+    args = parser.parse_args(argv)
+    if args.real:
+        return real(args.seed_settings)
+    sizes = SMOKE if args.smoke else FULL
     load = os.getloadavg()[0]
     rows, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as work_dir:
         cfg = make_config({k: v for k, v in sizes.items() if k != "d_model"} | dict(
             model_name="synthetic", storage_dtype="bfloat16", output_dir=work_dir, num_cpus=8, use_wandb=False,
-            sweep=True, torch_compile=False, early_stopping=False))
+            sweep=True, torch_compile=False))
         connect(cfg)
         manifest = write_synthetic_shards(cfg, sizes["d_model"], heavy_tailed_rows)
-        limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
-        counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
-        train, val = datasets(cfg, manifest)
-        for d in cfg.sweep_d_values:
-            config = trial_config_for(dataclasses.replace(cfg, d_compressed=d), manifest, counts, limit, os.path.join(work_dir, "ray_results"))
-            result = make_trainer(config, train, val).fit()
-            if result.error is not None:
-                raise result.error
-            rows.append((d, limit["explained_variance"][d], result.metrics))
-    print(f"quality: D={sizes['d_model']}, {counts['train_tokens']:,} train tokens, heavy-tailed spectrum, "
-          f"{cfg.num_epochs} epochs, lr {cfg.learning_rate:g}; {time.perf_counter() - started:.0f}s")
+        limit, rows = train_each(cfg, manifest, os.path.join(work_dir, "ray_results"))
+    print(f"quality: D={sizes['d_model']}, {rows[0]['train_tokens']:,} train tokens, heavy-tailed spectrum, "
+          f"{cfg.num_epochs} epochs, init {cfg.init}, lr {cfg.learning_rate:g}; {time.perf_counter() - started:.0f}s")
     print(machine(load))
     print(f"{'D_prime':>8} {'pca_explained_var':>18} {'pca_cosine':>11} {'cosine':>8} {'pca_mse':>10} {'mse':>10}")
-    for d, explained, m in rows:
-        print(f"{d:>8} {explained:>18.4f} {limit['pca_cosine_similarity'][d]:>11.4f} {m['cosine_similarity']:>8.4f} "
-              f"{m['pca_mse']:>10.4g} {m['mse']:>10.4g}")
-    return {f"pca_efficiency_d{d}": print_ratio(f"pca_efficiency_d{d}", m["pca_mse"], m["mse"], "mse, PCA limit / trained")
-            for d, _, m in rows}
+    for r in rows:
+        d, m = r["d"], r["last"]
+        print(f"{d:>8} {limit['pca_explained_variance'][d]:>18.4f} {limit['pca_cosine_similarity'][d]:>11.4f} "
+              f"{m['cosine_similarity']:>8.4f} {m['pca_mse']:>10.4g} {m['mse']:>10.4g}")
+    return {f"pca_efficiency_d{r['d']}": print_ratio(f"pca_efficiency_d{r['d']}", r["last"]["pca_mse"], r["last"]["mse"],
+                                                     "mse, PCA limit / trained") for r in rows}
 
 
 if __name__ == "__main__":

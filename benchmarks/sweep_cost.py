@@ -47,7 +47,7 @@ def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
     """The seed's loop: each D' trained from scratch on hidden states that the LLM recomputes for
     every batch. Returns each D's best (lowest mse) validation metrics and the documents the LLM processed."""
     tokenizer, llm = load_model(cfg.model_name, torch.device("cpu"))
-    docs, _ = tokenize(tokenizer, read_documents(cfg), cfg.max_seq_length)
+    docs = tokenize(tokenizer, read_documents(cfg), cfg).ids
     held_out = is_validation_doc(np.arange(len(docs)), cfg.val_fraction, cfg.seed)
     train_docs = [d for d, v in zip(docs, held_out) if not v]
     val_docs = [d for d, v in zip(docs, held_out) if v]

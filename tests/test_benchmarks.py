@@ -14,13 +14,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
 
-from benchmarks import data_feed, kl_objective, quality, sweep_cost, train_loop  # noqa: E402
+from benchmarks import data_feed, extract, kl_objective, quality, row_groups, sweep_cost, train_loop  # noqa: E402
 
 # Not anchored at a line start: Ray's log forwarding may write into the same stdout without a newline.
 RATIO_LINE = re.compile(r"ratio (\S+): (\S+)x \(")
 
 
-@pytest.mark.parametrize("bench", [train_loop, data_feed, sweep_cost, quality, kl_objective], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("bench", [train_loop, data_feed, sweep_cost, quality, extract, kl_objective, row_groups],
+                         ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_smoke_mode_prints_a_finite_positive_ratio_for_each_figure(bench, ray_cluster, capsys):
     returned = bench.main(["--smoke"])
     out = capsys.readouterr().out
@@ -28,3 +29,15 @@ def test_smoke_mode_prints_a_finite_positive_ratio_for_each_figure(bench, ray_cl
     assert returned and printed.keys() == returned.keys(), out[-3000:]
     for name, value in printed.items():
         assert math.isfinite(float(value)) and float(value) > 0, f"{name}: {value}"
+
+
+def test_gpu_run_tiny_runs_extraction_spectrum_sweep_and_downstream_kl_and_prints_rates(ray_cluster, capsys, tmp_path):
+    from benchmarks import gpu_run
+
+    figures = gpu_run.main(["--tiny", "--work_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert figures["extract_tokens_per_s"] > 0 and "extraction:" in out and "GFLOP/token" in out, out[-3000:]
+    trained = [v for k, v in figures.items() if k.startswith("train_tokens_per_s/")]
+    assert len(trained) == 2 and all(v > 0 for v in trained), figures
+    kl = [v for k, v in figures.items() if k.startswith("downstream_kl/")]
+    assert len(kl) == 2 and all(math.isfinite(v) and v > 0 for v in kl), figures

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trm_ray import extract as extract_mod
-from trm_ray.extract import extract, hidden_rows, shard_table
+from trm_ray.config import UserError, make_config
+from trm_ray.extract import Placement, extract, hidden_rows, length_batches, load_model, placement, resolve_storage_dtype, shard_table
 from trm_ray.text import read_documents
 from trm_ray.shards import decode_hidden, read_manifest, shard_paths
 
@@ -41,15 +42,43 @@ def test_extracted_hidden_states_equal_a_direct_model_call(shards):
 
 
 def test_pad_positions_never_reach_the_shards(assets):
-    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
-    model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+    tokenizer, model = load_model(assets["model"], torch.device("cpu"), -1)
     token_lists = [tokenizer("the river")["input_ids"], tokenizer("the old teacher finds a cold cell near the school.")["input_ids"]]
-    hidden, docs, positions = hidden_rows(model, token_lists, -1, batch_size=2, pad_id=tokenizer.pad_token_id)
+    hidden, docs, positions = hidden_rows(model, token_lists, tokenizer.pad_token_id, tokens_per_batch=1000, max_batch=2)
     assert hidden.shape[0] == sum(len(t) for t in token_lists)  # one row per real token, none for the 9 pads
     assert docs.tolist() == [0] * len(token_lists[0]) + [1] * len(token_lists[1])
     # Batched with padding or alone, the short document's states are the same.
-    alone, _, _ = hidden_rows(model, token_lists[:1], -1, batch_size=1, pad_id=tokenizer.pad_token_id)
+    alone, _, _ = hidden_rows(model, token_lists[:1], tokenizer.pad_token_id, tokens_per_batch=1000, max_batch=1)
     torch.testing.assert_close(hidden[: len(token_lists[0])], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [-1, 2, -2, 0])
+def test_model_cut_at_a_layer_gives_that_layer_of_the_full_models_hidden_states(assets, layer):
+    full = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+    tokenizer, cut = load_model(assets["model"], torch.device("cpu"), layer)
+    num_layers = full.config.num_hidden_layers
+    assert len(cut.layers) == layer % (num_layers + 1) and not hasattr(cut, "lm_head")
+    texts = ["the river", "the old teacher finds a cold cell near the school.", "a quiet green garden"]
+    token_lists = [tokenizer(t)["input_ids"] for t in texts]
+    hidden, docs, positions = hidden_rows(cut, token_lists, tokenizer.pad_token_id, tokens_per_batch=24, max_batch=8)
+    for doc, ids in enumerate(token_lists):
+        with torch.no_grad():
+            expected = full(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
+        torch.testing.assert_close(hidden[torch.from_numpy(docs == doc)], expected, atol=1e-5, rtol=1e-5)
+        assert positions[docs == doc].tolist() == list(range(len(ids)))
+
+
+def test_a_layer_beyond_the_model_is_a_user_error(assets):
+    with pytest.raises(UserError, match="out of range"):
+        load_model(assets["model"], torch.device("cpu"), 99)
+
+
+def test_batches_group_similar_lengths_within_the_token_budget_and_cover_every_document():
+    lengths = [5, 30, 7, 28, 6, 100, 29]
+    batches = length_batches(lengths, tokens_per_batch=90, max_batch=2)
+    assert batches == [[5], [1, 6], [3, 2], [4, 0]]
+    assert all(len(b) * lengths[b[0]] <= 90 or len(b) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
 
 
 def test_manifest_records_model_layer_sizes_and_counts(shards):
@@ -111,3 +140,35 @@ def test_empty_corpus_is_a_one_line_error_and_leaves_no_manifest(ray_cluster, as
     assert code == 2
     assert err.startswith("error: ") and "no non-empty" in err and err.count("\n") == 0
     assert not os.path.exists(tmp_path / "s" / "manifest.json")
+
+
+def test_use_gpu_requests_a_gpu_per_replica_even_while_the_cluster_has_none():
+    cfg = make_config({"use_gpu": True})
+    # An autoscaling cluster before its first GPU worker: the request is what makes it add one.
+    assert placement(cfg, cluster_gpus=0, node_cpus=8, cluster_cpus=8) == Placement(replicas=1, num_gpus=1, num_cpus=1)
+    assert placement(cfg, cluster_gpus=4, node_cpus=8, cluster_cpus=32).replicas == 4
+    assert placement(make_config({"use_gpu": True, "num_extract_workers": 8}), 0, 8, 8).replicas == 8
+    assert resolve_storage_dtype(cfg) == "bfloat16"
+
+
+def test_without_use_gpu_extraction_stays_on_cpu_with_a_nodes_cpus_even_on_a_gpu_cluster():
+    cfg = make_config({})
+    assert placement(cfg, cluster_gpus=4, node_cpus=16, cluster_cpus=64) == Placement(replicas=1, num_gpus=0, num_cpus=16)
+    assert placement(make_config({"num_extract_workers": 4}), 0, 16, 32).num_cpus == 8
+    assert resolve_storage_dtype(cfg) == "float32"
+    assert resolve_storage_dtype(make_config({"use_gpu": True, "storage_dtype": "float32"})) == "float32"
+
+
+def test_a_3b_model_on_cpu_is_announced_as_days_before_extraction_starts(tmp_path, capsys):
+    from transformers import SmolLM3Config
+
+    SmolLM3Config(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                  num_attention_heads=16, num_key_value_heads=4).save_pretrained(tmp_path)
+    cfg = make_config({"model_name": str(tmp_path)})
+    extract_mod.announce(cfg, placement(cfg, 0, 16, 16), 0, max_tokens=50000 * 512)
+    out = capsys.readouterr().out
+    assert "5.62 GFLOP/token" in out and "days" in out and "--use_gpu" in out
+
+    gpu = make_config({"model_name": str(tmp_path), "use_gpu": True})
+    extract_mod.announce(gpu, placement(gpu, 0, 16, 16), 0, max_tokens=50000 * 512)
+    assert "1 GPU each" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from trm_ray import extract as extract_mod
 from trm_ray import sweep
@@ -118,7 +119,7 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
     argv = [sys.executable, "-m", "trm_ray.sweep", "--model_name", shards.model_name, "--dataset", shards.dataset,
             "--shards_dir", shards.shards_path, "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20",
             "--output_dir", str(out), "--sweep", "--sweep_d_values", "8", "16", "--num_epochs", "4", "--batch_size", "1",
-            "--learning_rate", "0.01", "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0",
+            "--learning_rate", "0.01", "--init", "orthogonal", "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0",
             "--address", ray_cluster.get_runtime_context().gcs_address]
     driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -137,13 +138,19 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
         assert r["mse"] == pytest.approx(c["mse"], rel=1e-3)
 
 
-@pytest.mark.parametrize("objective", ["mse", "kl"])
-def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster, objective):
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: Adam's moments must follow the model onto it on resume")
+
+
+@pytest.mark.parametrize("objective,use_gpu", [("mse", False), ("kl", False), pytest.param("mse", True, marks=GPU)],
+                         ids=["mse", "kl", "mse-gpu"])
+def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster,
+                                                                                      objective, use_gpu):
     from concurrent.futures import ThreadPoolExecutor
 
     from ray.util.state import list_actors
 
-    settings = dict(num_epochs=10, early_stopping=False, objective=objective)
+    # An orthogonal start: weights that move every epoch.
+    settings = dict(num_epochs=10, early_stopping=False, objective=objective, use_gpu=use_gpu, init="orthogonal")
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(fit, shards, tmp_path / "killed", 1, 2, **settings)
         deadline = time.time() + 300

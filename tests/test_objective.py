@@ -74,11 +74,12 @@ def test_a_kl_objective_starts_at_pca_whose_validation_kl_is_the_reference(shard
 
 
 def test_a_kl_trial_lowers_validation_kl_below_pcas(shards, tmp_path):
-    result = fit(shards, tmp_path, num_workers=1, batch_size=1, objective="kl", num_epochs=3, learning_rate=0.02)
+    result = fit(shards, tmp_path, num_workers=1, batch_size=1, objective="kl", num_epochs=3, learning_rate=0.02,
+                 orthonormal=False)
     m = result.metrics
     assert result.error is None
     assert m["best_downstream_kl"] < 0.8 * m["pca_downstream_kl"]
     assert m["downstream_efficiency"] == pytest.approx(m["pca_downstream_kl"] / m["downstream_kl"])
     best = torch.load(f"{result.checkpoint.path}/compressor.pt", weights_only=True)
     assert best["best_loss"] == pytest.approx(m["best_downstream_kl"])  # the trial's best is chosen on KL
-    assert m["orthonormality_error"] > 0  # KL training leaves the projection family
+    assert m["orthonormality_error"] > 0.01  # free to, KL training leaves the projections

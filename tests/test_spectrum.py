@@ -39,6 +39,16 @@ def test_spectrum_matches_numpy_eigh_on_the_same_rows(shards, limit):
         assert limit["train_pca_mse"][d] == pytest.approx(((x - x @ top @ top.T) ** 2).mean(), rel=1e-6)
 
 
+def test_pca_explained_variance_is_the_validation_rows_like_the_trained_compressors(shards, limit):
+    train, val = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
+    x, v = rows_of(train), rows_of(val)
+    top_all = np.linalg.eigh(x.T @ x)[1][:, ::-1]
+    for d in (1, 8, 16, 32, 63):
+        top = top_all[:, :d]
+        err = ((v - v @ top @ top.T) ** 2).sum()
+        assert limit["pca_explained_variance"][d] == pytest.approx(1 - err / (v ** 2).sum(), rel=1e-8)
+
+
 def test_spectrum_is_stored_beside_the_shards_and_reused(shards, limit, monkeypatch):
     monkeypatch.setattr(spectrum, "compute_spectrum", lambda *a: pytest.fail("recomputed"))
     assert spectrum.load_or_compute(shards.shards_path, shards.val_fraction, shards.seed) == limit
@@ -96,6 +106,7 @@ def test_sweep_rows_carry_the_pca_limit_and_its_efficiency(swept, limit):
 def test_asha_keeps_every_d_prime_and_stops_the_slow_learning_rates(shards, tmp_path):
     cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep_d_values=[8, 32],
                               sweep_learning_rates=[0.05, 0.0001], num_epochs=4, grace_period=1, early_stopping=False,
+                              init="orthogonal",  # from the PCA start every learning rate would be at the limit already
                               max_concurrent_trials=1, use_wandb=False, torch_compile=False, downstream_tokens=0)
     rows = sweep.run(cfg)
     assert [(r["d_compressed"], r["learning_rate"], r["epochs_trained"]) for r in rows] == [(8, 0.05, 4), (32, 0.05, 4)]

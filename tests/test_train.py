@@ -1,13 +1,17 @@
 import dataclasses
+import io
 
 import pytest
 import torch
 
-from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
-from trm_ray.config import UserError
+from trm_ray import spectrum
+from trm_ray.compressor import (DimensionCompressor, metrics_from_sums, orthonormality_error, orthonormalize_,
+                                reconstruction_sums)
+from trm_ray.config import Config, UserError, make_config
+from trm_ray.report import shortfall_note
 from trm_ray.shards import load_splits, read_manifest, split_counts
 from trm_ray.sweep import datasets, limits, trial_config_for
-from trm_ray.train import EarlyStopping, get_lr, make_trainer
+from trm_ray.train import EarlyStopping, epoch_rows, get_lr, make_optimizer, make_trainer
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -19,6 +23,37 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert get_lr(500, 100, 10, 1.0) == pytest.approx(0.0)
 
 
+def test_a_resumed_optimizer_state_follows_the_model_to_where_prepare_model_put_it():
+    cfg = make_config({"learning_rate": 0.01})
+    model = DimensionCompressor(32, 8)
+    optimizer = make_optimizer(model, cfg)
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(model(torch.randn(16, 32)), torch.randn(16, 32))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)  # as resume.pt holds it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed = DimensionCompressor(32, 8)
+    resumed.load_state_dict(model.state_dict())
+    # What prepare_model does to a worker's model: a move (to the GPU there; here to float64, which
+    # the state must follow the same way and which a CPU can check).
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    resumed.to(device=device, dtype=torch.float64)
+    restored = make_optimizer(resumed, cfg, saved)
+    for param, old in zip(resumed.parameters(), model.parameters()):
+        state = restored.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].device == param.device and state[key].dtype == param.dtype, key
+            torch.testing.assert_close(state[key].cpu().float(), optimizer.state[old][key])
+    x = torch.randn(16, 32, dtype=torch.float64, device=device)
+    torch.nn.functional.mse_loss(resumed(x), x).backward()
+    restored.step()  # the step that failed on a GPU when the moments stayed on the CPU
+
+
 def test_compressor_is_weight_tied_orthogonal_and_has_d_times_d_prime_parameters():
     model = DimensionCompressor(64, 16)
     assert sum(p.numel() for p in model.parameters()) == 64 * 16
@@ -26,6 +61,25 @@ def test_compressor_is_weight_tied_orthogonal_and_has_d_times_d_prime_parameters
     x = torch.randn(5, 64)
     torch.testing.assert_close(model(x), model.decompress(model.compress(x)))
     torch.testing.assert_close(model.decompress(model.compress(x)), x @ model.weight.T @ model.weight)
+
+
+def test_orthonormality_error_is_the_frobenius_norm_of_wwt_minus_i_over_sqrt_d_prime():
+    w = torch.randn(12, 40, generator=torch.Generator().manual_seed(0)).double()
+    direct = float(torch.sqrt(((w @ w.T - torch.eye(12, dtype=torch.float64)) ** 2).sum()) / 12 ** 0.5)
+    assert orthonormality_error(w) == pytest.approx(direct, rel=1e-12)
+    assert orthonormality_error(DimensionCompressor(40, 12).weight) < 1e-6
+
+
+def test_retraction_gives_orthonormal_rows_with_the_same_row_space_and_keeps_orthonormal_rows_as_they_are():
+    w = torch.randn(12, 40, generator=torch.Generator().manual_seed(0))
+    before = w.clone().double()
+    orthonormalize_(w)
+    assert orthonormality_error(w) < 1e-6
+    proj = w.double().T @ w.double()  # the projection onto the new row space keeps the old rows
+    torch.testing.assert_close(before @ proj, before, atol=1e-5, rtol=0)
+    again = w.clone()
+    orthonormalize_(again)
+    torch.testing.assert_close(again, w, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("d", [0, -3, 64, 65])
@@ -62,6 +116,18 @@ def test_validation_documents_are_never_seen_in_training(shards):
     assert train.count() == counts["train_tokens"] and val.count() == counts["val_tokens"]
 
 
+def test_each_epoch_reads_the_same_rows_in_its_own_seeded_block_order(shards):
+    train, _ = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
+    cached = train.materialize()
+    for source in (cached, train):  # held in the object store, and streamed from the files
+        orders = [[int(d) for b in epoch_rows(source, shards, e).iter_batches(batch_size=None, batch_format="numpy")
+                   for d in b["doc_id"]] for e in (0, 1, 2, 3, 0)]
+        assert orders[0] == orders[4]  # reproducible: a resumed epoch reads what the uninterrupted one read
+        assert orders[0] != orders[1]  # another epoch, another order
+        assert sorted(orders[0]) == sorted(orders[1]) == sorted(int(d) for d in cached.to_pandas()["doc_id"])
+        assert len({o[-1] for o in orders}) > 1  # the epochs end on other documents
+
+
 def test_a_corpus_too_small_for_the_validation_split_is_refused():
     with pytest.raises(UserError, match="too few for a validation split"):
         split_counts({"num_docs": 2, "doc_tokens": [5, 7]}, 0.1, 42)
@@ -90,6 +156,25 @@ def test_ddp_with_two_workers_matches_one_worker_at_the_same_global_batch(shards
     assert one.metrics["cosine_similarity"] > 0.95
 
 
+def test_the_defaults_reach_the_pca_limit_at_the_widest_d_prime_with_orthonormal_rows(shards, tmp_path):
+    defaults = Config()
+    result = fit(shards, tmp_path, num_workers=1, batch_size=defaults.batch_size, d_compressed=32,
+                 learning_rate=defaults.learning_rate, num_epochs=defaults.num_epochs)
+    best = torch.load(f"{result.checkpoint.path}/compressor.pt", weights_only=True)
+    assert result.metrics["pca_mse"] / best["best_metrics"]["mse"] >= 0.995
+    assert result.metrics["orthonormality_error"] < 1e-5
+    assert best["best_metrics"]["orthonormality_error"] == pytest.approx(orthonormality_error(best["compressor"]["weight"]), abs=1e-9)
+
+
+def test_a_compressor_short_of_the_limit_is_told_how_far_and_why():
+    cfg = Config(init="orthogonal", learning_rate=1e-3)
+    row = {"d_compressed": 128, "pca_efficiency": 0.8, "epochs_trained": 10, "learning_rate": 1e-3}
+    assert shortfall_note(row, cfg) == ("d128: validation mse 25.0% above the PCA limit (pca_efficiency 0.8000) after 10 epochs "
+                                        "from the orthogonal init at peak lr 0.001: a random start's subspace turns towards the "
+                                        "top-D' one slowly; --init pca starts at the limit")
+    assert shortfall_note({**row, "pca_efficiency": 0.996}, cfg) is None
+
+
 def test_early_stopping_counts_epochs_without_a_min_delta_improvement():
     stopper = EarlyStopping(patience=3, min_delta=1e-3)
     losses = [1.0, 0.5, 0.4999, 0.4998, 0.3, 0.2999, 0.29995, 0.2999]
@@ -101,7 +186,7 @@ def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why(shards, t
     # learning_rate 0: the weights never move, so validation mse is flat from epoch 1.
     result = fit(shards, tmp_path, num_workers=1, batch_size=8, learning_rate=0.0, num_epochs=10,
                  early_stopping_patience=2)
-    assert result.metrics["epoch"] == 3  # epoch 1 sets the best, epochs 2 and 3 do not beat it
+    assert result.metrics["epoch"] == 2  # the start (epoch 0) sets the best, epochs 1 and 2 do not beat it
     assert "early stopping" in result.metrics["stop_reason"]
 
 

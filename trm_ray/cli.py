@@ -30,11 +30,29 @@ def connect(cfg: Config) -> None:
     if cfg.address:
         ray.init(address=cfg.address, runtime_env={"env_vars": env} if env else None)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(num_cpus=cfg.num_cpus or local_cpus(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env} if env else None)
 
 
+def trial_cpus(cfg: Config) -> int:
+    """Logical CPUs one trial holds: its Tune function (1) and its Train workers (1 each)."""
+    return 1 + cfg.num_workers
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs of a local Ray: the cores, or more when the trials the cores can run need more.
+
+    Ray counts a trial's idle Tune function as a CPU: on 2 cores, 2 logical CPUs let two trials
+    in whose workers then never start. So: as many concurrent trials as the cores can train,
+    each with its Tune function and workers, plus one CPU for Ray Data's read tasks."""
+    cores = os.cpu_count() or 1
+    trials = len(cfg.d_values) * max(1, len(cfg.sweep_learning_rates))
+    concurrent = min(trials, cfg.max_concurrent_trials or trials, max(1, cores // cfg.num_workers))
+    return max(cores, 1 + concurrent * trial_cpus(cfg))
+
+
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+FORWARDED_PREFIXES = ("WANDB_", "HF_", "TRANSFORMERS_", "RAY_DATA_", "RAY_TRAIN_")
 
 
 def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
@@ -43,8 +61,7 @@ def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
     Never a secret: a job's runtime environment is stored by Ray and shown in its dashboard.
     Keys stay in each node's own environment (a local Ray inherits the driver's)."""
     return {k: v for k, v in environ.items()
-            if k.startswith(("WANDB_", "HF_", "TRANSFORMERS_", "RAY_DATA_", "RAY_TRAIN_"))
-            and not any(word in k for word in SECRET_WORDS)}
+            if k.startswith(FORWARDED_PREFIXES) and not any(word in k.upper() for word in SECRET_WORDS)}
 
 
 def user_error(exc: BaseException) -> UserError | None:

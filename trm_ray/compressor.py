@@ -18,7 +18,8 @@ from torch import nn
 
 from trm_ray.config import UserError
 
-METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance")
+# What a checkpoint records of its compressor: validation reconstruction metrics, and how far W's rows are from orthonormal.
+METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance", "orthonormality_error")
 
 
 class DimensionCompressor(nn.Module):
@@ -91,10 +92,23 @@ def metrics_from_sums(s: torch.Tensor) -> dict[str, float]:
 
 
 def orthonormality_error(weight: torch.Tensor) -> float:
-    """||W Wᵀ - I||_F / sqrt(D'): 0 when W's rows are orthonormal, i.e. when WᵀW is an orthogonal projection
-    and distances in D' space equal distances of the reconstructions (what phase 2's D'-space loss assumes)."""
+    """||W Wᵀ - I||_F / sqrt(D'): 0 when W's rows are orthonormal, i.e. when WᵀW is an orthogonal
+    projection and distances in the compressed space equal distances of the reconstructions
+    (what phase 2's D'-space MSE relies on)."""
     w = weight.detach().double()
-    return float(torch.linalg.matrix_norm(w @ w.T - torch.eye(w.shape[0], dtype=w.dtype, device=w.device))) / w.shape[0] ** 0.5
+    eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+    return float(torch.linalg.matrix_norm(w @ w.T - eye) / w.shape[0] ** 0.5)
+
+
+@torch.no_grad()
+def orthonormalize_(weight: torch.Tensor) -> None:
+    """Replace W by the matrix with orthonormal rows that spans the same row space (a QR retraction
+    onto the Stiefel manifold): Wᵀ = QR, W <- Qᵀ, with R's diagonal made positive so that a W whose
+    rows are already orthonormal stays as it is. Applied after every optimizer step, it keeps WᵀW
+    an orthogonal projection while the optimizer moves the subspace."""
+    q, r = torch.linalg.qr(weight.T.double())
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(1, dtype=q.dtype, device=q.device))
+    weight.copy_(q.T.to(weight.dtype))
 
 
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:

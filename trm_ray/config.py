@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import os
 import types
@@ -30,6 +31,12 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+# What each epoch's report carries that ASHA can rank on (anything else would never arrive, and ASHA
+# would silently stop nothing).
+ASHA_METRICS = ("pca_efficiency", "mse", "cosine_similarity", "relative_error", "variance_ratio",
+                "explained_variance", "train_loss")
+
+
 @dataclass
 class Config:
     # --- what to compress ---------------------------------------------------------------
@@ -40,8 +47,10 @@ class Config:
     dataset_config: str | None = _f("sample-10BT", "Hub dataset configuration name (ignored for local files).")
     dataset_split: str = _f("train", "Hub dataset split to stream.")
     text_field: str = _f("text", "Column or JSON key that holds the text (stage 1a).")
-    messages_field: str = _f("messages", "Column or JSON key that holds the conversation, a list of {role, content} (stage 1b).")
-    keep_tokens: str = _f("thinking", "Stage 1b: keep the thinking span (<think> ... </think>) or all tokens of each conversation.")
+    messages_field: str = _f("messages", "Column or JSON key that holds the conversation (stage 1b): a list of {role, content}, or ShareGPT {from, value} with human/gpt/system (converted).")
+    keep_tokens: str = _f("thinking", "Stage 1b: keep only the thinking spans of assistant turns (between --think_markers), or all tokens of each conversation.")
+    think_markers: list[str] = _f(["<think>", "</think>"], "Stage 1b: the two strings that open and close a thinking span in an assistant turn's content, e.g. <|begin_of_thought|> <|end_of_thought|>.")
+    chat_date: str = _f("2025-07-08", "Stage 1b: the date (YYYY-MM-DD) a chat template reading strftime_now writes (SmolLM3's 'Today Date'), pinned so that the rendered prompt, and so the hidden states, do not change with the day extraction runs.")
     num_samples: int = _f(50000, "Number of documents to extract.")
     max_seq_length: int = _f(512, "Tokens per document kept (longer ones are truncated).")
     exclude_first_token: bool = _f(True, "Leave each sequence's first token (an attention sink with an outsized norm) out of the shards.", negative="keep_first_token")
@@ -49,24 +58,26 @@ class Config:
     # --- extraction -----------------------------------------------------------------------
     shards_dir: str | None = _f(None, "Where the hidden-state shards live; default <output_dir>/shards/stage<stage>.")
     docs_per_shard: int = _f(256, "Documents per Parquet shard (also the unit of resuming an extraction).")
-    extract_batch_size: int = _f(8, "Documents per forward pass of the LM during extraction.")
-    storage_dtype: str = _f("auto", "Shard value type: float32, bfloat16, or auto (the model's dtype; never float16).")
+    extract_batch_size: int = _f(64, "At most this many documents per forward pass of the LM during extraction.")
+    extract_tokens_per_batch: int = _f(16384, "Extraction batches documents of similar length up to this many (padded) tokens per forward pass; it bounds the activation memory.")
+    storage_dtype: str = _f("auto", "Shard value type: float32, bfloat16, or auto (the model's dtype: bfloat16 with --use_gpu, float32 on CPU; never float16).")
     skip_disk_check: bool = _f(False, "Extract even when the shards may not fit in the free space of their disk.")
-    num_extract_workers: int | None = _f(None, "Model replicas extracting in parallel; default one per GPU, or 1 without GPUs.")
+    num_extract_workers: int | None = _f(None, "Model replicas extracting in parallel; default one per GPU of the cluster (at least 1, which an autoscaler adds with --use_gpu), or 1 on CPU.")
     # --- training -------------------------------------------------------------------------
     d_compressed: int = _f(256, "Compressed dimension D'.")
-    init: str = _f("orthogonal", "Stage 1a start: orthogonal (the seed's) or pca (the top-D' eigenvectors of the training second moment).")
+    init: str = _f("pca", "Stage 1a start: pca (the top-D' eigenvectors of the training second moment: the MSE optimum) or orthogonal (the seed's random start).")
+    orthonormal: bool = _f(True, "Re-orthonormalise W's rows after every optimizer step (a QR retraction), so WᵀW stays an orthogonal projection.", negative="no_orthonormal")
     objective: str = _f("mse", "Training loss: mse (reconstruction), kl (next-token KL of the LM head reading the reconstruction, "
                            "last layer only; starts from PCA, or in stage 1b from the 1a checkpoint), or mse+kl.")
     kl_weight: float = _f(1.0, "With --objective mse+kl: the loss is mse + kl_weight * KL.")
     batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
     num_epochs: int = _f(10, "Maximum training epochs.")
-    learning_rate: float = _f(1e-3, "Peak AdamW learning rate.")
+    learning_rate: float = _f(1e-4, "Peak AdamW learning rate (small: the PCA start is already the MSE optimum; the seed's 1e-3 suits an orthogonal start).")
     weight_decay: float = _f(0.0, "AdamW weight decay (0: decay would pull the tied matrix off orthonormality).")
     warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before the cosine decay.")
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold.")
     val_fraction: float = _f(0.1, "Fraction of documents held out for validation.")
-    seed: int = _f(42, "Random seed (initialisation, data order, validation split).")
+    seed: int = _f(42, "Random seed, 0 or more (initialisation, data order, validation split).")
     early_stopping: bool = _f(True, "Stop a trial when validation mse stops improving.", negative="no_early_stopping")
     early_stopping_patience: int = _f(3, "Epochs without improvement before early stopping.")
     early_stopping_min_delta: float = _f(1e-3, "Smallest relative drop of validation mse that counts as an improvement.")
@@ -90,9 +101,9 @@ class Config:
     # --- Ray ------------------------------------------------------------------------------
     num_workers: int = _f(1, "Ray Train workers (DDP ranks) per trial.")
     max_failures: int = _f(3, "Times a trial's workers may die and be replaced, resuming from the latest checkpoint.")
-    use_gpu: bool = _f(False, "Give each training worker a GPU.")
+    use_gpu: bool = _f(False, "Run on GPUs: each training worker, extraction replica and the downstream-KL task requests one (an autoscaler adds GPU nodes for them).")
     address: str | None = _f(None, "Ray cluster to join ('auto' inside a cluster); default: start a local one.")
-    num_cpus: int | None = _f(None, "Logical CPUs of a local Ray instance (set above the core count on small machines).")
+    num_cpus: int | None = _f(None, "Logical CPUs of a local Ray; default: the core count, or what the trials that the cores can run need (a Tune function and the workers of each, plus one).")
 
     def __post_init__(self) -> None:
         if self.stage not in ("1a", "1b"):
@@ -108,17 +119,34 @@ class Config:
                             f"it needs --layer -1, not {self.layer}")
         if self.keep_tokens not in ("thinking", "all"):
             raise UserError(f"keep_tokens must be thinking or all, got {self.keep_tokens!r}")
+        if len(self.think_markers) != 2 or not all(self.think_markers) or self.think_markers[0] == self.think_markers[1]:
+            raise UserError(f"think_markers must be two different non-empty strings (open, close), got {self.think_markers!r}")
+        try:
+            datetime.date.fromisoformat(self.chat_date)
+        except (TypeError, ValueError):
+            raise UserError(f"chat_date must be a date as YYYY-MM-DD, got {self.chat_date!r}") from None
         if self.cache_datasets not in ("auto", "always", "never"):
             raise UserError(f"cache_datasets must be auto, always or never, got {self.cache_datasets!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         for name in ("num_samples", "max_seq_length", "batch_size", "num_epochs", "num_workers",
-                     "docs_per_shard", "extract_batch_size", "early_stopping_patience"):
+                     "docs_per_shard", "extract_batch_size", "extract_tokens_per_batch", "early_stopping_patience",
+                     "grace_period"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise UserError(f"seed must be 0 or more, got {self.seed}")
+        if self.asha_metric != "auto" and self.asha_metric not in ASHA_METRICS:
+            raise UserError(f"asha_metric must be one of {', '.join(ASHA_METRICS)}, got {self.asha_metric!r}")
         for d in [self.d_compressed, *self.sweep_d_values]:
             if not isinstance(d, int) or isinstance(d, bool) or d < 1:
                 raise UserError(f"D' must be a positive integer, got {d!r}: pass e.g. --d_compressed 256")
+        # Two equal values would be two trials with the same name, Tune and Train directories and W&B run.
+        for name, labels in (("sweep_d_values", [str(d) for d in self.sweep_d_values]),
+                             ("sweep_learning_rates", [f"{lr:g}" for lr in self.sweep_learning_rates])):
+            repeated = sorted({v for v in labels if labels.count(v) > 1})
+            if repeated:
+                raise UserError(f"{name} lists {', '.join(repeated)} more than once: give each value once")
 
     @property
     def d_values(self) -> list[int]:
@@ -228,6 +256,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(values)
 
 
+def _number(name: str, value: Any) -> float:
+    """A float from a YAML/JSON number or a numeric string (YAML 1.1 reads `1e-3` as a string)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+
+
 def make_config(values: dict[str, Any]) -> Config:
     _check_keys(list(values), "the configuration")
     types_ = _field_types()
@@ -235,11 +273,17 @@ def make_config(values: dict[str, Any]) -> Config:
         if value is None:
             continue
         tp = types_[name]
-        if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:
-                values[name] = float(value)
-            except ValueError:
-                raise UserError(f"{name} must be a number, got {value!r}") from None
+        if typing.get_origin(tp) is list:
+            if not isinstance(value, list):
+                raise UserError(f"{name} must be a list, got {value!r}: write e.g. {name}: [{value}]")
+            if typing.get_args(tp)[0] is float:
+                values[name] = [_number(name, v) for v in value]
+        elif tp is bool and not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        elif tp is float:
+            values[name] = _number(name, value)
+        elif tp is str and isinstance(value, datetime.date):  # YAML reads an unquoted 2025-07-08 as a date
+            values[name] = value.isoformat()
         elif tp is int and not (isinstance(value, int) and not isinstance(value, bool)):
             raise UserError(f"{name} must be an integer, got {value!r}")
     return Config(**values)

@@ -5,7 +5,7 @@ reads), the next-token distribution on the reconstructed state is compared with 
 the original: the KL divergence KL(p_original || p_reconstructed) per token, and the
 increase of the cross-entropy on the true next token. The same is computed for the PCA
 reconstruction of each D', so a trained compressor can be set against the optimum.
-Runs as one Ray task (on a GPU where the cluster has one) over the first validation tokens.
+Runs as one Ray task (on a GPU with --use_gpu; the logits in float32) over the first validation tokens.
 
 The same KL (`next_token_kl`, one code path) is the training loss of `--objective kl`: the
 teacher's logits are recomputed from the cached hidden state on the fly, chunked over tokens.
@@ -17,29 +17,26 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trm_ray.compressor import DimensionCompressor
-from trm_ray.shards import decode_hidden, filesystem, is_validation_doc, read_manifest, shard_paths
+from trm_ray.shards import decode_hidden, read_manifest, rows_per_block, shard_paths, side_tables
 from trm_ray.spectrum import eigenvectors
 
 
 def validation_tables(shards_dir: str, val_fraction: float, seed: int) -> Iterator[pa.Table]:
     """The validation rows of each shard in turn (whole held-out documents, in document order)."""
     manifest = read_manifest(shards_dir)
-    for path in shard_paths(shards_dir, manifest):
-        fs, p = filesystem(path)
-        t = pq.read_table(p, filesystem=fs)
-        yield t.filter(pa.array(is_validation_doc(t["doc_id"].to_numpy(), val_fraction, seed)))
+    for path in shard_paths(shards_dir, manifest):  # only the validation row groups
+        yield from side_tables(path, val_fraction, seed, True, rows_per_block(manifest))
 
 
 def validation_rows(shards_dir: str, val_fraction: float, seed: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `max_tokens` validation rows: hidden states [N, D] and the next token of each (-1: none stored)."""
     tables, n = [], 0
-    for t in validation_tables(shards_dir, val_fraction, seed):
+    for t in validation_tables(shards_dir, val_fraction, seed):  # lazily: only as far as needed
         tables.append(t)
         n += t.num_rows
         if n >= max_tokens:
@@ -53,14 +50,14 @@ def validation_rows(shards_dir: str, val_fraction: float, seed: int, max_tokens:
     return decode_hidden(t["hidden"]), torch.from_numpy(targets)
 
 
-def load_lm_head(model_name: str, device: torch.device) -> nn.Linear:
+def load_lm_head(model_name: str, device: torch.device, dtype: torch.dtype | None = None) -> nn.Linear:
     """The model's LM head alone (for tied embeddings, the input embedding matrix), frozen, on `device`.
 
-    bf16 on GPU (as the model is served), float32 on CPU. The rest of the model is dropped:
-    `hidden_states[-1]` already went through the final norm, so the head is all that reads it."""
+    By default bf16 on GPU (as the model is served, for training), float32 on CPU. The rest of the
+    model is dropped: `hidden_states[-1]` already went through the final norm, so the head is all that reads it."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     head = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).get_output_embeddings()
     lm_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device=device, dtype=dtype)
     lm_head.load_state_dict(head.state_dict())
@@ -124,9 +121,10 @@ def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int, ma
             checkpoints: dict[int, str]) -> dict[int, dict[str, float]]:
     """For each D': KL and CE increase of the exported compressor and of the PCA reconstruction."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm_head = load_lm_head(model_name, device)
+    # Logits in float32 on GPU too: bf16 logits put a noise floor under the small KLs of a wide D'.
+    lm_head = load_lm_head(model_name, device, torch.float32)
     hidden, targets = validation_rows(shards_dir, val_fraction, seed, max_tokens)
-    vecs = eigenvectors(shards_dir).float().to(device)
+    vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     out = {}
     for d, path in checkpoints.items():
         comp = DimensionCompressor.from_checkpoint(path).to(device).eval()
@@ -145,7 +143,7 @@ def pca_kl(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_v
     the reference a KL-trained trial's `downstream_efficiency` is measured against, every epoch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device)
-    vecs = eigenvectors(shards_dir).float().to(device)
+    vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     sums, n = dict.fromkeys(d_values, 0.0), 0
     for table in validation_tables(shards_dir, val_fraction, seed):
         x = decode_hidden(table["hidden"]).to(device)
@@ -156,12 +154,12 @@ def pca_kl(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_v
     return {str(d): s / n for d, s in sums.items()}
 
 
-def on_a_gpu_if_any(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` as one Ray task, on a GPU where the cluster has one."""
+def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` as one Ray task; with --use_gpu it requests a GPU, decided from the configuration
+    (as extraction decides) so that an autoscaler adds a GPU node even when the cluster has none yet."""
     import ray
 
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    return ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(fn).remote(*args))
+    return ray.get(ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn).remote(*args))
 
 
 def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any]) -> None:
@@ -169,7 +167,7 @@ def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any
     if manifest["layer"] != -1 or cfg.downstream_tokens <= 0:
         return
     checkpoints = {r["d_compressed"]: r["checkpoint"] for r in rows if "checkpoint" in r}
-    found = on_a_gpu_if_any(measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.downstream_tokens,
-                            checkpoints)
+    found = on_a_gpu(cfg.use_gpu, measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed,
+                     cfg.downstream_tokens, checkpoints)
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))

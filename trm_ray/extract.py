@@ -20,7 +20,9 @@ import os
 import posixpath
 import shutil
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,7 @@ import torch
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name,
                             value_bytes, write_json)
-from trm_ray.text import looks_like_path, read_documents, tokenize
+from trm_ray.text import chat_settings, load_tokenizer, looks_like_path, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
 
 
@@ -42,10 +44,15 @@ def load_model_config(model_name: str) -> Any:
 
     if not os.path.exists(model_name) and looks_like_path(model_name):
         raise UserError(f"model path {model_name} does not exist: give a local model directory or a hub id")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     try:
         config = AutoConfig.from_pretrained(model_name)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {model_name}: {str(e).splitlines()[0]}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{model_name} is a {config.model_type!r} model without a causal-LM head (an encoder or "
+                        "encoder-decoder): give a causal (decoder-only) LM")
     return config.get_text_config()
 
 
@@ -53,42 +60,96 @@ def hidden_size_of(model_name: str) -> int:
     return int(load_model_config(model_name).hidden_size)
 
 
-def load_model(model_name: str, device: torch.device) -> tuple[Any, Any]:
-    """Tokenizer and model; bf16 on GPU (as the model is served), float32 on CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_layer(cfg: Config) -> None:
+    """hidden_states has num_hidden_layers + 1 entries (the embeddings first): --layer must index one."""
+    final_layer_index(int(load_model_config(cfg.model_name).num_hidden_layers), cfg.layer)
+
+
+def model_id(model_name: str) -> str:
+    """A local model directory made absolute (workers run elsewhere, and the manifest must not depend on the
+    current directory); a hub id as it is. Every entry point names the model this way."""
+    return os.path.abspath(model_name) if os.path.exists(model_name) else model_name
+
+
+def final_layer_index(num_layers: int, layer: int) -> int:
+    """`layer` as a non-negative index into hidden_states (num_layers + 1 entries: the embeddings, then
+    each layer's output; the last one after the final norm)."""
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise UserError(f"layer {layer} is out of range, outside the model's {num_layers + 1} hidden states: "
+                        f"give {-(num_layers + 1)}..{num_layers} (0 the embeddings, {num_layers} or -1 the last layer)")
+    return layer % (num_layers + 1)
+
+
+def cut_at_layer(model: Any, layer: int) -> Any:
+    """The base model truncated so that its `last_hidden_state` is `hidden_states[layer]`.
+
+    The layers after the requested one are dropped, and for any layer but the last the final
+    norm too (hidden_states[i] < num_layers is the raw residual stream). One forward then
+    computes exactly what is stored: no LM head, no later layers, no tuple of every layer.
+    """
+    n = model.config.num_hidden_layers
+    index = final_layer_index(n, layer)
+    if index == n:
+        return model
+    if not isinstance(getattr(model, "layers", None), torch.nn.ModuleList) or not hasattr(model, "norm"):
+        raise UserError(f"layer {layer}: only the last layer (-1) can be extracted from a {type(model).__name__}; "
+                        "intermediate layers need a decoder with `layers` and `norm` (Llama, Qwen, SmolLM3, ...)")
+    model.layers = model.layers[:index]
+    model.norm = torch.nn.Identity()
+    return model
+
+
+def load_model(model_name: str, device: torch.device, layer: int) -> tuple[Any, Any]:
+    """Tokenizer and the base model cut at `layer`; bf16 on GPU (as the model is served), float32 on CPU."""
+    from transformers import AutoModel, AutoTokenizer
 
     load_model_config(model_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device).eval()
-    return tokenizer, model
+    model = AutoModel.from_pretrained(model_name, dtype=dtype, attn_implementation="sdpa")
+    return tokenizer, cut_at_layer(model, layer).to(device).eval()
+
+
+def length_batches(lengths: list[int], tokens_per_batch: int, max_batch: int) -> list[list[int]]:
+    """Document indices grouped longest first, each group at most `max_batch` documents and
+    `tokens_per_batch` padded tokens (a single longer document is a batch of its own).
+    Sorted lengths keep the padding small; a token budget keeps the memory of a batch flat."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_batch and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens_per_batch:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.no_grad()
-def hidden_rows(model: Any, token_lists: list[list[int]], layer: int, batch_size: int,
-                pad_id: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Hidden states of `layer` for every real token: ([N, D], doc index [N], position [N]).
+def hidden_rows(model: Any, token_lists: list[list[int]], pad_id: int, tokens_per_batch: int,
+                max_batch: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """`model`'s last hidden state for every real token, in document order: ([N, D], doc index [N], position [N]).
 
     Sequences are right-padded within a batch; under causal attention the pad positions
     cannot change the real ones, and they are dropped here, so they never reach a shard.
+    Values keep the model's dtype (bf16 on GPU): the shard's storage dtype decides the rest.
     """
     device = next(model.parameters()).device
-    hidden, docs, positions = [], [], []
-    for start in range(0, len(token_lists), batch_size):
-        batch = token_lists[start:start + batch_size]
-        width = max(len(ids) for ids in batch)
+    per_doc: list[torch.Tensor] = [torch.empty(0)] * len(token_lists)
+    for batch in length_batches([len(ids) for ids in token_lists], tokens_per_batch, max_batch):
+        width = len(token_lists[batch[0]])
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            mask[i, :len(ids)] = 1
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-        real = mask.bool()
-        hidden.append(out.hidden_states[layer][real.to(device)].float().cpu())
-        rows, cols = real.nonzero(as_tuple=True)
-        docs.append((rows + start).numpy())
-        positions.append(cols.numpy())
-    return torch.cat(hidden), np.concatenate(docs), np.concatenate(positions)
+        for row, doc in enumerate(batch):
+            input_ids[row, :len(token_lists[doc])] = torch.tensor(token_lists[doc])
+            mask[row, :len(token_lists[doc])] = 1
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        real = out[mask.bool().to(device)].cpu()  # one copy off the device per batch
+        for doc, rows in zip(batch, real.split([len(token_lists[d]) for d in batch])):
+            per_doc[doc] = rows
+    lengths = [len(ids) for ids in token_lists]
+    docs = np.repeat(np.arange(len(token_lists)), lengths)
+    positions = np.concatenate([np.arange(n) for n in lengths]) if lengths else np.zeros(0, np.int64)
+    return torch.cat(per_doc), docs, positions
 
 
 def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarray,
@@ -105,31 +166,45 @@ def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray
 
 
 class HiddenStateExtractor:
-    """A Ray Data actor: one model replica that turns a chunk of documents into one shard."""
+    """A Ray Data actor: one model replica that turns a chunk of documents into one shard.
+
+    Two calls run at once on each replica (`extraction_compute`): one holds the model, the
+    other tokenizes its documents or writes its shard meanwhile, so the forward passes never
+    wait on tokenization or on the disk, and a call still returns only once its shard is written.
+    """
 
     def __init__(self, cfg: dict[str, Any], storage_dtype: str, shards_dir: str):
+        import ray
+
         self.cfg = Config(**cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer, self.model = load_model(self.cfg.model_name, self.device)
+        if self.device.type == "cpu":  # the CPUs this replica was scheduled with (never more than the node's cores)
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(max(1, min(int(cpus), len(os.sched_getaffinity(0)))))
+        self.tokenizer, self.model = load_model(self.cfg.model_name, self.device, self.cfg.layer)
+        self.model_lock = threading.Lock()
         self.storage_dtype, self.shards_dir = storage_dtype, shards_dir
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.cfg
         out: dict[str, list] = {"shard": [], "num_docs": [], "num_tokens": [], "doc_tokens": [], "outliers": []}
         for shard, first_doc, docs in zip(batch["shard"], batch["first_doc"], batch["docs"]):
-            token_lists, keeps = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg.max_seq_length, cfg.kept_tokens)
+            tokens = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg)
+            token_lists, keeps = tokens.ids, tokens.keeps
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            hidden, doc_idx, pos = hidden_rows(self.model, token_lists, cfg.layer, cfg.extract_batch_size, pad)
+            with self.model_lock:
+                hidden, doc_idx, pos = hidden_rows(self.model, token_lists, pad, cfg.extract_tokens_per_batch,
+                                                   cfg.extract_batch_size)
             keep = np.concatenate(keeps)  # hidden_rows emits documents in order, positions ascending
             if cfg.exclude_first_token:
                 keep &= pos > 0
             outliers = 0
             if cfg.outlier_norm_factor > 0:
-                norms = hidden.norm(dim=-1).numpy()
+                norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).numpy()
                 big = keep & (norms > cfg.outlier_norm_factor * np.median(norms[keep]))
                 outliers, keep = int(big.sum()), keep & ~big
+            token_ids = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in token_lists])[keep]
             hidden, doc_idx, pos = hidden[torch.from_numpy(keep)], doc_idx[keep], pos[keep]
-            token_ids = np.array([token_lists[d][p] for d, p in zip(doc_idx, pos)], dtype=np.int32)
             table = shard_table(hidden, doc_idx + int(first_doc), pos, token_ids, self.storage_dtype)
             write_shard(table, posixpath.join(self.shards_dir, shard_name(int(shard))))
             out["shard"].append(int(shard))
@@ -141,33 +216,96 @@ class HiddenStateExtractor:
 
 
 def write_shard(table: pa.Table, path: str) -> None:
-    """Temporary name, then rename: a shard that exists under its real name is complete."""
+    """Temporary name, then rename: a shard that exists under its real name is complete.
+
+    One row group per document (rows come in document order): a pass over the validation
+    documents then reads only their row groups (`shards.side_row_groups`), not every shard whole."""
     fs, p = filesystem(path)
     tmp = posixpath.join(posixpath.dirname(p), "." + posixpath.basename(p) + ".tmp")
-    pq.write_table(table, tmp, filesystem=fs)
+    doc = table["doc_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]]) if len(doc) else np.array([], dtype=int)
+    with pq.ParquetWriter(tmp, table.schema, filesystem=fs) as writer:
+        for start, end in zip(starts, [*starts[1:], len(doc)]):
+            writer.write_table(table.slice(start, end - start))
     fs.move(tmp, p)
 
 
 # --- driver -------------------------------------------------------------------------------
 
-def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str) -> dict[str, Any]:
-    """What defines a shard set: if any of it changes, the shards are a different data set."""
+def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str, chat: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What defines a shard set: if any of it changes, the shards are a different data set.
+    `chat` (stage 1b) is `trm_ray.text.chat_settings`: the chat template's hash and pinned variables."""
     return {
         "model": cfg.model_name, "layer": cfg.layer, "hidden_size": hidden_size, "storage_dtype": storage_dtype,
         "stage": cfg.stage, "keep_tokens": cfg.kept_tokens,
         "source": {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "dataset_split": cfg.dataset_split,
                    "field": getattr(cfg, cfg.document_field)},
         "num_samples": cfg.num_samples, "max_seq_length": cfg.max_seq_length, "docs_per_shard": cfg.docs_per_shard,
-        "exclude_first_token": cfg.exclude_first_token, "outlier_norm_factor": cfg.outlier_norm_factor,
+        "exclude_first_token": cfg.exclude_first_token, "outlier_norm_factor": cfg.outlier_norm_factor, "chat": chat,
     }
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where extraction runs: `replicas` model copies, each requesting `num_gpus` GPUs and `num_cpus` CPUs."""
+
+    replicas: int
+    num_gpus: int
+    num_cpus: int
+
+
+def placement(cfg: Config, cluster_gpus: float, node_cpus: float, cluster_cpus: float) -> Placement:
+    """Decided by the configuration, not by what the cluster has at this moment.
+
+    With --use_gpu every replica requests a GPU even while the cluster has none (an autoscaling
+    cluster starts without GPU workers; the request is what makes it add them); one replica per
+    GPU present, at least one. On CPU, one replica (unless --num_extract_workers) with the CPUs
+    of a node, which become its torch threads.
+    """
+    if cfg.use_gpu:
+        return Placement(replicas=cfg.num_extract_workers or max(1, int(cluster_gpus)), num_gpus=1, num_cpus=1)
+    replicas = cfg.num_extract_workers or 1
+    return Placement(replicas=replicas, num_gpus=0, num_cpus=max(1, int(min(node_cpus, cluster_cpus // replicas))))
+
+
+CPU_FLOPS_PER_CORE = 50e9  # a generous sustained float32 matmul rate of one AVX-512 core
+
+
+def flops_per_token(model_config: Any, layer: int) -> float:
+    """Forward FLOPs per token up to `layer`: 2 x the parameters that multiply (the embedding is a lookup).
+    Attention's own O(sequence) term is left out: a few percent at 512 tokens and D=2048."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = cut_at_layer(AutoModel.from_config(model_config), layer)
+    lookup = model.get_input_embeddings().weight.numel()
+    return 2.0 * (sum(p.numel() for p in model.parameters()) - lookup)
+
+
+def announce(cfg: Config, place: Placement, cluster_gpus: float, max_tokens: int) -> None:
+    """Say where extraction runs, and on CPU how long it may take, before it starts."""
+    if place.num_gpus:
+        print(f"extract: {place.replicas} replica(s), {place.num_gpus} GPU each, bf16 weights and SDPA attention "
+              f"(the cluster has {cluster_gpus:g} GPU(s) now; an autoscaler adds them for the requests)", flush=True)
+        return
+    flops = flops_per_token(load_model_config(cfg.model_name), cfg.layer)
+    cores = place.replicas * place.num_cpus
+    seconds = max_tokens * flops / (cores * CPU_FLOPS_PER_CORE)
+    took = (f"{seconds / 86400:,.1f} days" if seconds > 86400 else f"{seconds / 3600:.2g} hours" if seconds > 3600
+            else f"{seconds / 60:.2g} minutes" if seconds > 60 else f"{seconds:.2g} seconds")
+    print(f"extract: on CPU ({place.replicas} replica(s) x {place.num_cpus} CPU(s)): up to {max_tokens:,} tokens x "
+          f"{flops / 1e9:.3g} GFLOP/token: at best ~{took} at {CPU_FLOPS_PER_CORE / 1e9:g} GFLOP/s a core", flush=True)
+    if seconds > 86400:
+        print("extract: WARNING: extracting this model on CPU takes days; pass --use_gpu to extract on GPUs", flush=True)
+    if cluster_gpus:
+        print(f"extract: the cluster has {cluster_gpus:g} GPU(s): pass --use_gpu to extract on them", flush=True)
+
+
 def resolve_storage_dtype(cfg: Config) -> str:
+    """'auto' is the dtype the model runs in: bf16 on GPUs (--use_gpu), float32 on CPU."""
     if cfg.storage_dtype != "auto":
         return cfg.storage_dtype
-    import ray
-
-    return "bfloat16" if ray.cluster_resources().get("GPU", 0) > 0 else "float32"
+    return "bfloat16" if cfg.use_gpu else "float32"
 
 
 def _existing_shard_counts(shards_dir: str, num_docs: int, docs_per_shard: int) -> dict[int, list[int]]:
@@ -203,9 +341,11 @@ def extract(cfg: Config) -> dict[str, Any]:
 
     shards_dir = cfg.shards_path
     hidden_size = hidden_size_of(cfg.model_name)
+    check_layer(cfg)
     manifest = read_json(posixpath.join(shards_dir, MANIFEST))
     storage_dtype = manifest["storage_dtype"] if manifest and cfg.storage_dtype == "auto" else resolve_storage_dtype(cfg)
-    settings = extraction_settings(cfg, hidden_size, storage_dtype)
+    tokenizer = load_tokenizer(cfg.model_name) if cfg.stage == "1b" else None
+    settings = extraction_settings(cfg, hidden_size, storage_dtype, chat_settings(tokenizer, cfg))
     if manifest is not None:
         check_hidden_size(manifest, shards_dir, hidden_size, cfg.model_name)
         changed = sorted(k for k in settings if manifest.get(k) != settings[k])
@@ -219,7 +359,10 @@ def extract(cfg: Config) -> dict[str, Any]:
     if started is not None and started != settings:
         raise UserError(f"{shards_dir} holds an unfinished extraction with other settings: delete it or choose another --shards_dir")
 
-    docs = [json.dumps(d) for d in read_documents(cfg)]
+    docs = read_documents(cfg)
+    if tokenizer is not None:  # before any model is loaded: a corpus without thinking fails here
+        print(f"extract: {thinking_summary(tokenize(tokenizer, docs, cfg), cfg)}", flush=True)
+    docs = [json.dumps(d) for d in docs]
     check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * value_bytes(storage_dtype))
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)
     n = cfg.docs_per_shard
@@ -231,12 +374,16 @@ def extract(cfg: Config) -> dict[str, Any]:
           f"({len(done)} already done), model {cfg.model_name}, layer {cfg.layer}, D={hidden_size}, {storage_dtype}",
           flush=True)
     if todo:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        replicas = cfg.num_extract_workers or max(1, int(gpus))
+        cluster = ray.cluster_resources()
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+        place = placement(cfg, cluster.get("GPU", 0), node_cpus, cluster.get("CPU", 1))
+        announce(cfg, place, cluster.get("GPU", 0), sum(len(c["docs"]) for c in todo) * cfg.max_seq_length)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             HiddenStateExtractor,
             fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), storage_dtype=storage_dtype, shards_dir=shards_dir),
-            batch_size=1, concurrency=replicas, num_gpus=1 if gpus else None,
+            batch_size=1, num_cpus=place.num_cpus, num_gpus=place.num_gpus or None,
+            compute=ray.data.ActorPoolStrategy(size=place.replicas, max_tasks_in_flight_per_actor=2,
+                                               max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         )
         docs_todo = sum(len(c["docs"]) for c in todo)
         t0, docs, tokens = time.time(), 0, 0
@@ -271,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         cfg = config_from_args(parser.parse_args(argv))
+        cfg = dataclasses.replace(cfg, model_name=model_id(cfg.model_name))
         connect(cfg)
         extract(cfg)
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -36,9 +37,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the generator's vocabulary: real, deterministic, instant."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + SYMBOLS + WORDS)}
+def make_tokenizer(chat_template: str = CHAT_TEMPLATE, extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the generator's vocabulary: real, deterministic, instant.
+    Another chat template (a real model's, in the tests) can come with the words it writes."""
+    words = sorted(set(WORDS) | {w.lower() for w in extra_words} - set(SPECIAL + SYMBOLS))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + SYMBOLS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -51,7 +54,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<|begin_of_text|>",
         eos_token="<|end_of_text|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         padding_side="right",
     )
 

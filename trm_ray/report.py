@@ -7,6 +7,7 @@ themselves (their `best_metrics`), so the summary can never disagree with what w
 from __future__ import annotations
 
 import io
+import math
 import os
 import posixpath
 from typing import Any
@@ -16,16 +17,17 @@ import pyarrow.fs as pafs
 import torch
 
 from trm_ray.compressor import METRICS, load_checkpoint, orthonormality_error
-from trm_ray.config import Config
+from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
 from trm_ray.shards import filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points
 
 
-def results_path(cfg: Config) -> str:
-    """sweep_results.json for stage 1a; stage 1b's sits beside it without replacing it."""
-    name = "sweep_results.json" if cfg.stage == "1a" else f"sweep_results_stage{cfg.stage}.json"
-    return os.path.join(cfg.output_dir, name)
+def results_path(cfg: Config, kind: str = "results", ext: str = "json") -> str:
+    """sweep_results.json (and .csv, and the plot sweep_report.png) for stage 1a; stage 1b's sit beside them
+    without replacing them. Built from the file name alone, so no part of --output_dir is ever rewritten."""
+    name = f"sweep_{kind}" if cfg.stage == "1a" else f"sweep_{kind}_stage{cfg.stage}"
+    return os.path.join(cfg.output_dir, f"{name}.{ext}")
 
 
 def best_checkpoint_path(result: Any) -> str | None:
@@ -57,25 +59,30 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
     """Export the best trial's checkpoint per D' and write the results (json, csv) and the plot."""
     d_model = manifest["hidden_size"]
     best: dict[int, dict[str, Any]] = {}
-    errors: dict[int, str] = {}
+    errors: dict[int, list[str]] = {}  # trials that errored: the sweep failed
+    unusable: dict[int, list[str]] = {}  # trials that ended with nothing to export (e.g. diverged at once)
     for result in grid:
-        d = int(result.config["d_compressed"])
+        d, lr = int(result.config["d_compressed"]), float(result.config["learning_rate"])
+        label = f"lr {lr:g}: " if cfg.sweep_learning_rates else ""
         src = best_checkpoint_path(result)
-        if src is None:
-            errors[d] = str(result.error).splitlines()[0] if result.error else "no checkpoint was reported"
+        if result.error is not None:  # e.g. used up max_failures: a failure even after reporting checkpoints
+            errors.setdefault(d, []).append(f"{label}{type(result.error).__name__}: {str(result.error).splitlines()[0]}")
+            continue
+        metrics = _read_best_metrics(posixpath.join(src, checkpoint_file)) if src else {}
+        if not math.isfinite(metrics.get("mse", math.nan)):  # NaN never wins: `x < nan` is always false
+            why = result.metrics.get("stop_reason") or (f"validation mse is {metrics['mse']}" if src else "no checkpoint was reported")
+            unusable.setdefault(d, []).append(label + why)
             continue
         src = posixpath.join(src, checkpoint_file)
-        metrics = _read_best_metrics(src)
         if d not in best or metrics[cfg.score_metric] < best[d][cfg.score_metric]:
             epochs = int(result.metrics.get("epoch", 0))
             reason = result.metrics.get("stop_reason") or (
                 "completed all epochs" if epochs >= cfg.num_epochs else "stopped by ASHA")
             best[d] = {"src": src, **metrics, "epochs": epochs, "stop_reason": reason,
-                       "initial_cosine_similarity": initial_cosine(result),
-                       "learning_rate": float(result.config["learning_rate"])}
+                       "initial_cosine_similarity": initial_cosine(result), "learning_rate": lr}
 
     rows = []
-    for d in sorted(set(best) | set(errors)):
+    for d in sorted(set(best) | set(errors) | set(unusable)):
         row: dict[str, Any] = {"d_compressed": d, "d_model": d_model, "compression_ratio": d_model / d,
                                "num_params": d_model * d, "objective": cfg.objective}
         if d in best:
@@ -85,20 +92,36 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
             row["orthonormality_error"] = orthonormality_error(load_checkpoint(dest)["compressor"]["weight"])
             row.update({"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / best[d]["mse"],
                         "pca_cosine_similarity": limit["pca_cosine_similarity"][d],
-                        "pca_explained_variance": limit["explained_variance"][d],
+                        "pca_explained_variance": limit["pca_explained_variance"][d],
                         "learning_rate": best[d]["learning_rate"],
                         "initial_cosine_similarity": best[d]["initial_cosine_similarity"],
                         "best_epoch": best[d]["epoch"], "epochs_trained": best[d]["epochs"],
                         "stop_reason": best[d]["stop_reason"], "checkpoint": os.path.abspath(dest)})
-        else:
-            row["error"] = errors[d]
+            row["note"] = shortfall_note(row, cfg)
+        failures = errors.get(d, []) + (unusable.get(d, []) if d not in best else [])
+        if failures:  # with an lr grid, a D' may have an exported trial and failed ones
+            row["error"] = "; ".join(failures)
         rows.append(row)
-    add_downstream(rows, cfg, manifest)
-    path = results_path(cfg)
-    write_json(path, rows)
-    pd.DataFrame(rows).to_csv(path.replace(".json", ".csv"), index=False)
-    plot_report(rows, limit, cfg, manifest, path.replace("results", "report").replace(".json", ".png"))
+    # The rows are saved before the downstream pass, so a failure there (no output embeddings, out of
+    # memory) costs only its own columns.
+    write_results(rows, cfg)
+    plot_report(rows, limit, cfg, manifest, results_path(cfg, "report", "png"))
+    try:
+        add_downstream(rows, cfg, manifest)
+    except Exception as e:  # anything at all: the trained results are already safe on disk
+        cause = getattr(e, "cause", None) or e  # a Ray task's own exception, not Ray's wrapper
+        failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+        print(f"sweep: the downstream KL failed ({failure}); the results are saved without it", flush=True)
+        for row in rows:
+            if "checkpoint" in row:
+                row["downstream_error"] = failure
+    write_results(rows, cfg)
     return rows
+
+
+def write_results(rows: list[dict[str, Any]], cfg: Config) -> None:
+    write_json(results_path(cfg), rows)
+    pd.DataFrame(rows).to_csv(results_path(cfg, ext="csv"), index=False)
 
 
 # The seed guide's expected cosine per D' (for D=3072): a reference line, not a measurement.
@@ -113,12 +136,12 @@ def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, 
     import matplotlib.pyplot as plt
 
     d_model = limit["hidden_size"]
-    done = [r for r in rows if "error" not in r]
+    done = [r for r in rows if "checkpoint" in r]
     xs = curve_points(d_model, [r["d_compressed"] for r in rows])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, limit_key, title in ((axes[0], "cosine_similarity", "pca_cosine_similarity", "validation cosine similarity"),
-                                      (axes[1], "explained_variance", "explained_variance", "explained variance (uncentred)")):
-        ax.plot(xs, [limit[limit_key][x] for x in xs], "k--", label="PCA limit (optimal tied linear)")
+                                      (axes[1], "explained_variance", "pca_explained_variance", "validation explained variance (uncentred)")):
+        ax.plot(xs, [limit[limit_key][x] for x in xs], "k--", label="PCA (the MSE-optimal tied linear compressor)")
         ax.plot([r["d_compressed"] for r in done], [r[key] for r in done], "o-", color="tab:blue", label=f"trained (stage {cfg.stage})")
         if key == "cosine_similarity":
             seed = sorted(SEED_EXPECTED_COSINE.items())
@@ -135,33 +158,61 @@ def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, 
     plt.close(fig)
 
 
+AT_LIMIT = 0.995  # pca_efficiency from which a compressor counts as at the PCA limit
+
+
+def shortfall_note(row: dict[str, Any], cfg: Config) -> str | None:
+    """For a compressor short of the PCA limit: by how much, and why, in one line (None at the limit)."""
+    eff = row["pca_efficiency"]
+    if eff >= AT_LIMIT:
+        return None
+    start = "the stage 1a checkpoint" if cfg.init_checkpoint(row["d_compressed"]) else f"the {cfg.init} init"
+    hint = ("a random start's subspace turns towards the top-D' one slowly; --init pca starts at the limit"
+            if start == "the orthogonal init"
+            else "more epochs (--num_epochs) or another --learning_rate may close the gap")
+    return (f"d{row['d_compressed']}: validation mse {1 / eff - 1:.1%} above the PCA limit (pca_efficiency {eff:.4f}) "
+            f"after {row['epochs_trained']} epochs from {start} at peak lr {row['learning_rate']:g}: {hint}")
+
+
 def _read_best_metrics(path: str) -> dict[str, float]:
     ckpt = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
     return ckpt["best_metrics"]  # the METRICS and the epoch they were reached at
 
 
 def _copy(src: str, dest: str) -> None:
-    """Copy then rename, so an existing export is replaced whole or not at all."""
+    """Copy, check, then rename: an existing export is replaced whole, by a checkpoint that loads, or not at all."""
     src_fs, src_p = filesystem(src)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp = dest + ".tmp"
     pafs.copy_files(src_p, os.path.abspath(tmp), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        load_checkpoint(tmp)  # a copy that does not load never replaces a good export
+    except UserError:
+        os.unlink(tmp)
+        raise
     os.replace(tmp, dest)
-    load_checkpoint(dest)  # refuse to report a copy that does not load
 
 
 def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
     head = (f"{'D_prime':>8} {'ratio':>7} {'params':>10} {'mse':>11} {'cosine':>8} {'rel_err':>8} {'var_ratio':>9} "
-            f"{'pca_cos':>8} {'pca_eff':>8} {'KL':>9} {'pca_KL':>9}  checkpoint")
+            f"{'pca_cos':>8} {'pca_eff':>8} {'orth_err':>9} {'KL':>9} {'pca_KL':>9}  checkpoint")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        if "error" in r:
+        if "checkpoint" not in r:
             print(f"{r['d_compressed']:>8} {r['compression_ratio']:>6.1f}x {r['num_params']:>10,}  FAILED: {r['error']}")
             continue
         print(f"{r['d_compressed']:>8} {r['compression_ratio']:>6.1f}x {r['num_params']:>10,} {r['mse']:>11.4g} "
               f"{r['cosine_similarity']:>8.4f} {r['relative_error']:>8.4f} {r['variance_ratio']:>9.4f} "
-              f"{r['pca_cosine_similarity']:>8.4f} {r['pca_efficiency']:>8.4f} {r.get('downstream_kl', float('nan')):>9.3g} "
-              f"{r.get('pca_downstream_kl', float('nan')):>9.3g}  {r['checkpoint']}")
-    path = results_path(cfg)
-    print(f"\nsummary: {path} (and .csv); plot: {path.replace('results', 'report').replace('.json', '.png')}\n", flush=True)
+              f"{r['pca_cosine_similarity']:>8.4f} {r['pca_efficiency']:>8.4f} {r['orthonormality_error']:>9.2g} "
+              f"{r.get('downstream_kl', float('nan')):>9.3g} {r.get('pca_downstream_kl', float('nan')):>9.3g}  {r['checkpoint']}")
+        if "error" in r:  # an lr grid: the exported trial above, and failed ones of the same D'
+            print(f"{'':>8} other trials of this D' FAILED: {r['error']}")
+    for failure in sorted({r["downstream_error"] for r in rows if "downstream_error" in r}):
+        print(f"downstream KL FAILED: {failure}")
+    print("\nThe best epoch of each trial and the best learning rate of each D' are picked on the validation set these "
+          "metrics are measured on (held-out documents, never trained on).")
+    for r in rows:
+        if r.get("note"):
+            print(f"note: {r['note']}")
+    print(f"\nsummary: {results_path(cfg)} (and .csv); plot: {results_path(cfg, 'report', 'png')}\n", flush=True)
 

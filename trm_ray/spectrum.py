@@ -4,7 +4,9 @@ The optimum is the top-D' principal subspace of the uncentred second moment E[xx
 training hidden states (no centring: the compressor has no bias). One Ray Data pass over
 the training shards accumulates XᵀX in float64; its eigen-decomposition gives, for every D'
 at once, the best reachable training MSE and explained variance, and one pass over the
-validation documents gives the PCA reconstruction's validation MSE and mean cosine. Stored
+validation documents gives the PCA reconstruction's validation MSE, explained variance and
+mean cosine (the cosine of the MSE-optimal reconstruction: PCA maximises the energy kept,
+not the mean cosine, so a trained compressor may score a hair above it). Stored
 beside the shards (`spectrum.json`, eigenvectors in `spectrum.pt`), computed once per shard
 set and split, reused by every trial and sweep.
 
@@ -23,53 +25,71 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trm_ray.shards import decode_hidden, load_splits, read_bytes, read_json, read_manifest, write_bytes, write_json
+from trm_ray.config import UserError
+from trm_ray.shards import (decode_hidden, read_bytes, read_json, read_manifest, rows_per_block, shard_paths, side_tables,
+                            write_bytes, write_json)
 
-SPECTRUM_JSON = "spectrum.json"
-SPECTRUM_PT = "spectrum.pt"
+def spectrum_files(shards_dir: str, val_fraction: float, seed: int) -> tuple[str, str]:
+    """spectrum-val<fraction>-seed<seed>.json and .pt: one pair per split, so a spectrum computed for one
+    split never stands in for another's (the PCA init and the PCA downstream KL read the .pt)."""
+    stem = posixpath.join(shards_dir, f"spectrum-val{val_fraction:g}-seed{seed}")
+    return f"{stem}.json", f"{stem}.pt"
 
 
-def _moment_sums(batch: pa.Table) -> dict[str, np.ndarray]:
+def _moment_sums(batch: pa.Table) -> dict[str, Any]:
     x = decode_hidden(batch["hidden"]).double()
-    return {"xtx": (x.T @ x).reshape(1, -1).numpy(), "sum": x.sum(0, keepdim=True).numpy(),
-            "sumsq": (x ** 2).sum(0, keepdim=True).numpy(), "n": np.array([x.shape[0]])}
+    return {"xtx": (x.T @ x).numpy(), "sum": x.sum(0).numpy(), "sumsq": (x ** 2).sum(0).numpy(), "n": x.shape[0]}
 
 
-def summed(dataset: Any, fn: Callable[..., dict[str, np.ndarray]], zeros: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """One distributed pass: `fn` makes each block's partial sums (one row per block), added up here."""
+def summed(shards_dir: str, val_side: bool, val_fraction: float, seed: int, fn: Callable[..., dict[str, Any]],
+           zeros: dict[str, Any], *args: Any) -> dict[str, Any]:
+    """One distributed pass over one side of the split: `fn` gives a block's sums, and each task adds up
+    those of all its shards, so one partial per task reaches the driver, not one per block (a float64
+    DxD is 32 MiB at D=2048: per block that was ~50 GB through the object store at 105 GB of shards)."""
+    import ray
+
+    manifest = read_manifest(shards_dir)
+    paths = shard_paths(shards_dir, manifest)
+    rows = rows_per_block(manifest)
+
+    def task(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        total = dict(zeros)
+        for path in batch["path"]:
+            for table in side_tables(str(path), val_fraction, seed, val_side, rows, ["doc_id", "hidden"]):
+                part = fn(table, *args)
+                total = {k: total[k] + part[k] for k in total}
+        return {k: np.asarray(v)[None] for k, v in total.items()}
+
+    tasks = max(1, min(len(paths), int(ray.cluster_resources().get("CPU", 1))))
+    parts = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=tasks)
     total = dict(zeros)
-    parts = dataset.map_batches(fn, batch_format="pyarrow", batch_size=None, **kwargs)
-    for part in parts.iter_batches(batch_size=None, batch_format="numpy"):
-        for key in total:
-            total[key] = total[key] + part[key].sum(0)
+    for part in parts.map_batches(task, batch_size=None, batch_format="numpy").iter_batches(batch_size=None, batch_format="numpy"):
+        total = {k: total[k] + part[k].sum(0) for k in total}
     return total
 
 
-def second_moment(train: Any, d_model: int) -> dict[str, Any]:
-    """XᵀX, per-dimension sums and the row count of a dataset, one distributed pass, float64."""
-    total = summed(train, _moment_sums,
-                   {"xtx": np.zeros(d_model * d_model), "sum": np.zeros(d_model), "sumsq": np.zeros(d_model), "n": 0})
-    total["xtx"] = total["xtx"].reshape(d_model, d_model)
-    return total
+def second_moment(shards_dir: str, val_fraction: float, seed: int, d_model: int) -> dict[str, Any]:
+    """XᵀX, per-dimension sums and the row count of the training rows, one distributed pass, float64."""
+    return summed(shards_dir, False, val_fraction, seed, _moment_sums,
+                  {"xtx": np.zeros((d_model, d_model)), "sum": np.zeros(d_model), "sumsq": np.zeros(d_model), "n": 0})
 
 
-def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-D' sums over validation rows: ||x - P_k x||² and cos(x, P_k x) = ||P_k x|| / ||x||."""
+def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray) -> dict[str, Any]:
+    """Per-D' sums over validation rows: ||x - P_k x||² and cos(x, P_k x) = ||P_k x|| / ||x||; and Σ||x||²."""
     x = decode_hidden(batch["hidden"]).double()
     z2 = (x @ torch.from_numpy(eigenvectors)) ** 2  # coordinates in the eigenbasis, largest first
     kept = torch.cat([torch.zeros(x.shape[0], 1, dtype=torch.float64), z2.cumsum(1)], 1)  # ||P_k x||², k = 0..D
     norm2 = (x ** 2).sum(1, keepdim=True)
-    return {"err": (norm2 - kept).clamp_min(0).sum(0, keepdim=True).numpy(),
-            "cos": (kept.sqrt() / norm2.sqrt().clamp_min(1e-30)).sum(0, keepdim=True).numpy(),
-            "n": np.array([x.shape[0]])}
+    return {"err": (norm2 - kept).clamp_min(0).sum(0).numpy(),
+            "cos": (kept.sqrt() / norm2.sqrt().clamp_min(1e-30)).sum(0).numpy(),
+            "energy": float(norm2.sum()), "n": x.shape[0]}
 
 
 def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     """(summary, eigenvectors as columns, largest eigenvalue first)."""
     manifest = read_manifest(shards_dir)
     d = manifest["hidden_size"]
-    train, val = load_splits(shards_dir, val_fraction, seed)
-    m = second_moment(train, d)
+    m = second_moment(shards_dir, val_fraction, seed, d)
     evals, evecs = np.linalg.eigh(m["xtx"])
     order = np.argsort(evals)[::-1]
     evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
@@ -77,15 +97,18 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
     total = float(np.trace(m["xtx"]))
     captured = np.concatenate([[0.0], np.cumsum(evals)])  # index k: energy in the top-k subspace
 
-    sums = summed(val, _pca_val_sums, {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "n": 0}, fn_args=(evecs,))
+    sums = summed(shards_dir, True, val_fraction, seed, _pca_val_sums,
+                  {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "energy": 0.0, "n": 0}, np.ascontiguousarray(evecs))
     mean = m["sum"] / n
     summary = {
         "split": {"val_fraction": val_fraction, "seed": seed}, "hidden_size": d,
         "train_tokens": n, "val_tokens": int(sums["n"]),
         "eigenvalues": (evals / n).tolist(),  # of E[xxᵀ]
         # Arrays below are indexed by D' (0..D).
-        "explained_variance": (captured / total).tolist(),
+        "explained_variance": (captured / total).tolist(),  # training split
         "train_pca_mse": ((total - captured) / (n * d)).tolist(),
+        # Validation split, like the trained compressors' metrics (1 - ||X - PX||²_F / ||X||²_F, uncentred).
+        "pca_explained_variance": (1.0 - sums["err"] / float(sums["energy"])).tolist(),
         "pca_mse": (sums["err"] / (sums["n"] * d)).tolist(),
         "pca_cosine_similarity": (sums["cos"] / sums["n"]).tolist(),
         "mean": mean.tolist(), "variance": (m["sumsq"] / n - mean ** 2).tolist(),
@@ -95,21 +118,27 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
 
 def load_or_compute(shards_dir: str, val_fraction: float, seed: int) -> dict[str, Any]:
     """The stored spectrum of this shard set and split, computed (and stored) on first use."""
-    path = posixpath.join(shards_dir, SPECTRUM_JSON)
-    summary = read_json(path)
-    if summary is not None and summary["split"] == {"val_fraction": val_fraction, "seed": seed}:
+    json_path, pt_path = spectrum_files(shards_dir, val_fraction, seed)
+    summary = read_json(json_path)
+    # A spectrum stored before it had the validation explained variance is computed again.
+    if summary is not None and "pca_explained_variance" in summary:
         return summary
     print(f"spectrum: one pass over {shards_dir} for the second moment and its eigenvectors", flush=True)
     summary, evecs = compute_spectrum(shards_dir, val_fraction, seed)
     buf = io.BytesIO()
     torch.save({"eigenvectors": torch.from_numpy(evecs), "split": summary["split"]}, buf)
-    write_bytes(posixpath.join(shards_dir, SPECTRUM_PT), buf.getvalue())
-    write_json(path, summary)  # last: a spectrum.json always has its eigenvectors beside it
+    write_bytes(pt_path, buf.getvalue())
+    write_json(json_path, summary)  # last: a spectrum's .json always has its eigenvectors beside it
     return summary
 
 
-def eigenvectors(shards_dir: str) -> torch.Tensor:
-    return torch.load(io.BytesIO(read_bytes(posixpath.join(shards_dir, SPECTRUM_PT))), weights_only=True)["eigenvectors"]
+def eigenvectors(shards_dir: str, val_fraction: float, seed: int) -> torch.Tensor:
+    """The eigenvectors of this split's training second moment (columns, largest eigenvalue first)."""
+    _, pt_path = spectrum_files(shards_dir, val_fraction, seed)
+    stored = torch.load(io.BytesIO(read_bytes(pt_path)), weights_only=True)
+    if stored["split"] != {"val_fraction": val_fraction, "seed": seed}:  # a renamed or copied file
+        raise UserError(f"{pt_path} holds the spectrum of split {stored['split']}: delete it to recompute")
+    return stored["eigenvectors"]
 
 
 def curve_points(d_model: int, extra: list[int] = ()) -> list[int]:
@@ -133,9 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         s = load_or_compute(args.shards_dir, args.val_fraction, args.seed)
         d = s["hidden_size"]
         print(f"\nPCA limit of a tied linear compressor, D={d}, {s['train_tokens']:,} train / {s['val_tokens']:,} validation tokens")
-        print(f"{'D_prime':>8} {'explained_var':>14} {'val_pca_mse':>12} {'val_pca_cosine':>15}")
+        print(f"{'D_prime':>8} {'train_explained_var':>20} {'val_explained_var':>18} {'val_pca_mse':>12} {'val_pca_cosine':>15}")
         for k in curve_points(d):
-            print(f"{k:>8} {s['explained_variance'][k]:>14.4f} {s['pca_mse'][k]:>12.4g} {s['pca_cosine_similarity'][k]:>15.4f}")
+            print(f"{k:>8} {s['explained_variance'][k]:>20.4f} {s['pca_explained_variance'][k]:>18.4f} "
+                  f"{s['pca_mse'][k]:>12.4g} {s['pca_cosine_similarity'][k]:>15.4f}")
 
     run_cli(run)
 

@@ -21,15 +21,16 @@ import uuid
 from typing import Any
 
 from trm_ray import spectrum
+from trm_ray.cli import trial_cpus
 from trm_ray.compressor import load_checkpoint
-from trm_ray.config import Config, UserError, build_parser, config_from_args, make_config
-from trm_ray.downstream import on_a_gpu_if_any, pca_kl
-from trm_ray.extract import extract, hidden_size_of
+from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
+from trm_ray.downstream import on_a_gpu, pca_kl
+from trm_ray.extract import extract, hidden_size_of, model_id
 from trm_ray.report import exclusions, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
-from trm_ray.train import CHECKPOINT_FILE, make_trainer, trial_config
+from trm_ray.train import CHECKPOINT_FILE, make_trainer, run_label, trial_config
 
 
 def trial(config: dict[str, Any], train: Any, val: Any) -> None:
@@ -50,10 +51,42 @@ def differing_settings(saved: dict[str, Any], cfg: Config) -> list[str]:
     return sorted(k for k in now if k not in RUNTIME_ONLY and saved.get(k) != now[k])
 
 
+def should_resume(exp_dir: str, cfg: Config, overwrite: bool) -> bool:
+    """The same command again continues the sweep; another sweep's results are never mixed in.
+
+    A directory without Tune state (a crash before Tune saved anything) holds nothing to lose: start afresh."""
+    from ray import tune
+
+    if overwrite or not os.path.exists(exp_dir) or not tune.Tuner.can_restore(exp_dir):
+        return False
+    changed = differing_settings(read_json(os.path.join(exp_dir, SWEEP_CONFIG)) or {}, cfg)
+    if changed:
+        raise UserError(f"{cfg.output_dir} holds another sweep's results ({', '.join(changed)} differ): "
+                        "pass --overwrite to replace them, or choose another --output_dir")
+    return True
+
+
+def trials_that_fit(cfg: Config) -> int | None:
+    """On a local Ray: how many trials run at once with their workers (one CPU left for Ray Data's reads).
+
+    More would take the CPUs their own workers wait for, until Train's worker-group start times out.
+    On a cluster (--address) none: its autoscaler adds nodes for what is pending."""
+    import ray
+
+    if cfg.address:
+        return None
+    total = ray.cluster_resources()
+    if trial_cpus(cfg) + 1 > total.get("CPU", 0) or (cfg.use_gpu and cfg.num_workers > total.get("GPU", 0)):
+        raise UserError(f"a trial needs {trial_cpus(cfg) + 1} CPUs (Tune, {cfg.num_workers} worker(s), Ray Data)"
+                        f"{f' and {cfg.num_workers} GPUs' if cfg.use_gpu else ''}, "
+                        f"the local Ray has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs: "
+                        "pass --num_cpus, fewer --num_workers, or --no_use_gpu")
+    return max(1, int(total.get("CPU", 0) - 1) // trial_cpus(cfg))
+
+
 def trial_name(t: Any) -> str:
     """Readable and deterministic (a timestamp in a name breaks a restore): d256, or d256-lr0.001 in an lr grid."""
-    cfg, _ = trial_config(t.config)
-    return f"d{cfg.d_compressed}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
+    return run_label(trial_config(t.config)[0])
 
 
 def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -99,8 +132,8 @@ def limits(cfg: Config) -> dict[str, Any]:
     if cfg.objective == "mse":
         return limit
     print("sweep: next-token KL of the PCA reconstruction of each D' on the validation set", flush=True)
-    return {**limit, "pca_downstream_kl": on_a_gpu_if_any(pca_kl, cfg.model_name, cfg.shards_path, cfg.val_fraction,
-                                                          cfg.seed, cfg.d_values)}
+    return {**limit, "pca_downstream_kl": on_a_gpu(cfg.use_gpu, pca_kl, cfg.model_name, cfg.shards_path, cfg.val_fraction,
+                                                   cfg.seed, cfg.d_values)}
 
 
 def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],
@@ -116,8 +149,9 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
     from ray import tune
 
     # Absolute paths: trials and tasks run in other working directories.
-    model = os.path.abspath(cfg.model_name) if os.path.exists(cfg.model_name) else cfg.model_name
-    cfg = dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir), model_name=model)
+    cfg = dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir),
+                              model_name=model_id(cfg.model_name))
+    concurrent = trials_that_fit(cfg)  # before anything runs: a trial that can never start is refused now
     manifest, counts, limit = prepare(cfg)
     d_model = manifest["hidden_size"]
     print(f"sweep: D={d_model}, D' in {cfg.d_values}; {counts['train_tokens']:,} train tokens "
@@ -128,13 +162,8 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
     name = f"stage{cfg.stage}_{'sweep' if cfg.sweep else f'd{cfg.d_compressed}'}"
     storage = os.path.join(cfg.output_dir, "ray_results")
     exp_dir = os.path.join(storage, name)
-    resume = os.path.exists(exp_dir) and not overwrite
-    if resume:  # the same command again continues the sweep; another sweep's results are never mixed in
-        changed = differing_settings(read_json(os.path.join(exp_dir, SWEEP_CONFIG)) or {}, cfg)
-        if changed or not tune.Tuner.can_restore(exp_dir):
-            raise UserError(f"{cfg.output_dir} holds another sweep's results ({', '.join(changed) or 'unreadable state'} differ): "
-                            "pass --overwrite to replace them, or choose another --output_dir")
-    else:
+    resume = should_resume(exp_dir, cfg, overwrite)
+    if not resume:
         for path in (exp_dir, os.path.join(storage, f"{name}_train")):
             shutil.rmtree(path, ignore_errors=True)
         write_json(os.path.join(exp_dir, SWEEP_CONFIG), dataclasses.asdict(cfg))
@@ -162,7 +191,7 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
+                scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials or concurrent,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
@@ -173,13 +202,31 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def resumed_config(output_dir: str) -> Config:
-    """The settings an interrupted sweep in `output_dir` was started with."""
-    saved = glob.glob(os.path.join(output_dir, "ray_results", "*", SWEEP_CONFIG))
-    if len(saved) != 1:
-        raise UserError(f"{output_dir} holds {'no' if not saved else 'more than one'} trm_ray sweep to resume: "
-                        "give the --output_dir of one interrupted sweep")
-    return make_config(read_json(saved[0]))
+def resumed_config(output_dir: str, stage: str | None = None) -> Config:
+    """The settings an interrupted sweep in `output_dir` was started with (of `stage`, when it holds 1a and 1b)."""
+    saved = [read_json(p) for p in sorted(glob.glob(os.path.join(output_dir, "ray_results", "*", SWEEP_CONFIG)))]
+    found = [s for s in saved if stage is None or s.get("stage") == stage]
+    if len(found) != 1:
+        stages = sorted({s.get("stage") for s in saved})
+        hint = (f": pass --stage ({' or '.join(stages)}) to pick one" if stage is None and len(stages) > 1
+                else ": give the --output_dir of one interrupted sweep")
+        raise UserError(f"{output_dir} holds {len(found) or 'no'} trm_ray sweep{'s' if len(found) != 1 else ''}"
+                        f"{f' of stage {stage}' if stage else ''} to resume{hint}")
+    return make_config(found[0])
+
+
+def command_config(args: Any) -> Config:
+    """The flags' Config; with --resume, the interrupted sweep's own settings, where only the settings
+    that do not change results (--address, --num_cpus, ...) may be given again, and --stage picks the sweep."""
+    if not args.resume:
+        return config_from_args(args)
+    given = {k for k, v in vars(args).items() if k in FIELDS and v is not None}
+    other = sorted(given - RUNTIME_ONLY - {"stage"}) + (["config"] if args.config else [])
+    if other:
+        raise UserError(f"--resume continues a sweep with its own settings; --{', --'.join(other)} cannot change them "
+                        f"(only --{', --'.join(sorted(RUNTIME_ONLY))} and --stage may be given)")
+    cfg = resumed_config(args.resume, args.stage)
+    return dataclasses.replace(cfg, **{k: getattr(args, k) for k in given & RUNTIME_ONLY})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,15 +234,16 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = build_parser("python -m trm_ray.sweep", __doc__.splitlines()[0])
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run's results in --output_dir.")
-    parser.add_argument("--resume", metavar="OUTPUT_DIR", help="Continue the interrupted sweep in OUTPUT_DIR with its own settings.")
+    parser.add_argument("--resume", metavar="OUTPUT_DIR",
+                        help="Continue the interrupted sweep in OUTPUT_DIR with its own settings (--stage picks 1a or 1b).")
 
     def main_() -> None:
         args = parser.parse_args(argv)
-        cfg = resumed_config(args.resume) if args.resume else config_from_args(args)
+        cfg = command_config(args)
         prepare_wandb(cfg)
         connect(cfg)
         rows = run(cfg, overwrite=args.overwrite)
-        if any("error" in row for row in rows):
+        if any("error" in row or "downstream_error" in row for row in rows):  # failed trials, or no KL
             sys.exit(1)
 
     run_cli(main_)

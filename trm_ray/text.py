@@ -3,13 +3,23 @@
 The other half of extraction (tokens -> hidden states -> shards) is `trm_ray.extract`; this
 module never touches the model, only its tokenizer, so what reaches the shards can be
 checked without running an LLM.
+
+Stage 1b keeps the reasoning of assistant turns and nothing else. A real chat template adds
+text of its own around the messages: SmolLM3's writes a default system prompt that contains
+`<think> Thought section </think>`, the day's date (`strftime_now`), and an empty
+`<think>\n\n</think>` in no-think mode. So spans are taken from the assistant messages
+themselves, never from marker tokens in the rendered prompt, and the date is pinned.
 """
 
 from __future__ import annotations
 
+import datetime
 import glob
+import hashlib
 import json
 import os
+import re
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -35,20 +45,43 @@ def _local_files(path: str) -> list[str]:
 
 def _records_from_file(path: str) -> Iterable[dict[str, Any]]:
     if path.endswith(".parquet"):
-        yield from pq.read_table(path).to_pylist()
+        # Batch by batch: only the first num_samples documents are ever held, however large the file.
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
     elif path.endswith(".txt"):
         # Documents are separated by blank lines.
         with open(path) as f:
             for block in f.read().split("\n\n"):
                 yield {"text": block.strip()}
-    else:
+    elif path.endswith(".json") and _starts_with(path, "["):  # one JSON array of records
+        with open(path) as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        for n, record in enumerate(records):
+            yield _record(record, f"{path}[{n}]")
+    else:  # JSON Lines, also under a .json name
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        record = json.loads(line)
                     except json.JSONDecodeError:
                         raise UserError(f"{path}:{n} is not valid JSON") from None
+                    yield _record(record, f"{path}:{n}")
+
+
+def _starts_with(path: str, char: str) -> bool:
+    with open(path) as f:
+        return f.read(4096).lstrip().startswith(char)
+
+
+def _record(record: Any, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is a JSON {type(record).__name__}, not an object of fields: "
+                        "give one JSON object per line, or a JSON array of objects")
+    return record
 
 
 def read_records(cfg: Config) -> Iterable[dict[str, Any]]:
@@ -64,14 +97,38 @@ def read_records(cfg: Config) -> Iterable[dict[str, Any]]:
         yield from datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split, streaming=True)
 
 
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def to_messages(conversation: Any, field: str) -> list[dict[str, str]]:
+    """A conversation as {role, content} messages; ShareGPT's {from, value} (human/gpt/system) is converted."""
+    if not isinstance(conversation, list):
+        raise UserError(f"the {field!r} field must hold a list of messages, got {type(conversation).__name__}")
+    messages = []
+    for m in conversation:
+        if isinstance(m, dict) and "role" in m and "content" in m:
+            role, content = m["role"], m["content"]
+        elif isinstance(m, dict) and "from" in m and "value" in m:
+            role, content = SHAREGPT_ROLES.get(m["from"], m["from"]), m["value"]
+        else:
+            keys = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise UserError(f"messages in the {field!r} field must be {{role, content}} or ShareGPT {{from, value}}, got {keys}")
+        if not isinstance(content, str):
+            raise UserError(f"a {role!r} message in the {field!r} field has {type(content).__name__} content; text is needed")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
 def read_documents(cfg: Config) -> list[Any]:
-    """The first `num_samples` documents: texts (stage 1a) or conversations (stage 1b)."""
+    """The first `num_samples` documents: texts (stage 1a) or conversations as {role, content} lists (stage 1b)."""
     key = getattr(cfg, cfg.document_field)
     docs = []
     for record in read_records(cfg):
         if key not in record:
             raise UserError(f"records of {cfg.dataset} have no {key!r} field (they have {sorted(record)}): set --{cfg.document_field}")
         doc = record[key]
+        if cfg.stage == "1b" and doc:
+            doc = to_messages(doc, key)
         if (isinstance(doc, str) and doc.strip()) or (isinstance(doc, list) and doc):
             docs.append(doc)
             if len(docs) == cfg.num_samples:
@@ -81,26 +138,145 @@ def read_documents(cfg: Config) -> list[Any]:
     return docs
 
 
-def tokenize(tokenizer: Any, docs: list[Any], max_seq_length: int, keep_tokens: str = "all") -> tuple[list[list[int]], list[np.ndarray]]:
+# --- chat rendering -------------------------------------------------------------------------
+
+def load_tokenizer(model_name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_name)
+
+
+def chat_template(tokenizer: Any) -> str:
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        raise UserError(f"the tokenizer of {tokenizer.name_or_path} has no (single) chat template to render conversations with")
+    return template
+
+
+def pinned_template(template: str, date: str) -> tuple[str, dict[str, str]]:
+    """The template with its `strftime_now` fixed to `date`, and the variables it then needs.
+
+    transformers offers `strftime_now` (today's date) as a Jinja global and turns any callable
+    passed as a template variable into a placeholder string, so it cannot be overridden from
+    outside. A macro of the same name defined at the top of the template shadows the global;
+    it looks each format the template uses up in a table of `date` formatted in advance.
+    """
+    if "strftime_now" not in template:
+        return template, {}
+    formats = {m.group(2) for m in re.finditer(r"strftime_now\(\s*(['\"])(.*?)\1\s*\)", template)}
+    day = datetime.date.fromisoformat(date)
+    macro = "{%- macro strftime_now(format) -%}{{- trm_pinned_dates[format] -}}{%- endmacro -%}"
+    return macro + template, {"trm_pinned_dates": {f: day.strftime(f) for f in formats}}
+
+
+def chat_settings(tokenizer: Any, cfg: Config) -> dict[str, Any] | None:
+    """What a conversation's rendering depends on besides its messages (the manifest records it:
+    another template, date or markers makes other shards). None for stage 1a (no rendering)."""
+    if cfg.stage != "1b":
+        return None
+    template = chat_template(tokenizer)
+    return {"template_sha256": hashlib.sha256(template.encode()).hexdigest(), "enable_thinking": True,
+            "date": cfg.chat_date if "strftime_now" in template else None, "think_markers": list(cfg.think_markers)}
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], cfg: Config) -> str:
+    """The conversation as the model reads it: its chat template, thinking on, the date pinned."""
+    template, variables = pinned_template(chat_template(tokenizer), cfg.chat_date)
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, enable_thinking=True, **variables)
+
+
+# --- which tokens are kept ------------------------------------------------------------------
+
+def thinking_texts(content: str, markers: list[str]) -> list[str]:
+    """The texts strictly between the open and close marker in a message (an unclosed span runs to
+    its end); whitespace-only ones, such as the empty block of a no-think answer, are no reasoning."""
+    open_, close = markers
+    texts = []
+    for part in content.split(open_)[1:]:
+        text = part.split(close)[0]
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def reasoning_ranges(rendered: str, messages: list[dict[str, str]], markers: list[str]) -> tuple[list[tuple[int, int]], int]:
+    """Character ranges of `rendered` that hold the thinking of its assistant messages, and how many
+    thinking spans those messages have (more than ranges found: the template left some out).
+
+    Each message is looked up in the render after the previous one, so everything the
+    template writes before the first message (a system prompt quoting the markers, the date)
+    is passed over, and markers the template adds itself never open a span.
+    """
+    ranges, spans, cursor = [], 0, 0
+    for m in messages:
+        texts = thinking_texts(m["content"], markers) if m["role"] == "assistant" else [m["content"].strip()]
+        spans += len(texts) if m["role"] == "assistant" else 0
+        for text in texts:
+            at = rendered.find(text, cursor) if text else -1
+            if at >= 0:
+                cursor = at + len(text)
+                if m["role"] == "assistant":
+                    ranges.append((at, cursor))
+    return ranges, spans
+
+
+@dataclass
+class Tokenized:
+    """Token ids of each document (cut at max_seq_length), which positions reach the shards,
+    and per conversation: thinking found, thinking cut by max_seq_length, thinking the template dropped."""
+
+    ids: list[list[int]]
+    keeps: list[np.ndarray]
+    has_thinking: list[bool]
+    cut: list[bool]
+    dropped: list[bool]
+
+
+def tokenize(tokenizer: Any, docs: list[Any], cfg: Config) -> Tokenized:
     """Token ids of each document, and which of its positions to keep.
 
-    A conversation (stage 1b) is rendered with the tokenizer's chat template, thinking on;
-    with keep_tokens="thinking" only the tokens strictly between <think> and </think> are
-    kept (a span cut off by max_seq_length is kept up to the cut).
+    A text (stage 1a) keeps every token. A conversation (stage 1b) is rendered by `render`;
+    with keep_tokens "thinking" a token is kept when its characters lie inside the thinking
+    of an assistant message, found in the render by `reasoning_ranges` and mapped to tokens
+    through the fast tokenizer's offsets. This needs no `{% generation %}` tag (which the
+    assistant-mask route needs, and many templates lack) and no re-rendering of prefixes
+    (which breaks on templates that rewrite earlier turns), and it cannot pick up text the
+    template adds. A token that straddles a span's edge (a marker that is not one token) is
+    left out. A span cut off by max_seq_length is kept up to the cut.
     """
-    if docs and isinstance(docs[0], list):
-        texts = [tokenizer.apply_chat_template(d, tokenize=False, enable_thinking=True) for d in docs]
-        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_seq_length)["input_ids"]
-    else:
-        ids = tokenizer(list(docs), truncation=True, max_length=max_seq_length)["input_ids"]
-    if keep_tokens == "all":
-        return ids, [np.ones(len(t), dtype=bool) for t in ids]
-    open_id, close_id = (tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>"))
-    if tokenizer.unk_token_id in (open_id, close_id) or None in (open_id, close_id):
-        raise UserError("the tokenizer has no <think> / </think> tokens: use --keep_tokens all")
-    keeps = []
-    for t in ids:
-        arr = np.asarray(t)
-        depth = np.cumsum(arr == open_id) - np.cumsum(arr == close_id)
-        keeps.append((depth > 0) & (arr != open_id))
-    return ids, keeps
+    if not docs or not isinstance(docs[0], list):
+        ids = tokenizer(list(docs), truncation=True, max_length=cfg.max_seq_length)["input_ids"]
+        none = [False] * len(ids)
+        return Tokenized(ids, [np.ones(len(t), dtype=bool) for t in ids], none, none, none)
+    texts = [render(tokenizer, d, cfg) for d in docs]
+    if not tokenizer.is_fast:
+        raise UserError(f"stage 1b maps conversations to tokens by character offsets, which needs a fast tokenizer; {cfg.model_name}'s is not")
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = Tokenized([], [], [], [], [])
+    for text, doc, ids, offsets in zip(texts, docs, enc["input_ids"], enc["offset_mapping"]):
+        ranges, spans = reasoning_ranges(text, doc, cfg.think_markers)
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        inside = np.zeros(len(ids), dtype=bool)
+        for start, end in ranges:
+            inside |= (off[:, 0] >= start) & (off[:, 1] <= end) & (off[:, 1] > off[:, 0])
+        n = cfg.max_seq_length
+        out.ids.append(ids[:n])
+        out.keeps.append(inside[:n] if cfg.kept_tokens == "thinking" else np.ones(len(ids[:n]), dtype=bool))
+        out.has_thinking.append(bool(inside.any()))
+        out.cut.append(bool(inside[n:].any()))
+        out.dropped.append(len(ranges) < spans)
+    return out
+
+
+def thinking_summary(tok: Tokenized, cfg: Config) -> str:
+    """One line on what stage 1b keeps; a UserError when no conversation has thinking to keep."""
+    n, found = len(tok.ids), sum(tok.has_thinking)
+    where = f"{' ... '.join(cfg.think_markers)} in the assistant turns of the {cfg.messages_field!r} field"
+    dropped = f"; the chat template leaves out the thinking of {sum(tok.dropped)}" if any(tok.dropped) else ""
+    if found == 0 and cfg.kept_tokens == "thinking":
+        raise UserError(f"none of the {n} conversations has a thinking span ({where}){dropped}: "
+                        "set --think_markers or --messages_field, or pass --keep_tokens all")
+    kept = sum(int(k.sum()) for k, t in zip(tok.keeps, tok.has_thinking) if t)
+    return (f"{n} conversations read, {found} with a thinking span ({where}), "
+            f"{sum(tok.cut)} with it cut by max_seq_length {cfg.max_seq_length}, "
+            f"{kept / max(found, 1):,.1f} kept tokens per conversation with a span{dropped}")

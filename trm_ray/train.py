@@ -8,6 +8,7 @@ rank 0 over the whole held-out set, so the metrics do not depend on the number o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import tempfile
@@ -20,10 +21,10 @@ import torch.distributed as dist
 from torch import nn
 
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
-                                plain_state, reconstruction_sums, save_checkpoint)
+                                orthonormalize_, plain_state, reconstruction_sums, save_checkpoint)
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.downstream import load_lm_head, next_token_kl
-from trm_ray.shards import decode_hidden
+from trm_ray.shards import decode_hidden, load_splits
 from trm_ray.spectrum import eigenvectors
 from trm_ray.tracking import publish, tracking
 
@@ -49,11 +50,40 @@ def trial_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     return cfg, {k: v for k, v in config.items() if k not in FIELDS}
 
 
+def run_label(cfg: Config) -> str:
+    """A trial's name in Tune, W&B and its artifacts: d256, or d256-lr0.001 when the sweep grids learning rates."""
+    return f"d{cfg.d_compressed}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
+
+
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None) -> Iterator[torch.Tensor]:
     """Float32 [rows, D] tensors from a Ray Data iterator of shard rows."""
     shuffle = {"local_shuffle_buffer_size": 4 * rows, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
     for batch in iterator.iter_batches(batch_size=rows, batch_format="pyarrow", **shuffle):
         yield decode_hidden(batch["hidden"]).to(device, non_blocking=True)
+
+
+def epoch_rows(train: Any, cfg: Config, epoch: int) -> Any:
+    """This epoch's training rows, their blocks in an order drawn from (seed, epoch): every epoch
+    ends its learning-rate decay on other documents, and a resumed epoch reads exactly what the
+    uninterrupted one read. Held in the object store, the blocks are permuted where they are (no
+    data moves); streamed, the shards are read in a permuted order (a block shuffle of a streamed
+    dataset would first wait for all of it)."""
+    from ray.data.dataset import MaterializedDataset
+
+    order_seed = cfg.seed * 1000 + epoch
+    if isinstance(train, MaterializedDataset):
+        return train.randomize_block_order(seed=order_seed)
+    return load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed, shard_order_seed=order_seed)[0]
+
+
+def rank_share(dataset: Any, rank: int, world: int) -> Any:
+    """This rank's equal part of `dataset`: rank 0 splits it and hands every rank its iterator, so
+    the ranks take the same number of steps (DDP's all-reduce waits for all of them)."""
+    if world == 1:
+        return dataset
+    parts = [dataset.streaming_split(world, equal=True) if rank == 0 else None]
+    dist.broadcast_object_list(parts, src=0)
+    return parts[0][rank]
 
 
 @torch.no_grad()
@@ -82,6 +112,20 @@ def objective_loss(cfg: Config, model: nn.Module, lm_head: nn.Linear | None) -> 
         kl = next_token_kl(lm_head, x, x_hat) / x.shape[0]
         return kl if cfg.objective == "kl" else nn.functional.mse_loss(x_hat, x) + cfg.kl_weight * kl
 
+    return loss
+
+
+def optimizer_step(model: DimensionCompressor, optimizer: torch.optim.Optimizer,
+                   loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """One step on the rows `x`: loss, backward, clipped AdamW update, and with --orthonormal the
+    rows put back onto an orthonormal set, so WᵀW stays a projection (what phase 2 needs)."""
+    loss = loss_fn(x)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if cfg.orthonormal:
+        orthonormalize_(model.weight)
     return loss
 
 
@@ -135,11 +179,21 @@ def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
     start = cfg.init_checkpoint(cfg.d_compressed)
     if (cfg.init == "pca" or cfg.objective != "mse") and not start:
         with torch.no_grad():  # rows = the top-D' eigenvectors: the optimum itself, up to a rotation
-            model.weight.copy_(eigenvectors(cfg.shards_path)[:, :cfg.d_compressed].T)
+            model.weight.copy_(eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :cfg.d_compressed].T)
     if start:
         ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
     return model
+
+
+def make_optimizer(model: nn.Module, cfg: Config, saved: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """AdamW over `model`'s parameters, with a saved state loaded. Call it after the model is on its
+    device (`prepare_model`): loading moves Adam's moments to their parameter's device and dtype,
+    whereas moving the model afterwards leaves them behind, and the first step on a GPU fails."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
+    return optimizer
 
 
 def quiet_ray_logs() -> None:
@@ -152,7 +206,9 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
+    """One worker's training of one D'; `train` is the training split's Ray Dataset (each epoch reads
+    its own block order of it, see epoch_rows)."""
     import ray.train
     import ray.train.torch
 
@@ -163,30 +219,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = initial_model(cfg, run)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    start_epoch, step, tokens_seen, best = 0, 0, 0, None
+    start_epoch, step, tokens_seen, best, state = 0, 0, 0, None, None
     resumed = ray.train.get_checkpoint()
     if resumed:  # a replaced worker, or a restored sweep: continue where the last report left off
         with resumed.as_directory() as d:
             state = torch.load(f"{d}/{RESUME_FILE}", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         stopper = EarlyStopping(**state["stopper"])
         start_epoch, step, tokens_seen, best = state["epoch"], state["step"], state["tokens_seen"], state["best"]
         print(f"d{cfg.d_compressed}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
     ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the worker's device
+    optimizer = make_optimizer(model, cfg, state["optimizer"] if state else None)
     # Loaded once per worker: what phase 2 decompresses into, so what a KL objective trains against.
     lm_head = load_lm_head(cfg.model_name, device) if cfg.objective != "mse" else None
     loss_fn = compile_or_eager(objective_loss(cfg, ddp, lm_head), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
-    name = f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-d{cfg.d_compressed}"
+    name = f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-{run_label(cfg)}"
     log = tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=name, config=config,
                    directory=cfg.output_dir)
 
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     pca_mse = run["pca_mse"][str(cfg.d_compressed)]
     score = cfg.score_metric
@@ -202,21 +256,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             m.update({"pca_downstream_kl": pca_kl, "downstream_efficiency": pca_kl / m["downstream_kl"]})
         return m
 
-    # Where training starts from (1b: the 1a weights), scored on this run's validation set.
-    metrics: dict[str, Any] = ({f"initial_{k}": v for k, v in validate().items() if k not in ("pca_mse", "pca_downstream_kl")}
-                               if rank == 0 and not resumed else {})
+    metrics: dict[str, Any] = {}
+    if rank == 0 and not resumed:
+        # Where training starts from (1a: PCA or orthogonal, 1b: the 1a weights), scored on this run's
+        # validation set. It is the first candidate for the best checkpoint, so a trial never exports
+        # anything worse than its start (epoch 0), and epochs must beat it to count as improvements.
+        start = validate()
+        metrics = {f"initial_{k}": v for k, v in start.items() if k not in ("pca_mse", "pca_downstream_kl")}
+        best = {"state": plain_state(model), **{k: start[k] for k in best_keys}, "epoch": 0}
+        stopper.update(start[score])
     for epoch in range(start_epoch, cfg.num_epochs):
         model.train()
         t0, epoch_tokens, loss_sum = time.perf_counter(), 0, 0.0
+        train_shard = rank_share(epoch_rows(train, cfg, epoch), rank, world)
         for x in hidden_batches(train_shard, rows, device, shuffle_seed=cfg.seed * 1000 + epoch):
             lr = get_lr(step, total_steps, warmup_steps, cfg.learning_rate)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss = optimizer_step(model, optimizer, loss_fn, x, cfg)
             step += 1
             epoch_tokens += x.shape[0]
             loss_sum += loss.item() * x.shape[0]
@@ -233,21 +290,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 metrics.update(validate())
-                if best is None or metrics[score] < best[score]:
+                # NaN compares false with everything: a NaN epoch must neither become the best nor count as one.
+                finite = all(math.isfinite(metrics[k]) for k in ("mse", score, "train_loss"))
+                if finite and (best is None or metrics[score] < best[score]):
                     best = {"state": plain_state(model), **{k: metrics[k] for k in best_keys}, "epoch": epoch + 1}
-                metrics["best_mse"] = best["mse"]
-                metrics[f"best_{score}"] = best[score]
-                stop = cfg.early_stopping and stopper.update(metrics[score])
-                if stop:
+                stop = not finite or (cfg.early_stopping and stopper.update(metrics[score]))
+                if not finite:
+                    metrics["stop_reason"] = (f"diverged: train loss {metrics['train_loss']}, validation {score} {metrics[score]}; "
+                                              "lower --learning_rate")
+                elif stop:
                     metrics["stop_reason"] = (f"early stopping: validation {score} did not improve by {cfg.early_stopping_min_delta:g} "
                                               f"(relative) for {cfg.early_stopping_patience} epochs")
+                if stop:
                     print(f"d{cfg.d_compressed}: {metrics['stop_reason']}; stopped after epoch {epoch + 1}", flush=True)
-                # Every report carries the whole resumable state; its compressor.pt is the best so far.
-                save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
-                torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                            "step": step, "tokens_seen": tokens_seen, "best": best,
-                            "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if best is not None:  # none only when the first epoch already diverged: nothing worth keeping
+                    metrics["best_mse"] = best["mse"]
+                    metrics[f"best_{score}"] = best[score]
+                    # Every report carries the whole resumable state; its compressor.pt is the best so far.
+                    save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
+                    torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                "step": step, "tokens_seen": tokens_seen, "best": best,
+                                "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 log.log(metrics)
                 publish(metrics, trial=ctx.get_experiment_name(), sweep=run["group"], stage=cfg.stage)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -258,10 +322,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stop = bool(flag.item())
         if stop:
             break
-    if rank == 0:
+    if rank == 0 and best is not None:
         with tempfile.TemporaryDirectory() as tmp:
             save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
             log.log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: v for k, v in best.items() if k != "state"})
+    if rank == 0:
         log.finish()
 
 
@@ -276,24 +341,29 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
     from ray.train.torch import TorchTrainer
 
     cfg, run = trial_config(config)
-    # Blocks in a fixed order + a seeded shuffle buffer: the same data order on every run,
-    # so a resumed or recompiled run can be compared with an uninterrupted one.
+    # Blocks in an order drawn from (seed, epoch) + a seeded shuffle buffer: a data order that
+    # changes every epoch yet is the same on every run, so a resumed or recompiled run can be
+    # compared with an uninterrupted one. The training loop reads `train` itself, one block order
+    # per epoch (epoch_rows); Train's ingest serves the validation set, which is not split: rank 0
+    # scores the whole held-out set.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
     return TorchTrainer(
-        train_loop_per_worker,
+        functools.partial(train_loop_per_worker, train=train),
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        datasets={"train": train, "val": val},
-        # Validation is not split: rank 0 scores the whole held-out set.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        datasets={"val": val},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=ray.train.RunConfig(
             name=f"d{cfg.d_compressed}-lr{cfg.learning_rate:g}",
             storage_path=run["train_storage"],
             # The one checkpoint kept is the latest: it resumes the trial and its compressor.pt is the trial's best.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="epoch", checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # A worker group that cannot start (its resources never come) fails the trial on a local Ray,
+            # where nothing will add them; a cluster waits for its autoscaler (Train's default, no limit).
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=0 if cfg.address is None else -1),
             callbacks=callbacks or [],
         ),
     )

@@ -1,0 +1,277 @@
+"""Nothing lost, nothing wrong: failed or diverged trials, the summary's files, the split a spectrum
+belongs to, resuming, and bad input refused with one line."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from ray.tune import Result
+
+from trm_ray import extract as extract_mod
+from trm_ray import spectrum, sweep
+from trm_ray.cli import forwarded_env, local_cpus
+from trm_ray.compressor import METRICS, save_checkpoint
+from trm_ray.config import UserError, build_parser, make_config
+from trm_ray.report import _copy, export_results
+from trm_ray.shards import write_json
+from trm_ray.text import read_documents
+from trm_ray.train import CHECKPOINT_FILE, run_label
+
+D = 64
+LIMIT = {"hidden_size": D, "pca_mse": [0.5] * (D + 1), "pca_cosine_similarity": [0.9] * (D + 1),
+         "explained_variance": [0.8] * (D + 1)}
+MANIFEST = {"hidden_size": D, "layer": -1, "exclude_first_token": True}
+
+
+def trial_result(root, d, lr, mse, error=None, epochs=3):
+    """What Tune hands back for one trial: its metrics, error, and the checkpoint directory it reported last."""
+    ckpt_dir = root / f"ckpt-d{d}-lr{lr}"
+    metrics = {k: 0.5 for k in METRICS} | {"mse": mse, "epoch": epochs}
+    save_checkpoint(ckpt_dir / CHECKPOINT_FILE, {"weight": torch.linalg.qr(torch.randn(D, d))[0].T.contiguous()},
+                    {"d_compressed": d}, mse, metrics)
+    return Result(metrics={"config": {"d_compressed": d, "learning_rate": lr}, "epoch": epochs},
+                  checkpoint=None, error=error, path=str(root),
+                  metrics_dataframe=pd.DataFrame({"epoch": [epochs], "checkpoint_path": [str(ckpt_dir)]}))
+
+
+def export_config(out, **overrides):
+    return make_config({"output_dir": str(out), "sweep": True, "sweep_d_values": [8, 16], "num_epochs": 3,
+                        "downstream_tokens": 0, **overrides})
+
+
+def test_a_trial_that_errored_after_reporting_checkpoints_is_a_failed_row_not_an_export(tmp_path):
+    cfg = export_config(tmp_path / "out")
+    grid = [trial_result(tmp_path, 8, 0.001, 0.1, error=RuntimeError("worker died 4 times\ntraceback...")),
+            trial_result(tmp_path, 16, 0.001, 0.05)]
+    rows = export_results(grid, cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    assert rows[0] == {"d_compressed": 8, "d_model": D, "compression_ratio": 8.0, "num_params": 512,
+                       "error": "RuntimeError: worker died 4 times"}
+    assert not os.path.exists(cfg.export_path(8)) and os.path.exists(cfg.export_path(16))
+    assert rows[1]["stop_reason"] == "completed all epochs" and "error" not in rows[1]
+    assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
+
+
+def test_a_nan_trial_never_beats_a_finite_one_of_the_same_d_prime(tmp_path):
+    cfg = export_config(tmp_path / "out", sweep_d_values=[8], sweep_learning_rates=[0.5, 0.01])
+    grid = [trial_result(tmp_path, 8, 0.5, float("nan")), trial_result(tmp_path, 8, 0.01, 0.2)]
+    [row] = export_results(grid, cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    assert (row["learning_rate"], row["mse"]) == (0.01, 0.2)
+    assert "error" not in row  # a diverged learning rate beside a good one is not a failed sweep
+    [row] = export_results(grid[:1], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    assert row["error"] == "lr 0.5: validation mse is nan" and "checkpoint" not in row
+
+
+def test_a_diverging_trial_stops_after_its_first_epoch_with_the_reason(shards, tmp_path):
+    cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep=False, d_compressed=8,
+                              num_epochs=3, learning_rate=1e30, use_wandb=False, torch_compile=False, downstream_tokens=0)
+    [row] = sweep.run(cfg)
+    assert row["error"].startswith("diverged: train loss") and row["error"].endswith("lower --learning_rate")
+    assert "checkpoint" not in row and not os.path.exists(cfg.export_path(8))
+    progress = tmp_path / "ray_results" / "stage1a_d8" / "d8" / "progress.csv"
+    assert sum(1 for _ in open(progress)) - 1 == 1  # one epoch reported, then stopped
+
+
+def test_trials_of_one_d_prime_with_different_learning_rates_get_different_run_names():
+    cfg = make_config({"sweep": True, "sweep_learning_rates": [0.01, 0.001], "d_compressed": 8})
+    names = {run_label(dataclasses.replace(cfg, learning_rate=lr)) for lr in cfg.sweep_learning_rates}
+    assert names == {"d8-lr0.01", "d8-lr0.001"}
+    assert run_label(make_config({"d_compressed": 8})) == "d8"  # no lr grid: the name the seed's runs had
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"sweep_d_values": [64, 128, 64]}, "sweep_d_values lists 64 more than once"),
+    ({"sweep_learning_rates": [0.001, 0.0010000001]}, "sweep_learning_rates lists 0.001 more than once"),
+])
+def test_repeated_grid_values_are_refused(values, message):
+    with pytest.raises(UserError, match=message):
+        make_config(values)
+
+
+def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, tmp_path):
+    cfg = export_config(tmp_path / "out", downstream_tokens=16, model_name=str(tmp_path / "not-a-model"))
+    rows = export_results([trial_result(tmp_path, 8, 0.001, 0.1)], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    assert rows[0]["mse"] == 0.1 and rows[0]["downstream_error"].startswith("OSError: ")
+    assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
+    assert os.path.exists(cfg.export_path(8))
+
+
+def test_an_output_dir_named_results_gets_its_plot_inside_it(tmp_path):
+    out = tmp_path / "results" / "run"
+    export_results([trial_result(tmp_path, 8, 0.001, 0.1)], export_config(out), MANIFEST, CHECKPOINT_FILE, LIMIT)
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["sweep_report.png", "sweep_results.csv",
+                                                                    "sweep_results.json"]
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_bad_copy_never_replaces_a_good_export(tmp_path):
+    good = trial_result(tmp_path, 8, 0.001, 0.1).metrics_dataframe["checkpoint_path"][0] + "/" + CHECKPOINT_FILE
+    dest = tmp_path / "d8" / "stage1a_best.pt"
+    _copy(good, str(dest))
+    before = dest.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(before[: len(before) // 2])
+    with pytest.raises(UserError, match="cannot be read"):
+        _copy(str(bad), str(dest))
+    assert dest.read_bytes() == before and os.listdir(dest.parent) == ["stage1a_best.pt"]
+
+
+def test_each_split_keeps_its_own_spectrum(shards, tmp_path):
+    shards_dir = str(tmp_path / "shards")
+    shutil.copytree(shards.shards_path, shards_dir, ignore=shutil.ignore_patterns("spectrum*"))
+    first = spectrum.load_or_compute(shards_dir, 0.1, 42)
+    vecs = spectrum.eigenvectors(shards_dir, 0.1, 42)
+    other = spectrum.load_or_compute(shards_dir, 0.1, 7)  # e.g. `python -m trm_ray.spectrum DIR --seed 7`
+    assert other["split"] == {"val_fraction": 0.1, "seed": 7} and other["train_tokens"] != first["train_tokens"]
+    assert spectrum.load_or_compute(shards_dir, 0.1, 42) == first
+    assert torch.equal(spectrum.eigenvectors(shards_dir, 0.1, 42), vecs)
+    assert not torch.equal(spectrum.eigenvectors(shards_dir, 0.1, 7), vecs)
+
+
+def test_shards_extracted_with_a_relative_model_path_are_the_sweeps_shards(shards, tmp_path, monkeypatch):
+    model = os.path.abspath(shards.model_name)
+    monkeypatch.chdir(os.path.dirname(model))
+    shards_dir = str(tmp_path / "s")
+    extract_mod.main(["--model_name", os.path.basename(model), "--dataset", shards.dataset, "--num_samples", "20",
+                      "--docs_per_shard", "20", "--max_seq_length", "16", "--shards_dir", shards_dir])
+    manifest = json.loads(open(os.path.join(shards_dir, "manifest.json")).read())
+    assert manifest["model"] == model
+    sweep_side = make_config({"model_name": model, "dataset": shards.dataset, "num_samples": 20, "docs_per_shard": 20,
+                              "max_seq_length": 16, "shards_dir": shards_dir})
+    assert extract_mod.extract(sweep_side) == manifest  # reused as they are, not refused
+
+
+def test_a_sweep_that_crashed_before_tune_saved_anything_starts_afresh(tmp_path):
+    cfg = export_config(tmp_path)
+    exp_dir = tmp_path / "ray_results" / "stage1a_sweep"
+    write_json(str(exp_dir / sweep.SWEEP_CONFIG), dataclasses.asdict(cfg))  # all such a crash leaves
+    assert sweep.should_resume(str(exp_dir), cfg, overwrite=False) is False
+    assert sweep.should_resume(str(exp_dir), dataclasses.replace(cfg, learning_rate=0.5), overwrite=False) is False
+
+
+def resume_args(argv):
+    parser = build_parser("t", "t")
+    parser.add_argument("--resume")
+    return parser.parse_args(argv)
+
+
+def test_resume_picks_the_sweep_by_stage_and_applies_runtime_flags(tmp_path):
+    for stage in ("1a", "1b"):
+        cfg = export_config(tmp_path, stage=stage, learning_rate=0.02)
+        write_json(str(tmp_path / "ray_results" / f"stage{stage}_sweep" / sweep.SWEEP_CONFIG), dataclasses.asdict(cfg))
+    with pytest.raises(UserError, match=r"holds 2 trm_ray sweeps to resume: pass --stage \(1a or 1b\)"):
+        sweep.command_config(resume_args(["--resume", str(tmp_path)]))
+    cfg = sweep.command_config(resume_args(["--resume", str(tmp_path), "--stage", "1b", "--address", "auto",
+                                            "--max_concurrent_trials", "2"]))
+    assert (cfg.stage, cfg.learning_rate, cfg.address, cfg.max_concurrent_trials) == ("1b", 0.02, "auto", 2)
+    with pytest.raises(UserError, match="--learning_rate cannot change them"):
+        sweep.command_config(resume_args(["--resume", str(tmp_path), "--stage", "1a", "--learning_rate", "0.1"]))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"sweep_d_values": 64}, r"sweep_d_values must be a list, got 64: write e.g. sweep_d_values: \[64\]"),
+    ({"seed": -1}, "seed must be 0 or more, got -1"),
+    ({"grace_period": 0}, "grace_period must be at least 1, got 0"),
+    ({"use_gpu": "false"}, "use_gpu must be true or false, got 'false'"),
+    ({"asha_metric": "cosine"}, "asha_metric must be one of pca_efficiency, mse, cosine_similarity"),
+    ({"sweep_learning_rates": [0.01, "fast"]}, "sweep_learning_rates must be a number, got 'fast'"),
+])
+def test_bad_settings_are_one_line_errors(values, message):
+    with pytest.raises(UserError, match=message):
+        make_config(values)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bare.jsonl", '{"text": "the river"}\n"a bare string"\n', r"bare.jsonl:2 is a JSON str, not an object of fields"),
+    ("array.json", '[{"text": "the river"}, 5]', r"array.json\[1\] is a JSON int, not an object of fields"),
+])
+def test_json_records_that_are_not_objects_are_one_line_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_documents(make_config({"dataset": str(tmp_path / name)}))
+
+
+def test_a_json_array_of_records_is_a_corpus(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "the river"}, {"text": "a cold cell"}], indent=1))
+    assert read_documents(make_config({"dataset": str(tmp_path / "c.json")})) == ["the river", "a cold cell"]
+
+
+def test_a_parquet_corpus_is_read_only_as_far_as_needed(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(5000)]}), tmp_path / "c.parquet", row_group_size=1000)
+    assert read_documents(make_config({"dataset": str(tmp_path / "c.parquet"), "num_samples": 3})) == ["doc 0", "doc 1", "doc 2"]
+
+
+@pytest.mark.parametrize("config", ["T5Config", "DistilBertConfig"])
+def test_a_model_without_a_causal_lm_head_is_refused(tmp_path, config):
+    import transformers
+
+    getattr(transformers, config)().save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="without a causal-LM head"):
+        extract_mod.hidden_size_of(str(tmp_path))
+
+
+@pytest.mark.parametrize("beyond", [1, -1, 90])
+def test_a_layer_outside_the_model_is_refused(assets, beyond):
+    layers = json.loads(open(os.path.join(assets["model"], "config.json")).read())["num_hidden_layers"]
+    cfg = make_config({"model_name": assets["model"], "layer": layers + beyond if beyond > 0 else -(layers + 1) + beyond})
+    with pytest.raises(UserError, match=f"outside .* give -{layers + 1}..{layers}"):
+        extract_mod.check_layer(cfg)
+    for ok in (-(layers + 1), -1, 0, layers):
+        extract_mod.check_layer(dataclasses.replace(cfg, layer=ok))
+
+
+def test_secret_names_are_matched_in_any_case():
+    environ = {"WANDB_MODE": "offline", "WANDB_api_key": "k", "HF_Token": "t", "RAY_DATA_Secret_X": "s"}
+    assert forwarded_env(environ) == {"WANDB_MODE": "offline"}
+
+
+def test_a_local_ray_has_room_for_the_trials_the_cores_can_run(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cfg = make_config({"sweep": True, "sweep_d_values": [8, 16, 32]})
+    assert local_cpus(cfg) == 5  # 2 trials at once, each a Tune function and a worker, and one for Ray Data
+    assert local_cpus(dataclasses.replace(cfg, num_workers=2)) == 4  # 1 trial of 2 workers
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert local_cpus(cfg) == 64
+
+
+def test_a_validation_pass_reads_only_the_validation_documents_row_groups(shards, tmp_path):
+    import pyarrow.parquet as pq
+
+    from trm_ray.shards import is_validation_doc, read_manifest, shard_paths, side_row_groups, side_tables
+
+    manifest = read_manifest(shards.shards_path)
+    for path in shard_paths(shards.shards_path, manifest):
+        meta = pq.read_metadata(path)
+        docs = [meta.row_group(i).column(0).statistics.min for i in range(meta.num_row_groups)]
+        assert docs == sorted(set(pq.read_table(path, columns=["doc_id"])["doc_id"].to_pylist()))  # one document each
+        val = is_validation_doc(pq.read_table(path)["doc_id"].to_numpy(), shards.val_fraction, shards.seed)
+        groups = side_row_groups(meta, shards.val_fraction, shards.seed, True)
+        assert sum(meta.row_group(i).num_rows for i in groups) == val.sum()  # nothing else is read
+        # A shard of the earlier layout (one row group of many documents) gives the same rows, filtered.
+        old = tmp_path / "old.parquet"
+        pq.write_table(pq.read_table(path), old)
+        for side in (True, False):
+            new_rows, old_rows = (pa.concat_tables(list(side_tables(str(p), shards.val_fraction, shards.seed, side, 50)) or
+                                                   [pq.read_table(path).slice(0, 0).select(["doc_id", "position", "token_id", "hidden"])])
+                                  for p in (path, old))
+            assert new_rows.equals(old_rows)
+
+
+def test_a_local_ray_runs_only_the_trials_whose_workers_fit_and_refuses_one_that_never_fits(ray_cluster):
+    cfg = make_config({"sweep": True, "sweep_d_values": [8, 16, 32]})
+    assert ray_cluster.cluster_resources()["CPU"] == 8
+    assert sweep.trials_that_fit(cfg) == 3  # 2 CPUs a trial, one left for Ray Data's reads
+    assert sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=3)) == 1
+    assert sweep.trials_that_fit(dataclasses.replace(cfg, address="auto")) is None  # a cluster's autoscaler decides
+    needs = r"a trial needs 10 CPUs \(Tune, 8 worker\(s\), Ray Data\), the local Ray has 8 CPUs and 0 GPUs: pass --num_cpus"
+    with pytest.raises(UserError, match=needs):
+        sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=8))
+    with pytest.raises(UserError, match="and 1 GPUs, the local Ray has 8 CPUs and 0 GPUs"):
+        sweep.trials_that_fit(dataclasses.replace(cfg, use_gpu=True))

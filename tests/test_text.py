@@ -1,0 +1,171 @@
+"""Text -> tokens for stage 1b, on SmolLM3's real chat template (tests/data/smollm3_chat_template.jinja,
+the `chat_template` of HuggingFaceTB/SmolLM3-3B's tokenizer_config.json, Apache-2.0) carried by a word-level tokenizer."""
+
+import datetime
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trm_ray.config import UserError, load_yaml, make_config
+from trm_ray.extract import extract, extraction_settings
+from trm_ray.quickstart import make_conversations, make_tokenizer
+from trm_ray.shards import MANIFEST, write_json
+from trm_ray.text import chat_settings, read_documents, render, thinking_summary, tokenize
+
+SMOLLM3_TEMPLATE = (Path(__file__).parent / "data" / "smollm3_chat_template.jinja").read_text()
+
+PLAIN = [  # OpenR1-Math's shape: one user and one assistant turn, no system message
+    {"role": "user", "content": "what is 2 plus 3 ?"},
+    {"role": "assistant", "content": "<think>\nfirst 2 plus 3 equals 5 .\n</think>\nthe answer is 5 ."},
+]
+NO_THINK_SYSTEM = [  # the template writes an empty <think></think> block before the answer
+    {"role": "system", "content": "you are a teacher . /no_think"},
+    {"role": "user", "content": "what is 4 times 2 ?"},
+    {"role": "assistant", "content": "<think>\n4 times 2 equals 8 .\n</think>\nthe answer is 8 ."},
+]
+TWO_ROUNDS = [
+    {"role": "user", "content": "what is 9 minus 3 ?"},
+    {"role": "assistant", "content": "<think> 9 minus 3 equals 6 . </think> 6 ."},
+    {"role": "user", "content": "and then plus 1 ?"},
+    {"role": "assistant", "content": "<think> then 6 plus 1 equals 7 . </think> 7 ."},
+]
+NO_THINKING = [{"role": "user", "content": "what is 1 plus 1 ?"}, {"role": "assistant", "content": "the answer is 2 ."}]
+
+
+@pytest.fixture(scope="module")
+def smollm3_tokenizer():
+    """Word-level vocabulary (the template's own words included); <|im_start|>, <|im_end|>, <think>
+    and </think> are single special tokens, as in SmolLM3's tokenizer."""
+    return make_tokenizer(SMOLLM3_TEMPLATE, re.findall(r"[a-z]+", SMOLLM3_TEMPLATE.lower()) + ["begin", "end", "solution"])
+
+
+def stage1b(**values):
+    return make_config({"stage": "1b", "model_name": "smollm3-template", "max_seq_length": 1024, **values})
+
+
+def span_ids(tokenizer, conversation, markers=("<think>", "</think>")):
+    """Token ids of the reasoning the assistant messages hold, read off the messages themselves."""
+    ids = []
+    for m in conversation:
+        if m["role"] == "assistant" and markers[0] in m["content"]:
+            inside = m["content"].split(markers[0])[1].split(markers[1])[0]
+            ids += tokenizer(inside, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def test_smollm3_template_keeps_exactly_the_assistant_reasoning(smollm3_tokenizer):
+    tok = smollm3_tokenizer
+    conversations = [PLAIN, NO_THINK_SYSTEM, TWO_ROUNDS, NO_THINKING]
+    out = tokenize(tok, conversations, stage1b())
+    think, user = tok.convert_tokens_to_ids(["<think>", "<|im_start|>"])
+    for conv, ids, keep in zip(conversations, out.ids, out.keeps):
+        assert np.asarray(ids)[keep].tolist() == span_ids(tok, conv)
+        # The trap is there: the default system prompt quotes <think> ... </think> (a <think> token)
+        # before the first user turn, and none of the system block is kept.
+        first_turn = [i for i, t in enumerate(ids) if t == user][1]  # the turn after the system block
+        assert conv is NO_THINK_SYSTEM or think in ids[:first_turn]
+        assert not keep[:first_turn].any()
+    # No-think mode's empty block is rendered, and not kept.
+    assert "<think>\n\n</think>\n<think>\n4 times 2" in render(tok, NO_THINK_SYSTEM, stage1b())
+    assert out.has_thinking == [True, True, True, False] and out.cut == [False] * 4
+
+
+def test_sharegpt_conversations_are_converted_and_kept_alike(smollm3_tokenizer, tmp_path):
+    roles = {"user": "human", "assistant": "gpt", "system": "system"}
+    with open(tmp_path / "sharegpt.jsonl", "w") as f:
+        for conv in (PLAIN, NO_THINK_SYSTEM, TWO_ROUNDS):
+            f.write(json.dumps({"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in conv]}) + "\n")
+    cfg = stage1b(dataset=str(tmp_path / "sharegpt.jsonl"), messages_field="conversations")
+    docs = read_documents(cfg)
+    assert docs == [PLAIN, NO_THINK_SYSTEM, TWO_ROUNDS]
+    got, want = tokenize(smollm3_tokenizer, docs, cfg), tokenize(smollm3_tokenizer, [PLAIN, NO_THINK_SYSTEM, TWO_ROUNDS], stage1b())
+    assert got.ids == want.ids
+    assert [k.tolist() for k in got.keeps] == [k.tolist() for k in want.keeps]
+
+
+def test_messages_of_another_shape_are_a_one_line_error(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"speaker": "a", "text": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match=r"must be \{role, content\} or ShareGPT \{from, value\}, got \['speaker', 'text'\]"):
+        read_documents(stage1b(dataset=str(tmp_path / "bad.jsonl")))
+
+
+def test_custom_think_markers_keep_only_the_thought(smollm3_tokenizer):
+    markers = ["<|begin_of_thought|>", "<|end_of_thought|>"]
+    conv = [{"role": "user", "content": "what is 2 plus 3 ?"},
+            {"role": "assistant", "content": "<|begin_of_thought|>\n\nfirst 2 plus 3 equals 5 .\n\n<|end_of_thought|>\n\n"
+                                             "<|begin_of_solution|>\n\nthe answer is 5 .\n\n<|end_of_solution|>"}]
+    out = tokenize(smollm3_tokenizer, [conv], stage1b(think_markers=markers))
+    kept = np.asarray(out.ids[0])[out.keeps[0]].tolist()
+    assert kept == span_ids(smollm3_tokenizer, conv, markers)
+    assert smollm3_tokenizer.decode(kept) == "first 2 plus 3 equals 5 ."
+    # With the default markers the same data has no thinking: said in one line, naming what was looked for.
+    with pytest.raises(UserError, match=r"none of the 1 conversations has a thinking span \(<think> \.\.\. </think> "
+                                        r"in the assistant turns of the 'messages' field\)"):
+        thinking_summary(tokenize(smollm3_tokenizer, [conv], stage1b()), stage1b())
+
+
+def test_rendering_is_pinned_to_chat_date_not_today(smollm3_tokenizer):
+    today = datetime.date.today().strftime("%d %B %Y")
+    text = render(smollm3_tokenizer, PLAIN, stage1b(chat_date="2025-07-08"))
+    assert "Today Date: 08 July 2025\n" in text and today not in text
+    assert "Today Date: 02 January 2024\n" in render(smollm3_tokenizer, PLAIN, stage1b(chat_date="2024-01-02"))
+    # The manifest's record of the rendering changes with the date and with the template.
+    pinned = chat_settings(smollm3_tokenizer, stage1b(chat_date="2025-07-08"))
+    assert pinned["date"] == "2025-07-08" and pinned["enable_thinking"] is True
+    assert chat_settings(smollm3_tokenizer, stage1b(chat_date="2024-01-02")) != pinned
+    assert chat_settings(make_tokenizer(), stage1b())["template_sha256"] != pinned["template_sha256"]
+    assert chat_settings(make_tokenizer(), stage1b())["date"] is None  # a template without strftime_now: no date
+    with pytest.raises(UserError, match="chat_date must be a date as YYYY-MM-DD"):
+        stage1b(chat_date="July 8")
+
+
+def test_summary_counts_spans_cut_by_max_seq_length():
+    tok, convs = make_tokenizer(), make_conversations(30)
+    cfg = stage1b(max_seq_length=48)
+    out = tokenize(tok, convs, cfg)
+    full = [tok.apply_chat_template(c, tokenize=True, enable_thinking=True)["input_ids"] for c in convs]
+    open_id, close_id = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    # The quickstart's reasoning is the tokens between the assistant's <think> and </think>.
+    spans = [(ids.index(open_id) + 1, ids.index(close_id)) for ids in full]
+    assert out.cut == [end > 48 for _, end in spans] and 0 < sum(out.cut) < 30
+    kept = [min(end, 48) - start for start, end in spans]
+    assert [int(k.sum()) for k in out.keeps] == kept
+    assert thinking_summary(out, cfg) == (
+        f"30 conversations read, 30 with a thinking span (<think> ... </think> in the assistant turns of the 'messages' "
+        f"field), {sum(out.cut)} with it cut by max_seq_length 48, {sum(kept) / 30:,.1f} kept tokens per conversation with a span")
+
+
+def test_shards_of_another_chat_template_are_refused(assets, tmp_path):
+    cfg = make_config({"stage": "1b", "model_name": assets["model"], "dataset": assets["reasoning"],
+                       "shards_dir": str(tmp_path), "storage_dtype": "float32"})
+    other = chat_settings(make_tokenizer(SMOLLM3_TEMPLATE), cfg)
+    write_json(str(tmp_path / MANIFEST), extraction_settings(cfg, 64, "float32", other))
+    with pytest.raises(UserError, match=r"other settings \(chat differ\)"):
+        extract(cfg)
+
+
+def test_extraction_of_conversations_without_thinking_stops_before_the_model_runs(assets, tmp_path):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": NO_THINKING}) + "\n" for _ in range(3)))
+    cfg = make_config({"stage": "1b", "model_name": assets["model"], "dataset": str(tmp_path / "chat.jsonl"),
+                       "shards_dir": str(tmp_path / "shards"), "storage_dtype": "float32"})
+    with pytest.raises(UserError, match=r"none of the 3 conversations has a thinking span"):
+        extract(cfg)
+    assert not (tmp_path / "shards" / "extraction.json").exists()
+
+
+def test_a_template_that_drops_the_thinking_is_named_in_the_error():
+    # Like DeepSeek-R1's template: an assistant turn is rendered without what precedes </think>.
+    drops = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'].split('</think>')[-1] }}<|im_end|> "
+             "{% endfor %}")
+    out = tokenize(make_tokenizer(drops), [PLAIN, TWO_ROUNDS], stage1b())
+    assert out.has_thinking == [False, False] and out.dropped == [True, True]
+    with pytest.raises(UserError, match=r"the 'messages' field\); the chat template leaves out the thinking of 2: set"):
+        thinking_summary(out, stage1b())
+
+
+def test_an_unquoted_chat_date_in_yaml_is_read_as_the_date(tmp_path):
+    (tmp_path / "run.yaml").write_text("stage: 1b\nchat_date: 2024-01-02\n")  # YAML reads it as a datetime.date
+    assert make_config(load_yaml(tmp_path / "run.yaml")).chat_date == "2024-01-02"
