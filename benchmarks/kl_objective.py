@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         x = read_train_rows(cfg, manifest)
         val, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed, manifest["num_tokens"])
         lm_head = load_lm_head(cfg.model_name, torch.device("cpu"))
-        vecs = eigenvectors(cfg.shards_path).float()
+        vecs = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed).float()
         with one_thread():
             for d in cfg.sweep_d_values:
                 model, kl_s, mse_s = train_and_time(cfg, d, x, lm_head)

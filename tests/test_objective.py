@@ -65,7 +65,7 @@ def test_a_kl_objective_starts_at_pca_whose_validation_kl_is_the_reference(shard
     cfg = dataclasses.replace(shards, objective="kl", d_compressed=16)
     reference = limits(cfg)["pca_downstream_kl"]  # what a sweep hands its trials, per D' of its grid
     model = initial_model(cfg, {"d_model": 64})
-    top = eigenvectors(cfg.shards_path)[:, :16].float()
+    top = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :16].float()
     torch.testing.assert_close(model.weight, top.T)
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
     start = evaluate(model, hidden_batches(val, 512, torch.device("cpu")), lm_head)["downstream_kl"]
