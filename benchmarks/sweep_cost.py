@@ -46,7 +46,7 @@ SMOKE = dict(num_samples=60, docs_per_shard=30, sweep_d_values=[8, 16], num_epoc
 def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
     """The seed's loop: each D' trained from scratch on hidden states that the LLM recomputes for
     every batch. Returns each D's best (lowest mse) validation metrics and the documents the LLM processed."""
-    tokenizer, llm = load_model(cfg.model_name, torch.device("cpu"))
+    tokenizer, llm = load_model(cfg.model_name, torch.device("cpu"), cfg.layer)
     docs = tokenize(tokenizer, read_documents(cfg), cfg).ids
     held_out = is_validation_doc(np.arange(len(docs)), cfg.val_fraction, cfg.seed)
     train_docs = [d for d, v in zip(docs, held_out) if not v]
@@ -57,7 +57,7 @@ def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
     def hidden(batch: list[list[int]]) -> torch.Tensor:
         nonlocal forwarded
         forwarded += len(batch)
-        return hidden_rows(llm, batch, cfg.layer, cfg.batch_size, pad)[0]
+        return hidden_rows(llm, batch, pad, cfg.batch_size * cfg.max_seq_length, cfg.batch_size)[0]
 
     best: dict[int, dict[str, float]] = {}
     for d in cfg.d_values:

@@ -24,7 +24,7 @@ from trm_ray.train import CHECKPOINT_FILE, run_label
 
 D = 64
 LIMIT = {"hidden_size": D, "pca_mse": [0.5] * (D + 1), "pca_cosine_similarity": [0.9] * (D + 1),
-         "explained_variance": [0.8] * (D + 1)}
+         "explained_variance": [0.8] * (D + 1), "pca_explained_variance": [0.8] * (D + 1)}
 MANIFEST = {"hidden_size": D, "layer": -1, "exclude_first_token": True}
 
 
@@ -66,12 +66,16 @@ def test_a_nan_trial_never_beats_a_finite_one_of_the_same_d_prime(tmp_path):
     assert row["error"] == "lr 0.5: validation mse is nan" and "checkpoint" not in row
 
 
-def test_a_diverging_trial_stops_after_its_first_epoch_with_the_reason(shards, tmp_path):
+def test_a_diverging_trial_stops_after_its_first_epoch_and_exports_its_start_with_the_reason(shards, tmp_path):
+    # Free rows (--no_orthonormal): the retraction would keep even this rate's weights finite.
     cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep=False, d_compressed=8,
-                              num_epochs=3, learning_rate=1e30, use_wandb=False, torch_compile=False, downstream_tokens=0)
+                              num_epochs=3, learning_rate=1e30, orthonormal=False, use_wandb=False, torch_compile=False,
+                              downstream_tokens=0)
     [row] = sweep.run(cfg)
-    assert row["error"].startswith("diverged: train loss") and row["error"].endswith("lower --learning_rate")
-    assert "checkpoint" not in row and not os.path.exists(cfg.export_path(8))
+    assert row["stop_reason"].startswith("diverged: train loss") and row["stop_reason"].endswith("lower --learning_rate")
+    # The diverged weights never win: what is exported is the start, scored before the first epoch.
+    assert row["best_epoch"] == 0 and row["pca_efficiency"] == pytest.approx(1.0, abs=1e-3)
+    assert row["note"].startswith("d8: diverged: train loss") and "epoch 0" in row["note"]
     progress = tmp_path / "ray_results" / "stage1a_d8" / "d8" / "progress.csv"
     assert sum(1 for _ in open(progress)) - 1 == 1  # one epoch reported, then stopped
 

@@ -168,7 +168,8 @@ def test_the_defaults_reach_the_pca_limit_at_the_widest_d_prime_with_orthonormal
 
 def test_a_compressor_short_of_the_limit_is_told_how_far_and_why():
     cfg = Config(init="orthogonal", learning_rate=1e-3)
-    row = {"d_compressed": 128, "pca_efficiency": 0.8, "epochs_trained": 10, "learning_rate": 1e-3}
+    row = {"d_compressed": 128, "pca_efficiency": 0.8, "epochs_trained": 10, "learning_rate": 1e-3,
+           "stop_reason": "completed all epochs"}
     assert shortfall_note(row, cfg) == ("d128: validation mse 25.0% above the PCA limit (pca_efficiency 0.8000) after 10 epochs "
                                         "from the orthogonal init at peak lr 0.001: a random start's subspace turns towards the "
                                         "top-D' one slowly; --init pca starts at the limit")

@@ -162,7 +162,10 @@ AT_LIMIT = 0.995  # pca_efficiency from which a compressor counts as at the PCA 
 
 
 def shortfall_note(row: dict[str, Any], cfg: Config) -> str | None:
-    """For a compressor short of the PCA limit: by how much, and why, in one line (None at the limit)."""
+    """For a trial that diverged, or a compressor short of the PCA limit: what happened, by how much and
+    why, in one line (None at the limit)."""
+    if row["stop_reason"].startswith("diverged"):
+        return f"d{row['d_compressed']}: {row['stop_reason']}; exported: its best before that, epoch {row['best_epoch']}"
     eff = row["pca_efficiency"]
     if eff >= AT_LIMIT:
         return None
