@@ -49,7 +49,7 @@ def test_a_trial_that_errored_after_reporting_checkpoints_is_a_failed_row_not_an
     grid = [trial_result(tmp_path, 8, 0.001, 0.1, error=RuntimeError("worker died 4 times\ntraceback...")),
             trial_result(tmp_path, 16, 0.001, 0.05)]
     rows = export_results(grid, cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
-    assert rows[0] == {"d_compressed": 8, "d_model": D, "compression_ratio": 8.0, "num_params": 512,
+    assert rows[0] == {"d_compressed": 8, "d_model": D, "compression_ratio": 8.0, "num_params": 512, "objective": "mse",
                        "error": "RuntimeError: worker died 4 times"}
     assert not os.path.exists(cfg.export_path(8)) and os.path.exists(cfg.export_path(16))
     assert rows[1]["stop_reason"] == "completed all epochs" and "error" not in rows[1]
