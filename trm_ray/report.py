@@ -166,6 +166,8 @@ def shortfall_note(row: dict[str, Any], cfg: Config) -> str | None:
     why, in one line (None at the limit)."""
     if row["stop_reason"].startswith("diverged"):
         return f"d{row['d_compressed']}: {row['stop_reason']}; exported: its best before that, epoch {row['best_epoch']}"
+    if cfg.objective != "mse":  # a KL objective gives up mse for the LM head's KL by design: the KL columns tell
+        return None
     eff = row["pca_efficiency"]
     if eff >= AT_LIMIT:
         return None
