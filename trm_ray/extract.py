@@ -101,11 +101,11 @@ def cut_at_layer(model: Any, layer: int) -> Any:
 
 def load_model(model_name: str, device: torch.device, layer: int) -> tuple[Any, Any]:
     """Tokenizer and the base model cut at `layer`; bf16 on GPU (as the model is served), float32 on CPU."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     load_model_config(model_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    tokenizer = load_tokenizer(model_name)
     model = AutoModel.from_pretrained(model_name, dtype=dtype, attn_implementation="sdpa")
     return tokenizer, cut_at_layer(model, layer).to(device).eval()
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import torch
 
-from trm_ray.compressor import METRICS, load_checkpoint, orthonormality_error
+from trm_ray.compressor import METRICS, load_checkpoint
 from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
 from trm_ray.shards import filesystem, read_bytes, write_json
@@ -89,7 +89,6 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
             dest = cfg.export_path(d)
             _copy(best[d]["src"], dest)
             row.update({k: best[d][k] for k in METRICS})
-            row["orthonormality_error"] = orthonormality_error(load_checkpoint(dest)["compressor"]["weight"])
             row.update({"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / best[d]["mse"],
                         "pca_cosine_similarity": limit["pca_cosine_similarity"][d],
                         "pca_explained_variance": limit["pca_explained_variance"][d],
