@@ -3,12 +3,11 @@ trm_ray's optimisation step without Ray, and the ratio lines."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import os
 import posixpath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -21,19 +20,6 @@ from trm_ray.config import Config
 from trm_ray.extract import extraction_settings, shard_table, write_shard
 from trm_ray.shards import MANIFEST, decode_hidden, is_validation_doc, shard_name, shard_paths, write_json
 from trm_ray.train import compile_or_eager, get_lr, initial_model, make_optimizer, objective_loss, optimizer_step
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch on one thread, as in every Ray worker (a 1-CPU worker gets OMP_NUM_THREADS=1).
-    It also keeps a baseline steady on a shared machine, where threads that wait on each
-    other's descheduled siblings make small ops erratically slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def gaussian_rows(gen: torch.Generator, n: int, hidden_size: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import bare_trainer, machine, one_thread, print_ratio
+from benchmarks.common import bare_trainer, machine, print_ratio
 from trm_ray import sweep
 from trm_ray.cli import connect
 from trm_ray.config import Config, load_yaml, make_config
@@ -35,7 +35,7 @@ from trm_ray.extract import extract, hidden_rows, load_model
 from trm_ray.text import read_documents, tokenize
 from trm_ray.quickstart import write_assets
 from trm_ray.shards import is_validation_doc
-from trm_ray.train import evaluate
+from trm_ray.train import evaluate, one_thread
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 # Compiling would take longer than the whole smoke run.

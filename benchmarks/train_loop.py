@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from ray.train import UserCallback
 
-from benchmarks.common import bare_trainer, machine, one_thread, print_ratio, read_train_rows, write_synthetic_shards
+from benchmarks.common import bare_trainer, machine, print_ratio, read_train_rows, write_synthetic_shards
 from trm_ray import spectrum
 from trm_ray.cli import connect
 from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
 from trm_ray.sweep import datasets, trial_config_for
-from trm_ray.train import make_trainer
+from trm_ray.train import make_trainer, one_thread
 
 FULL = dict(d_model=2048, d_compressed=256, num_samples=256, max_seq_length=512, batch_size=8, num_epochs=4,
             docs_per_shard=256)

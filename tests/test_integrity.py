@@ -182,11 +182,19 @@ def test_resume_picks_the_sweep_by_stage_and_applies_runtime_flags(tmp_path):
     ({"grace_period": 0}, "grace_period must be at least 1, got 0"),
     ({"use_gpu": "false"}, "use_gpu must be true or false, got 'false'"),
     ({"asha_metric": "cosine"}, "asha_metric must be one of pca_efficiency, mse, cosine_similarity"),
+    ({"asha_metric": "downstream_efficiency"}, "asha_metric downstream_efficiency is measured only with --objective kl"),
     ({"sweep_learning_rates": [0.01, "fast"]}, "sweep_learning_rates must be a number, got 'fast'"),
 ])
 def test_bad_settings_are_one_line_errors(values, message):
     with pytest.raises(UserError, match=message):
         make_config(values)
+
+
+@pytest.mark.parametrize("metric, mode", [("downstream_efficiency", "max"), ("downstream_kl", "min")])
+def test_a_kl_sweep_may_name_the_downstream_metrics_for_asha(metric, mode):
+    cfg = make_config({"objective": "kl", "asha_metric": metric})
+    assert cfg.rank_metric == metric
+    assert ("min" if metric in sweep.LOWER_IS_BETTER else "max") == mode
 
 
 @pytest.mark.parametrize("name, content, message", [

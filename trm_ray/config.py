@@ -34,7 +34,11 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 # What each epoch's report carries that ASHA can rank on (anything else would never arrive, and ASHA
 # would silently stop nothing).
 ASHA_METRICS = ("pca_efficiency", "mse", "cosine_similarity", "relative_error", "variance_ratio",
-                "explained_variance", "train_loss")
+                "explained_variance", "train_loss", "downstream_efficiency", "downstream_kl")
+# Peak learning rate per --objective, measured (benchmarks/RESULTS.md): from the PCA start, mse needs only
+# a small step to stay at its optimum, while the KL objective has to turn the subspace towards what the head reads.
+DEFAULT_LEARNING_RATE = {"mse": 1e-4, "kl": 5e-3, "mse+kl": 5e-3}
+KL_ONLY_METRICS = ("downstream_efficiency", "downstream_kl")  # measured only when the loss reads the LM head
 
 
 @dataclass
@@ -72,7 +76,7 @@ class Config:
     kl_weight: float = _f(1.0, "With --objective mse+kl: the loss is mse + kl_weight * KL.")
     batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
     num_epochs: int = _f(10, "Maximum training epochs.")
-    learning_rate: float = _f(1e-4, "Peak AdamW learning rate (small: the PCA start is already the MSE optimum; the seed's 1e-3 suits an orthogonal start).")
+    learning_rate: float | None = _f(None, "Peak AdamW learning rate; default 1e-4 for --objective mse (small: the PCA start is already the MSE optimum; the seed's 1e-3 suits an orthogonal start), 5e-3 for kl and mse+kl (PCA is only where the search for the LM head's subspace starts).")
     weight_decay: float = _f(0.0, "AdamW weight decay (0: decay would pull the tied matrix off orthonormality).")
     warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before the cosine decay.")
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold.")
@@ -106,6 +110,8 @@ class Config:
     num_cpus: int | None = _f(None, "Logical CPUs of a local Ray; default: the core count, or what the trials that the cores can run need (a Tune function and the workers of each, plus one).")
 
     def __post_init__(self) -> None:
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATE.get(self.objective, DEFAULT_LEARNING_RATE["mse"])
         if self.stage not in ("1a", "1b"):
             raise UserError(f"stage must be 1a or 1b, got {self.stage!r}")
         if self.storage_dtype not in ("auto", "float32", "bfloat16"):
@@ -138,6 +144,9 @@ class Config:
             raise UserError(f"seed must be 0 or more, got {self.seed}")
         if self.asha_metric != "auto" and self.asha_metric not in ASHA_METRICS:
             raise UserError(f"asha_metric must be one of {', '.join(ASHA_METRICS)}, got {self.asha_metric!r}")
+        if self.asha_metric in KL_ONLY_METRICS and self.objective == "mse":
+            raise UserError(f"asha_metric {self.asha_metric} is measured only with --objective kl or mse+kl: "
+                            "pick another metric, or set --objective")
         for d in [self.d_compressed, *self.sweep_d_values]:
             if not isinstance(d, int) or isinstance(d, bool) or d < 1:
                 raise UserError(f"D' must be a positive integer, got {d!r}: pass e.g. --d_compressed 256")

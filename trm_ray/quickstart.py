@@ -22,6 +22,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
 
+from trm_ray.train import one_thread
+
 ADJECTIVES = "small large quiet bright old young green cold warm heavy light early late red blue".split()
 NOUNS = "river teacher student city forest engine planet library garden market cell signal window bridge farmer".split()
 VERBS = "finds builds studies moves carries explains measures follows opens watches".split()
@@ -94,19 +96,13 @@ def train_briefly(model: SmolLM3ForCausalLM, tokenizer: PreTrainedTokenizerFast,
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    threads = torch.get_num_threads()
-    # Ops this small gain nothing from threads; on a busy machine, threads waiting on each
-    # other's descheduled siblings made these steps 20x slower.
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for _ in range(steps):
             batch = torch.randint(0, len(docs), (8,), generator=gen)
             loss = model(input_ids=ids["input_ids"][batch], attention_mask=ids["attention_mask"][batch], labels=labels[batch]).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
     return model.eval()
 
 

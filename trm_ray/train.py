@@ -7,6 +7,7 @@ rank 0 over the whole held-out set, so the metrics do not depend on the number o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -145,6 +146,19 @@ class EarlyStopping:
         else:
             self.bad_epochs += 1
         return self.bad_epochs >= self.patience
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as in every 1-CPU Ray worker (OMP_NUM_THREADS=1). Ops as small as a
+    compressor's gain nothing from threads, and on a busy machine threads that wait on each other's
+    descheduled siblings made them erratically slow (up to 20x): it keeps baselines steady too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compile_or_eager(fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
