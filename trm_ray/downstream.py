@@ -5,7 +5,8 @@ reads), the next-token distribution on the reconstructed state is compared with 
 the original: the KL divergence KL(p_original || p_reconstructed) per token, and the
 increase of the cross-entropy on the true next token. The same is computed for the PCA
 reconstruction of each D', so a trained compressor can be set against the optimum.
-Runs as one Ray task (on a GPU with --use_gpu; the logits in float32) over the first validation tokens.
+Runs as one Ray task (on a GPU with --use_gpu) over the first validation tokens. Every score (this,
+the PCA reference, each epoch's validation) takes its logits in float32; only training's matmuls are bf16 on a GPU.
 
 The same KL (`next_token_kl`, one code path) is the training loss of `--objective kl`: the
 teacher's logits are recomputed from the cached hidden state on the fly, chunked over tokens.
@@ -142,7 +143,7 @@ def pca_kl(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_v
     """Mean next-token KL of the PCA reconstruction of each D' over the whole validation set:
     the reference a KL-trained trial's `downstream_efficiency` is measured against, every epoch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm_head = load_lm_head(model_name, device)
+    lm_head = load_lm_head(model_name, device, torch.float32)  # as `measure` and the trials' validation score
     vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     sums, n = dict.fromkeys(d_values, 0.0), 0
     for table in validation_tables(shards_dir, val_fraction, seed):

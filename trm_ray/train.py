@@ -8,6 +8,7 @@ rank 0 over the whole held-out set, so the metrics do not depend on the number o
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -247,6 +248,11 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     optimizer = make_optimizer(model, cfg, state["optimizer"] if state else None)
     # Loaded once per worker: what phase 2 decompresses into, so what a KL objective trains against.
     lm_head = load_lm_head(cfg.model_name, device) if cfg.objective != "mse" else None
+    # Validation scores in float32 like the export and the PCA reference: bf16 logits (what a GPU trains
+    # with) would put a noise floor under the small KLs of a wide D', and downstream_efficiency on it.
+    score_head = lm_head
+    if rank == 0 and lm_head is not None and lm_head.weight.dtype != torch.float32:
+        score_head = copy.deepcopy(lm_head).float()
     loss_fn = compile_or_eager(objective_loss(cfg, ddp, lm_head), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
@@ -261,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     best_keys = METRICS if lm_head is None else (*METRICS, *KL_METRICS)
 
     def validate() -> dict[str, float]:
-        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device), lm_head)
+        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device), score_head)
         # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
         m.update({"pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"],
                   "orthonormality_error": orthonormality_error(model.weight)})
