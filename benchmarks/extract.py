@@ -2,8 +2,8 @@
 
 The plain loop is what a user would write: AutoModel, the documents in their order in
 batches of 16, right-padded, `last_hidden_state`, the real tokens kept, on all of the
-machine's threads (bf16 on a GPU). trm_ray's side is the real thing: `extract()` through a
-Ray Data actor pool, writing Parquet shards and a manifest. Its steady rate is read from
+machine's threads (bf16 on a GPU). trm_ray's side is the real thing: `extract()` on its Ray
+actors, writing Parquet shards and a manifest. Its steady rate is read from
 the shards' completion times (each shard is renamed into place when written): the tokens
 of every shard but the first finished, over the time from the first to the last; the
 actor's start-up and model load, a fixed cost whatever the corpus, are reported beside it

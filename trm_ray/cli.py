@@ -26,12 +26,24 @@ def connect(cfg: Config) -> None:
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
+    if not cfg.address:
+        # Train's preemption watcher (an actor per trial) follows the nodes an autoscaler drains for
+        # preemption, and a local Ray has no autoscaler: off, it is one process less per trial.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env = forwarded_env(os.environ)
     if cfg.address:
         ray.init(address=cfg.address, runtime_env={"env_vars": env} if env else None)
     else:
-        ray.init(num_cpus=cfg.num_cpus or local_cpus(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env} if env else None)
+        cpus = cfg.num_cpus or local_cpus(cfg)
+        # The raylet warns ("N PYTHON worker processes have been started ... Nx the maximum expected
+        # startup concurrency") past 4 worker processes for each one it may start at once, which Ray
+        # caps at the cores. A trial keeps about six processes (Tune's function, Train's controller,
+        # worker and helpers), two of them on logical CPUs, and a local Ray gets more logical CPUs
+        # than cores for them (local_cpus): counted against those, the warning is left for a node
+        # that runs more processes than its trials do.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env} if env else None,
+                 _system_config={"worker_maximum_startup_concurrency": cpus})
 
 
 def trial_cpus(cfg: Config) -> int:

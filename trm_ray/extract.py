@@ -1,8 +1,8 @@
 """Extract once: tokens -> one layer's hidden states -> Parquet shards + manifest.json.
 
 The LLM is ~99% of the compute of the seed's loop, which re-ran it inside every step of
-every epoch of every trial. Here it runs once, in a Ray Data actor pool (one model replica
-per GPU), and every trial and epoch afterwards reads the shards.
+every epoch of every trial. Here it runs once, on Ray actors (one model replica per GPU),
+and every trial and epoch afterwards reads the shards.
 
 Documents are grouped into fixed chunks of `docs_per_shard`; each chunk becomes one shard,
 written to a temporary name and renamed when complete. An interrupted extraction therefore
@@ -15,7 +15,6 @@ The text side (sources, chat rendering, which tokens are kept) is `trm_ray.text`
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import posixpath
 import shutil
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -165,10 +164,10 @@ def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray
 
 
 class HiddenStateExtractor:
-    """A Ray Data actor: one model replica that turns a chunk of documents into one shard.
+    """A Ray actor: one model replica that turns a chunk of documents into one shard.
 
-    Two calls run at once on each replica (the actor pool `extract` starts): one holds the model, the
-    other tokenizes its documents or writes its shard meanwhile, so the forward passes never
+    Two calls run at once on each replica (`run_replicas` keeps two in flight): one holds the model,
+    the other tokenizes its documents or writes its shard meanwhile, so the forward passes never
     wait on tokenization or on the disk, and a call still returns only once its shard is written.
     """
 
@@ -184,34 +183,55 @@ class HiddenStateExtractor:
         self.model_lock = threading.Lock()
         self.storage_dtype, self.shards_dir = storage_dtype, shards_dir
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def extract(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """Write the shard of `chunk` ({shard, first_doc, docs}); returns its counts."""
         cfg = self.cfg
-        out: dict[str, list] = {"shard": [], "num_docs": [], "num_tokens": [], "doc_tokens": [], "outliers": []}
-        for shard, first_doc, docs in zip(batch["shard"], batch["first_doc"], batch["docs"]):
-            tokens = tokenize(self.tokenizer, [json.loads(d) for d in docs], cfg)
-            token_lists, keeps = tokens.ids, tokens.keeps
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            with self.model_lock:
-                hidden, doc_idx, pos = hidden_rows(self.model, token_lists, pad, cfg.extract_tokens_per_batch,
-                                                   cfg.extract_batch_size)
-            keep = np.concatenate(keeps)  # hidden_rows emits documents in order, positions ascending
-            if cfg.exclude_first_token:
-                keep &= pos > 0
-            outliers = 0
-            if cfg.outlier_norm_factor > 0:
-                norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).numpy()
-                big = keep & (norms > cfg.outlier_norm_factor * np.median(norms[keep]))
-                outliers, keep = int(big.sum()), keep & ~big
-            token_ids = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in token_lists])[keep]
-            hidden, doc_idx, pos = hidden[torch.from_numpy(keep)], doc_idx[keep], pos[keep]
-            table = shard_table(hidden, doc_idx + int(first_doc), pos, token_ids, self.storage_dtype)
-            write_shard(table, posixpath.join(self.shards_dir, shard_name(int(shard))))
-            out["shard"].append(int(shard))
-            out["num_docs"].append(len(token_lists))
-            out["num_tokens"].append(len(doc_idx))
-            out["doc_tokens"].append(json.dumps(np.bincount(doc_idx, minlength=len(token_lists)).tolist()))
-            out["outliers"].append(outliers)
-        return {k: np.array(v) for k, v in out.items()}
+        tokens = tokenize(self.tokenizer, chunk["docs"], cfg)
+        token_lists, keeps = tokens.ids, tokens.keeps
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        with self.model_lock:
+            hidden, doc_idx, pos = hidden_rows(self.model, token_lists, pad, cfg.extract_tokens_per_batch,
+                                               cfg.extract_batch_size)
+        keep = np.concatenate(keeps)  # hidden_rows emits documents in order, positions ascending
+        if cfg.exclude_first_token:
+            keep &= pos > 0
+        outliers = 0
+        if cfg.outlier_norm_factor > 0:
+            norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).numpy()
+            big = keep & (norms > cfg.outlier_norm_factor * np.median(norms[keep]))
+            outliers, keep = int(big.sum()), keep & ~big
+        token_ids = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in token_lists])[keep]
+        hidden, doc_idx, pos = hidden[torch.from_numpy(keep)], doc_idx[keep], pos[keep]
+        table = shard_table(hidden, doc_idx + chunk["first_doc"], pos, token_ids, self.storage_dtype)
+        write_shard(table, posixpath.join(self.shards_dir, shard_name(chunk["shard"])))
+        return {"shard": chunk["shard"], "num_docs": len(token_lists), "num_tokens": len(doc_idx),
+                "doc_tokens": np.bincount(doc_idx, minlength=len(token_lists)).tolist(), "outliers": outliers}
+
+
+def run_replicas(cfg: Config, place: Placement, storage_dtype: str, shards_dir: str,
+                 chunks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every chunk's shard, made by `place.replicas` model replicas with two chunks in flight each;
+    yields each chunk's counts as its shard is written.
+
+    A replica that dies (a preempted GPU node, a killed process) is restarted and its chunks run
+    again. Plain actors built from a few settings, not a Ray Data actor pool: Ray Data hands its
+    pool's actors their function and context as object references, and Ray logs an alarm for every
+    restartable actor built from one (`core_worker.cc ... constructor arguments in the object store`)."""
+    import ray
+
+    replica = ray.remote(HiddenStateExtractor).options(
+        num_cpus=place.num_cpus, num_gpus=place.num_gpus or None, max_concurrency=2, max_restarts=-1, max_task_retries=-1)
+    replicas = [replica.remote(dataclasses.asdict(cfg), storage_dtype, shards_dir) for _ in range(place.replicas)]
+    waiting, running = chunks[::-1], {}
+    for r in replicas * 2:
+        if waiting:
+            running[r.extract.remote(waiting.pop())] = r
+    while running:
+        [finished], _ = ray.wait(list(running))
+        r = running.pop(finished)
+        if waiting:
+            running[r.extract.remote(waiting.pop())] = r
+        yield ray.get(finished)
 
 
 def write_shard(table: pa.Table, path: str) -> None:
@@ -361,7 +381,6 @@ def extract(cfg: Config) -> dict[str, Any]:
     docs = read_documents(cfg)
     if tokenizer is not None:  # before any model is loaded: a corpus without thinking fails here
         print(f"extract: {thinking_summary(tokenize(tokenizer, docs, cfg), cfg)}", flush=True)
-    docs = [json.dumps(d) for d in docs]
     check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * value_bytes(storage_dtype))
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)
     n = cfg.docs_per_shard
@@ -378,19 +397,12 @@ def extract(cfg: Config) -> dict[str, Any]:
         place = placement(cfg, cluster.get("GPU", 0), node_cpus, cluster.get("CPU", 1))
         docs_todo = sum(len(c["docs"]) for c in todo)
         announce(cfg, place, cluster.get("GPU", 0), docs_todo * cfg.max_seq_length)
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            HiddenStateExtractor,
-            fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), storage_dtype=storage_dtype, shards_dir=shards_dir),
-            batch_size=1, num_cpus=place.num_cpus, num_gpus=place.num_gpus or None,
-            compute=ray.data.ActorPoolStrategy(size=place.replicas, max_tasks_in_flight_per_actor=2,
-                                               max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
-        )
         t0, docs, tokens = time.time(), 0, 0
-        for row in ds.iter_rows():
-            done[int(row["shard"])] = json.loads(row["doc_tokens"])
-            outliers[int(row["shard"])] = int(row["outliers"])
-            docs += int(row["num_docs"])
-            tokens += int(row["num_tokens"])
+        for row in run_replicas(cfg, place, storage_dtype, shards_dir, todo):
+            done[row["shard"]] = row["doc_tokens"]
+            outliers[row["shard"]] = row["outliers"]
+            docs += row["num_docs"]
+            tokens += row["num_tokens"]
             elapsed = time.time() - t0
             eta = elapsed / docs * (docs_todo - docs)
             print(f"extract: {len(done)}/{num_shards} shards | {tokens:,} tokens | {tokens / elapsed:,.0f} tokens/s "
