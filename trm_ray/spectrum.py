@@ -77,7 +77,7 @@ def second_moment(shards_dir: str, val_fraction: float, seed: int, d_model: int)
 def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray) -> dict[str, Any]:
     """Per-D' sums over validation rows: ||x - P_k x||² and cos(x, P_k x) = ||P_k x|| / ||x||; and Σ||x||²."""
     x = decode_hidden(batch["hidden"]).double()
-    z2 = (x @ torch.from_numpy(eigenvectors)) ** 2  # coordinates in the eigenbasis, largest first
+    z2 = (x @ torch.tensor(eigenvectors)) ** 2  # eigenbasis coordinates, largest first (a copy: Ray hands the array over read-only)
     kept = torch.cat([torch.zeros(x.shape[0], 1, dtype=torch.float64), z2.cumsum(1)], 1)  # ||P_k x||², k = 0..D
     norm2 = (x ** 2).sum(1, keepdim=True)
     return {"err": (norm2 - kept).clamp_min(0).sum(0).numpy(),
