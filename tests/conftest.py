@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,6 +65,10 @@ SEED_FLAGS = ["--stage", "1a", "--batch_size", "4", "--num_epochs", "3", "--lear
               "--no_use_gpu", "--address", "auto"]
 
 
+# When the `swept` sweep ran: later tests resume it in place, which rewrites its files, so their times cannot tell.
+SWEPT_WINDOW: dict[str, float] = {}
+
+
 @pytest.fixture(scope="session")
 def swept(shards, tmp_path_factory):
     """The quickstart flow end to end through the CLI (3 D', ASHA, export), on the session's shards."""
@@ -73,6 +78,8 @@ def swept(shards, tmp_path_factory):
                          f"dataset: {shards.dataset}\ndocs_per_shard: 20\ngrace_period: 3\nlearning_rate: 0.5\n")
     from trm_ray import sweep
 
+    SWEPT_WINDOW["began_ms"] = time.time() * 1000
     sweep.main(["--config", str(yaml_file), "--output_dir", str(out), *SEED_FLAGS])
+    SWEPT_WINDOW["ended_ms"] = time.time() * 1000
     cfg = dataclasses.replace(shards, output_dir=str(out), shards_dir=shards.shards_path)
     return cfg, json.loads((out / "sweep_results.json").read_text())
