@@ -33,12 +33,12 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 
 # What each epoch's report carries that ASHA can rank on (anything else would never arrive, and ASHA
 # would silently stop nothing).
+KL_ONLY_METRICS = ("downstream_efficiency", "downstream_kl")  # measured only when the loss reads the LM head
 ASHA_METRICS = ("pca_efficiency", "mse", "cosine_similarity", "relative_error", "variance_ratio",
-                "explained_variance", "train_loss", "downstream_efficiency", "downstream_kl")
+                "explained_variance", "train_loss", *KL_ONLY_METRICS)
 # Peak learning rate per --objective, measured (benchmarks/RESULTS.md): from the PCA start, mse needs only
 # a small step to stay at its optimum, while the KL objective has to turn the subspace towards what the head reads.
 DEFAULT_LEARNING_RATE = {"mse": 1e-4, "kl": 5e-3, "mse+kl": 5e-3}
-KL_ONLY_METRICS = ("downstream_efficiency", "downstream_kl")  # measured only when the loss reads the LM head
 
 
 @dataclass

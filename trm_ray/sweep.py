@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 from ray.train import UserCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from trm_ray import spectrum
 from trm_ray.cli import trial_cpus
@@ -48,7 +49,7 @@ class ReportToTune(UserCallback):
         self.reports = reports
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.reports.put({**metrics[0], **({"checkpoint_path": checkpoint.path} if checkpoint else {})})
+        self.reports.put({**metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {})})
 
 
 def trial(config: dict[str, Any], train: Any, val: Any) -> None:
