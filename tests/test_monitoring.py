@@ -99,9 +99,11 @@ def test_a_sweep_that_succeeded_shows_no_failed_task_and_logs_none_of_rays_alarm
     """The dashboard's job page counts the failed tasks; the session's log files hold every line Ray printed.
 
     Ray's TuneReportCallback polled an empty queue every 0.2 s, each poll a failed task (~500 a quickstart
-    sweep). What may remain is Ray's own race at a worker's exit: a trial's helper (its controller, its
-    queue) exits as intended when the trial ends, and the state of its last call can be lost on the way
-    out (WORKER_DIED with exit type 1, INTENDED_SYSTEM_EXIT); none of those raised."""
+    sweep). What may remain are Ray's own intended exits, whose last call Ray can record as failed: a
+    trial's helper (its controller, its queue) exits when the trial ends and the state of its last call
+    can be lost on the way out (WORKER_DIED, exit type 1, INTENDED_SYSTEM_EXIT), and Train's
+    PlacementGroupCleaner ends its own `stop` call with `exit_actor()` (exit type 3,
+    INTENDED_USER_EXIT); none of those raised."""
     from ray.util.state import list_tasks
 
     cfg, rows = swept
@@ -114,8 +116,9 @@ def test_a_sweep_that_succeeded_shows_no_failed_task_and_logs_none_of_rays_alarm
 
     assert len(sweep_tasks(("func_or_class_name", "=", "TrainController.run"))) == len(rows)  # the window holds the trials
     failed = sweep_tasks(("state", "=", "FAILED"))
+    intended = ("died with exit_type: 1 ", "died with exit_type: 3 ")
     assert [(t.func_or_class_name, t.error_type, t.error_message) for t in failed
-            if t.error_type != "WORKER_DIED" or "died with exit_type: 1 " not in t.error_message] == []
+            if t.error_type != "WORKER_DIED" or not any(s in t.error_message for s in intended)] == []
 
     # Ray's C++ log lines open with their time, `[2026-12-01 20:38:01,123 E ...`: only the sweep's own
     # count (the suite's Ray runs other tests' trials and extractions before and after it).
