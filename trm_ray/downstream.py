@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.shards import decode_hidden, read_manifest, rows_per_block, shard_paths, side_tables
@@ -75,30 +74,41 @@ def kl_per_token(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def _chunk_kl_sum(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():  # the teacher: recomputed, never stored (V floats a token)
-        logp = log_probs(lm_head, x)
-    return kl_per_token(logp, log_probs(lm_head, x_hat)).sum()
+class _FusedKL(torch.autograd.Function):
+    """Σ KL(p || q) over rows with its gradient in x_hat taken in the same pass over the logits.
+
+    For the student's logits s = U x_hat, dKL/ds = q - p, so dKL/dx_hat = (q - p) U: per chunk, the
+    teacher's matmul, the student's and that one, and only [rows, D] kept for the backward. Autograd
+    with checkpointing did five ([rows, V] logits cannot be kept): the teacher and the student again
+    in the backward, and the softmax's backward on top."""
+
+    @staticmethod
+    def forward(ctx: Any, x_hat: torch.Tensor, x: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+        chunk = max(1, KL_CHUNK_ELEMENTS // lm_head.out_features)
+        total, grads = torch.zeros((), device=x.device), []
+        for i in range(0, x.shape[0], chunk):
+            logp, logq = log_probs(lm_head, x[i:i + chunk]), log_probs(lm_head, x_hat[i:i + chunk])
+            total += kl_per_token(logp, logq).sum()
+            if ctx.needs_input_grad[0]:
+                grads.append(((logq.exp() - logp.exp()).to(lm_head.weight.dtype) @ lm_head.weight).to(x_hat.dtype))
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(torch.cat(grads))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad_total * grad, None, None
 
 
 KL_CHUNK_ELEMENTS = 2 ** 25  # logits per chunk: 128 MiB of float32, ~260 tokens of a 128k vocabulary
 
 
 def next_token_kl(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of KL(softmax(head(x)) || softmax(head(x_hat))), differentiable in x_hat.
-
-    Chunked over tokens so that [rows, V] logits never exist at once; under autograd each chunk
-    is checkpointed (only its inputs are kept, its logits recomputed in the backward pass),
-    so memory stays at one chunk's logits whatever the batch."""
-    chunk = max(1, KL_CHUNK_ELEMENTS // lm_head.out_features)
-    total = torch.zeros((), device=x.device)
-    for i in range(0, x.shape[0], chunk):
-        args = (lm_head, x[i:i + chunk], x_hat[i:i + chunk])
-        if torch.is_grad_enabled() and x_hat.requires_grad:
-            total = total + checkpoint(_chunk_kl_sum, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_kl_sum(*args)
-    return total
+    """Sum over rows of KL(softmax(head(x)) || softmax(head(x_hat))), differentiable in x_hat (not in
+    the head, which stays frozen). Chunked over tokens so that [rows, V] logits never exist at once:
+    memory stays at one chunk's logits whatever the batch."""
+    return _FusedKL.apply(x_hat, x, lm_head)
 
 
 @torch.no_grad()
