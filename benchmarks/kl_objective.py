@@ -1,16 +1,17 @@
 """KL objective vs PCA: the next-token KL of the LM head reading a KL-trained compressor's
 reconstruction, against the PCA reconstruction of the same D', on validation tokens; the
 MSE each pays; and the cost of a KL training step per token against an MSE step. Also the
-closed-form alternative to training: PCA in the metric of the LM head's Fisher information.
+KL of the closed-form start alone: PCA in the metric of the LM head's Fisher information.
 
-Hidden states are extracted and the PCA limit computed by trm_ray itself (Ray Data); the
-compressor is then trained by trm_ray's own optimisation with its defaults for `--objective kl`
-(start at PCA, AdamW at the KL learning rate, warm-up + cosine decay, clipping, rows kept
+Hidden states are extracted, the PCA limit and the Fisher start computed by trm_ray itself;
+the compressor is then trained by trm_ray's own optimisation with its defaults for `--objective kl`
+(the Fisher start, AdamW at the KL learning rate, warm-up + cosine decay, clipping, rows kept
 orthonormal: `benchmarks.common.bare_trainer`) on rows held in memory, one thread, so that the
 KL and MSE steps are timed side by side on the same batches.
 
     python -m benchmarks.kl_objective            # the quickstart's model (trained briefly on its corpus), D'=8/16/32
     python -m benchmarks.kl_objective --real     # SmolLM2-135M-Instruct on English prose, D=576, D'=32..288
+    python -m benchmarks.kl_objective --init pca # the same from the PCA start
     python -m benchmarks.kl_objective --smoke    # tiny sizes: checks the script, not the quality
 """
 
@@ -30,7 +31,7 @@ from benchmarks.common import bare_trainer, machine, print_ratio, read_train_row
 from trm_ray.cli import connect
 from trm_ray.compressor import orthonormality_error
 from trm_ray.config import Config, make_config
-from trm_ray.downstream import load_lm_head, log_probs, next_token_damage, validation_rows
+from trm_ray.downstream import load_lm_head, next_token_damage, validation_rows
 from trm_ray.extract import extract
 from trm_ray.quickstart import write_assets
 from trm_ray.spectrum import eigenvectors
@@ -40,7 +41,7 @@ from trm_ray.train import evaluate, one_thread
 QUICKSTART = dict(num_samples=400, max_seq_length=64, docs_per_shard=50, sweep_d_values=[8, 16, 32], batch_size=4,
                   num_epochs=16)
 REAL = dict(num_samples=64, max_seq_length=128, docs_per_shard=16, sweep_d_values=[32, 64, 128, 288], batch_size=2,
-            num_epochs=3, val_fraction=0.15)
+            num_epochs=10, val_fraction=0.15)
 SMOKE = dict(num_samples=48, max_seq_length=32, docs_per_shard=16, sweep_d_values=[8, 16], batch_size=4, num_epochs=1)
 COST_STEPS = 3  # steps of each objective timed on the same batches for the cost per token
 
@@ -56,27 +57,6 @@ def inputs(args: argparse.Namespace, work_dir: str) -> tuple[str, str, dict[str,
     return assets["model"], assets["corpus"], sizes
 
 
-@torch.no_grad()
-def fisher_pca_basis(lm_head: torch.nn.Linear, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Orthonormal columns whose first k span, for every k, PCA's subspace in the metric of the head's
-    mean Fisher information F = E[Uᵀ(diag p - ppᵀ)U] (KL(p || p(h + δ)) ≈ ½ δᵀF δ): F^-½ times the
-    top eigenvectors of F^½ Σ F^½, Σ = E[hhᵀ] of the training rows x. A closed-form start that
-    weights directions by what they do to the logits instead of by their energy."""
-    u = lm_head.weight.double()
-    p_sum, pu2 = torch.zeros(u.shape[0], dtype=torch.float64), torch.zeros(u.shape[1], u.shape[1], dtype=torch.float64)
-    for i in range(0, len(x), chunk):
-        p = log_probs(lm_head, x[i:i + chunk]).exp().double()
-        p_sum += p.sum(0)
-        pu2 += (p @ u).T @ (p @ u)
-    fisher = ((u.T * p_sum) @ u - pu2) / len(x)
-    evals, evecs = torch.linalg.eigh((fisher + fisher.T) / 2)
-    evals = evals.clamp_min(1e-6 * float(evals.max()))  # a direction no logit reads would make F^-½ blow up
-    half, inv_half = ((evecs * evals ** e) @ evecs.T for e in (0.5, -0.5))
-    sigma = x.double().T @ x.double() / len(x)
-    g_evals, g_vecs = torch.linalg.eigh(half @ sigma @ half)
-    return torch.linalg.qr(inv_half @ g_vecs[:, g_evals.argsort(descending=True)])[0].float()
-
-
 def train_and_time(cfg: Config, d: int, x: torch.Tensor, lm_head: torch.nn.Linear) -> tuple[Any, float, float]:
     """The KL-trained compressor of width d, and seconds per training token of a KL step and of an MSE step."""
     rows = cfg.batch_size * cfg.max_seq_length
@@ -90,7 +70,7 @@ def train_and_time(cfg: Config, d: int, x: torch.Tensor, lm_head: torch.nn.Linea
     batches = [x[i * rows:(i + 1) * rows] for i in range(min(COST_STEPS, steps_per_epoch))]
     seconds = {}
     for objective in ("kl", "mse"):
-        _, timed = bare_trainer(dataclasses.replace(cfg, objective=objective), x.shape[1], d, steps_per_epoch, lm_head)
+        _, timed = bare_trainer(dataclasses.replace(cfg, objective=objective, init="pca"), x.shape[1], d, steps_per_epoch, lm_head)
         timed(batches[0])  # first-call costs out of the timing
         t0 = time.perf_counter()
         for b in batches:
@@ -104,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the quality")
     parser.add_argument("--real", action="store_true", help="a real pretrained LM (SmolLM2-135M-Instruct) on English prose")
     parser.add_argument("--no_orthonormal", action="store_true", help="W free to leave the projections (trm_ray keeps its rows orthonormal)")
+    parser.add_argument("--init", choices=["fisher", "pca"], default="fisher", help="where the KL training starts (trm_ray's default: fisher)")
     args = parser.parse_args(argv)
     load, started = os.getloadavg()[0], time.perf_counter()
     rows, costs = [], []
@@ -111,15 +92,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model_dir, corpus, sizes = inputs(args, work_dir)
         cfg = make_config({**sizes, "model_name": model_dir, "dataset": corpus, "output_dir": work_dir, "num_cpus": 8,
                            "use_wandb": False, "sweep": True, "torch_compile": False, "objective": "kl",
-                           "orthonormal": not args.no_orthonormal})
+                           "orthonormal": not args.no_orthonormal, "init": args.init})
         connect(cfg)
         manifest = extract(cfg)
-        limit = limits(cfg)  # the spectrum, and the PCA reconstruction's validation KL per D'
+        # The spectrum, the PCA reconstruction's validation KL per D', and the Fisher start (scored from either start).
+        limit = limits(dataclasses.replace(cfg, init="fisher"))
         x = read_train_rows(cfg, manifest)
         val, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed, manifest["num_tokens"])
         lm_head = load_lm_head(cfg.model_name, torch.device("cpu"))
         vecs = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed).float()
-        fisher = fisher_pca_basis(lm_head, x)
+        fisher = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher").float()  # the KL trials' start
         with one_thread():
             for d in cfg.sweep_d_values:
                 model, kl_s, mse_s = train_and_time(cfg, d, x, lm_head)
@@ -133,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 costs.append((kl_s, mse_s))
     print(f"kl_objective: {model_dir.rsplit('/', 1)[-1]}, D={x.shape[1]}, vocab {lm_head.out_features:,}, "
           f"{len(x):,} train / {len(val):,} validation tokens, {cfg.num_epochs} epochs, batch {cfg.batch_size}x"
-          f"{cfg.max_seq_length}, lr {cfg.learning_rate:g}, orthonormal {cfg.orthonormal}; {time.perf_counter() - started:.0f}s")
+          f"{cfg.max_seq_length}, lr {cfg.learning_rate:g}, init {cfg.init}, orthonormal {cfg.orthonormal}; {time.perf_counter() - started:.0f}s")
     print(machine(load))
     print(f"{'D_prime':>8} {'pca_KL':>10} {'fisher_KL':>10} {'KL':>10} {'pca_CE+':>9} {'CE+':>9} {'pca_mse':>10} {'mse':>10} "
           f"{'ortho_err':>9}")

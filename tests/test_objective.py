@@ -8,7 +8,7 @@ import torch
 from trm_ray import downstream
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError, make_config
-from trm_ray.downstream import load_lm_head, next_token_damage, next_token_kl, validation_rows
+from trm_ray.downstream import load_lm_head, mean_fisher, next_token_damage, next_token_kl, validation_rows
 from trm_ray.shards import load_splits
 from trm_ray.spectrum import eigenvectors
 from trm_ray.sweep import limits
@@ -60,9 +60,9 @@ def test_a_kl_objective_on_another_layer_than_the_last_is_a_one_line_error():
         make_config({"objective": "ce"})
 
 
-def test_a_kl_objective_starts_at_pca_whose_validation_kl_is_the_reference(shards, head_and_rows):
+def test_a_kl_objective_from_the_pca_start_starts_at_the_reference_validation_kl(shards, head_and_rows):
     lm_head, _, _ = head_and_rows
-    cfg = dataclasses.replace(shards, objective="kl", d_compressed=16)
+    cfg = dataclasses.replace(shards, objective="kl", init="pca", d_compressed=16)
     reference = limits(cfg)["pca_downstream_kl"]  # what a sweep hands its trials, per D' of its grid
     model = initial_model(cfg, {"d_model": 64})
     top = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :16].float()
@@ -71,6 +71,41 @@ def test_a_kl_objective_starts_at_pca_whose_validation_kl_is_the_reference(shard
     start = evaluate(model, hidden_batches(val, 512, torch.device("cpu")), lm_head)["downstream_kl"]
     assert start == pytest.approx(reference["16"], rel=1e-4)  # downstream_efficiency starts at 1.0
     assert reference["8"] > reference["16"] > reference["32"] > 0
+
+
+def test_the_mean_fisher_information_gives_the_kl_of_a_small_step_to_second_order(head_and_rows):
+    lm_head, hidden, _ = head_and_rows
+    x = hidden[:400]
+    fisher, n = mean_fisher(lm_head, [x[:150], x[150:]])
+    assert n == 400
+    u, x = lm_head.weight.double(), x.double()  # float64: the KL of a small step is below float32's resolution
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
+        v = 1e-2 * v / v.norm()
+        logp, logq = torch.log_softmax(x @ u.T, -1), torch.log_softmax((x + v) @ u.T, -1)
+        kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
+        assert kl == pytest.approx(0.5 * float(v @ fisher @ v), rel=1e-3)
+
+
+def test_a_kl_sweep_starts_from_the_fisher_basis_it_stores_beside_the_spectrum(shards, head_and_rows):
+    lm_head, hidden, targets = head_and_rows
+    cfg = make_config({"objective": "kl", "shards_dir": shards.shards_path, "model_name": shards.model_name,
+                       "val_fraction": shards.val_fraction, "seed": shards.seed, "d_compressed": 16})
+    assert cfg.init == "fisher"  # a KL objective's default start
+    reference = limits(cfg)["pca_downstream_kl"]
+    basis = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher")
+    torch.testing.assert_close(basis.T @ basis, torch.eye(64, dtype=basis.dtype), atol=1e-10, rtol=0)
+    model = initial_model(cfg, {"d_model": 64})
+    torch.testing.assert_close(model.weight, basis[:, :16].T.float())
+    # Not PCA's subspace: it keeps what moves the logits, and the head reading it tells the difference.
+    fisher_kl = next_token_damage(lm_head, hidden, targets, model)["kl"]
+    pca = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :16].float()
+    assert fisher_kl != pytest.approx(next_token_damage(lm_head, hidden, targets, lambda h: h @ pca @ pca.T)["kl"], rel=1e-3)
+    assert reference["16"] > 0
+    with pytest.raises(UserError, match="init fisher weights directions by the LM head") as err:
+        make_config({"init": "fisher"})
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("orthonormal", [True, False], ids=["orthonormal-rows", "free-rows"])

@@ -69,7 +69,7 @@ class Config:
     num_extract_workers: int | None = _f(None, "Model replicas extracting in parallel; default one per GPU of the cluster (at least 1, which an autoscaler adds with --use_gpu), or 1 on CPU.")
     # --- training -------------------------------------------------------------------------
     d_compressed: int = _f(256, "Compressed dimension D'.")
-    init: str = _f("pca", "Stage 1a start: pca (the top-D' eigenvectors of the training second moment: the MSE optimum) or orthogonal (the seed's random start).")
+    init: str | None = _f(None, "Stage 1a start: pca (the top-D' eigenvectors of the training second moment: the MSE optimum), orthogonal (the seed's random start), or for a KL objective fisher (PCA in the metric of the LM head's Fisher information: the directions that move the logits most); default pca for mse, fisher for kl and mse+kl.")
     orthonormal: bool = _f(True, "Re-orthonormalise W's rows after every optimizer step (a QR retraction), so WᵀW stays an orthogonal projection.", negative="no_orthonormal")
     objective: str = _f("mse", "Training loss: mse (reconstruction), kl (next-token KL of the LM head reading the reconstruction, "
                            "last layer only; starts from PCA, or in stage 1b from the 1a checkpoint), or mse+kl.")
@@ -116,8 +116,13 @@ class Config:
             raise UserError(f"stage must be 1a or 1b, got {self.stage!r}")
         if self.storage_dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"storage_dtype must be auto, float32 or bfloat16, got {self.storage_dtype!r}")
-        if self.init not in ("orthogonal", "pca"):
-            raise UserError(f"init must be orthogonal or pca, got {self.init!r}")
+        if self.init is None:
+            self.init = "pca" if self.objective == "mse" else "fisher"
+        if self.init not in ("orthogonal", "pca", "fisher"):
+            raise UserError(f"init must be orthogonal, pca or fisher, got {self.init!r}")
+        if self.init == "fisher" and self.objective == "mse":
+            raise UserError("init fisher weights directions by the LM head, which --objective mse never reads: "
+                            "use it with --objective kl or mse+kl, or --init pca")
         if self.objective not in ("mse", "kl", "mse+kl"):
             raise UserError(f"objective must be mse, kl or mse+kl, got {self.objective!r}")
         if self.objective != "mse" and self.layer != -1:

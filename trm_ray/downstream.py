@@ -14,7 +14,8 @@ teacher's logits are recomputed from the cached hidden state on the fly, chunked
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+import io
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,21 +23,21 @@ import torch
 from torch import nn
 
 from trm_ray.compressor import DimensionCompressor
-from trm_ray.shards import decode_hidden, read_manifest, rows_per_block, shard_paths, side_tables
-from trm_ray.spectrum import eigenvectors
+from trm_ray.shards import decode_hidden, read_json, read_manifest, rows_per_block, shard_paths, side_tables, write_bytes
+from trm_ray.spectrum import eigenvectors, spectrum_files
 
 
-def validation_tables(shards_dir: str, val_fraction: float, seed: int) -> Iterator[pa.Table]:
-    """The validation rows of each shard in turn (whole held-out documents, in document order)."""
+def split_tables(shards_dir: str, val_fraction: float, seed: int, val_side: bool = True) -> Iterator[pa.Table]:
+    """The validation (or training) rows of each shard in turn (whole documents, in document order)."""
     manifest = read_manifest(shards_dir)
-    for path in shard_paths(shards_dir, manifest):  # only the validation row groups
-        yield from side_tables(path, val_fraction, seed, True, rows_per_block(manifest))
+    for path in shard_paths(shards_dir, manifest):  # only that side's row groups
+        yield from side_tables(path, val_fraction, seed, val_side, rows_per_block(manifest))
 
 
 def validation_rows(shards_dir: str, val_fraction: float, seed: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `max_tokens` validation rows: hidden states [N, D] and the next token of each (-1: none stored)."""
     tables, n = [], 0
-    for t in validation_tables(shards_dir, val_fraction, seed):  # lazily: only as far as needed
+    for t in split_tables(shards_dir, val_fraction, seed):  # lazily: only as far as needed
         tables.append(t)
         n += t.num_rows
         if n >= max_tokens:
@@ -156,13 +157,69 @@ def pca_kl(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_v
     lm_head = load_lm_head(model_name, device, torch.float32)  # as `measure` and the trials' validation score
     vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     sums, n = dict.fromkeys(d_values, 0.0), 0
-    for table in validation_tables(shards_dir, val_fraction, seed):
+    for table in split_tables(shards_dir, val_fraction, seed):
         x = decode_hidden(table["hidden"]).to(device)
         for d in d_values:
             top = vecs[:, :d]
             sums[d] += float(next_token_kl(lm_head, x, (x @ top) @ top.T))
         n += x.shape[0]
     return {str(d): s / n for d, s in sums.items()}
+
+
+FISHER_TOKENS = 2 ** 16  # training rows the head's mean Fisher information (a D x D average) is estimated on
+
+
+@torch.no_grad()
+def mean_fisher(lm_head: nn.Linear, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """F = E[Uᵀ(diag p - ppᵀ)U] over the rows of `batches` (float64 [D, D]), and how many rows:
+    the Fisher information of the head's next-token distribution in its input, so that for a small
+    step δ, KL(p(h) || p(h + δ)) ≈ ½ δᵀ F_h δ."""
+    u = lm_head.weight
+    chunk = max(1, KL_CHUNK_ELEMENTS // lm_head.out_features)
+    p_sum = torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
+    pu2 = torch.zeros(u.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
+    n = 0
+    for x in batches:
+        for i in range(0, len(x), chunk):
+            p = log_probs(lm_head, x[i:i + chunk]).exp()
+            pu = (p.to(u.dtype) @ u).double()
+            p_sum += p.sum(0).double()
+            pu2 += pu.T @ pu
+        n += len(x)
+    u = u.double()
+    return ((u.T * p_sum) @ u - pu2) / n, n
+
+
+def fisher_start(model_name: str, shards_dir: str, val_fraction: float, seed: int) -> None:
+    """Store `--init fisher`'s start beside the spectrum: orthonormal columns whose first k span, for
+    every k, PCA's subspace in the metric of the head's mean Fisher information F (`mean_fisher`).
+
+    Where PCA keeps the directions of most energy (Σ = E[hhᵀ], from the spectrum), this keeps those
+    that move the logits most: F^-½ times the top eigenvectors of F^½ Σ F^½, orthonormalised (phase 2
+    needs a projection). F is estimated on the first FISHER_TOKENS training rows."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm_head = load_lm_head(model_name, device, torch.float32)
+
+    def training_rows() -> Iterator[torch.Tensor]:
+        n = 0
+        for table in split_tables(shards_dir, val_fraction, seed, val_side=False):
+            yield decode_hidden(table["hidden"][:FISHER_TOKENS - n]).to(device)
+            n += min(table.num_rows, FISHER_TOKENS - n)
+            if n >= FISHER_TOKENS:
+                return
+
+    fisher, n = mean_fisher(lm_head, training_rows())
+    evals, evecs = torch.linalg.eigh((fisher + fisher.T) / 2)
+    evals = evals.clamp_min(1e-6 * float(evals.max()))  # a direction no logit reads would make F^-½ blow up
+    half, inv_half = ((evecs * evals ** e) @ evecs.T for e in (0.5, -0.5))
+    summary = read_json(spectrum_files(shards_dir, val_fraction, seed)[0])
+    vecs = eigenvectors(shards_dir, val_fraction, seed).to(device)
+    sigma = (vecs * torch.tensor(summary["eigenvalues"], dtype=torch.float64, device=device)) @ vecs.T
+    g_evals, g_vecs = torch.linalg.eigh(half @ sigma @ half)
+    basis = torch.linalg.qr(inv_half @ g_vecs[:, g_evals.argsort(descending=True)])[0]
+    buf = io.BytesIO()
+    torch.save({"eigenvectors": basis.cpu(), "split": summary["split"], "tokens": n}, buf)
+    write_bytes(spectrum_files(shards_dir, val_fraction, seed, "fisher")[1], buf.getvalue())
 
 
 def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:

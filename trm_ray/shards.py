@@ -60,11 +60,13 @@ def write_json(path: str, data: Any) -> None:
     write_bytes(path, json.dumps(data, indent=2).encode())
 
 
-def read_json(path: str) -> dict[str, Any] | None:
+def exists(path: str) -> bool:
     fs, p = filesystem(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        return None
-    return json.loads(read_bytes(path))
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    return json.loads(read_bytes(path)) if exists(path) else None
 
 
 def read_manifest(shards_dir: str) -> dict[str, Any]:

@@ -29,10 +29,10 @@ from trm_ray.config import UserError
 from trm_ray.shards import (decode_hidden, read_bytes, read_json, read_manifest, rows_per_block, shard_paths, side_tables,
                             write_bytes, write_json)
 
-def spectrum_files(shards_dir: str, val_fraction: float, seed: int) -> tuple[str, str]:
-    """spectrum-val<fraction>-seed<seed>.json and .pt: one pair per split, so a spectrum computed for one
+def spectrum_files(shards_dir: str, val_fraction: float, seed: int, name: str = "spectrum") -> tuple[str, str]:
+    """<name>-val<fraction>-seed<seed>.json and .pt: one pair per split, so a spectrum computed for one
     split never stands in for another's (the PCA init and the PCA downstream KL read the .pt)."""
-    stem = posixpath.join(shards_dir, f"spectrum-val{val_fraction:g}-seed{seed}")
+    stem = posixpath.join(shards_dir, f"{name}-val{val_fraction:g}-seed{seed}")
     return f"{stem}.json", f"{stem}.pt"
 
 
@@ -132,9 +132,10 @@ def load_or_compute(shards_dir: str, val_fraction: float, seed: int) -> dict[str
     return summary
 
 
-def eigenvectors(shards_dir: str, val_fraction: float, seed: int) -> torch.Tensor:
-    """The eigenvectors of this split's training second moment (columns, largest eigenvalue first)."""
-    _, pt_path = spectrum_files(shards_dir, val_fraction, seed)
+def eigenvectors(shards_dir: str, val_fraction: float, seed: int, name: str = "spectrum") -> torch.Tensor:
+    """The eigenvectors of this split's training second moment (columns, largest eigenvalue first);
+    name="fisher": those of the same PCA in the LM head's Fisher metric (`downstream.fisher_start`)."""
+    _, pt_path = spectrum_files(shards_dir, val_fraction, seed, name)
     stored = torch.load(io.BytesIO(read_bytes(pt_path)), weights_only=True)
     if stored["split"] != {"val_fraction": val_fraction, "seed": seed}:  # a renamed or copied file
         raise UserError(f"{pt_path} holds the spectrum of split {stored['split']}: delete it to recompute")

@@ -28,11 +28,11 @@ from trm_ray import spectrum
 from trm_ray.cli import trial_cpus
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
-from trm_ray.downstream import on_a_gpu, pca_kl
+from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
 from trm_ray.extract import extract, hidden_size_of, model_id
 from trm_ray.report import exclusions, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
-from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
+from trm_ray.shards import absolute, exists, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
 from trm_ray.train import CHECKPOINT_FILE, make_trainer, run_label, trial_config
 
@@ -168,6 +168,11 @@ def limits(cfg: Config) -> dict[str, Any]:
     limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
     if cfg.objective == "mse":
         return limit
+    fisher = spectrum.spectrum_files(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher")[1]
+    if cfg.init == "fisher" and cfg.stage == "1a" and not exists(fisher):
+        print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",
+              flush=True)
+        on_a_gpu(cfg.use_gpu, fisher_start, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed)
     print("sweep: next-token KL of the PCA reconstruction of each D' on the validation set", flush=True)
     return {**limit, "pca_downstream_kl": on_a_gpu(cfg.use_gpu, pca_kl, cfg.model_name, cfg.shards_path, cfg.val_fraction,
                                                    cfg.seed, cfg.d_values)}

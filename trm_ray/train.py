@@ -187,14 +187,15 @@ def compile_or_eager(fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) 
 
 
 def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
-    """Orthogonal (or PCA) init for stage 1a; stage 1b starts from the stage 1a weights of the same D and D'.
-    A KL objective always starts from the best MSE solution (PCA, or the 1a checkpoint) and refines it."""
+    """Stage 1a: the --init start (orthogonal, PCA, or for a KL objective PCA in the LM head's Fisher
+    metric); stage 1b starts from the stage 1a weights of the same D and D'."""
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(run["d_model"], cfg.d_compressed)
     start = cfg.init_checkpoint(cfg.d_compressed)
-    if (cfg.init == "pca" or cfg.objective != "mse") and not start:
-        with torch.no_grad():  # rows = the top-D' eigenvectors: the optimum itself, up to a rotation
-            model.weight.copy_(eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :cfg.d_compressed].T)
+    if cfg.init != "orthogonal" and not start:
+        basis = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher" if cfg.init == "fisher" else "spectrum")
+        with torch.no_grad():  # rows = the top-D' directions (for PCA, the MSE optimum itself, up to a rotation)
+            model.weight.copy_(basis[:, :cfg.d_compressed].T)
     if start:
         ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
