@@ -10,6 +10,7 @@ request GPUs as on a cluster), and the script prints extraction tokens/s, FLOPs/
 MFU against the GPU's peak, and the training tokens/s of each trial.
 
     python -m benchmarks.gpu_run                 # on a GPU machine; ~5 min on one H100
+    python -m benchmarks.gpu_run --objective kl  # the same sweep trained on the LM head's next-token KL
     python -m benchmarks.gpu_run --tiny          # the same flow at toy size on CPU (what the tests run)
 """
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--tiny", action="store_true", help="toy model and sizes, CPU: checks the flow, not the speed")
     parser.add_argument("--num_samples", type=int, help="documents to extract (default 2,048; 48 with --tiny)")
     parser.add_argument("--work_dir", help="where the model, shards and results go (default: a temporary directory)")
+    parser.add_argument("--objective", default="mse", choices=["mse", "kl", "mse+kl"],
+                        help="the sweep's training loss (kl: the 128,256-wide head in every step, bf16 on the GPU)")
     args = parser.parse_args(argv)
     shape, sizes = (TINY, TINY_RUN) if args.tiny else (SMOLLM3_3B, FULL_RUN)
     if args.num_samples:
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         corpus = write_corpus(work / "corpus.jsonl", sizes["num_samples"], sizes["max_seq_length"])
         print(f"gpu_run: model and corpus written in {time.perf_counter() - t0:.1f}s", flush=True)
         cfg = make_config(sizes | dict(model_name=model, dataset=corpus, output_dir=str(work / "out"), sweep=True,
-                                       use_gpu=not args.tiny, use_wandb=False, num_cpus=8, grace_period=sizes["num_epochs"]))
+                                       use_gpu=not args.tiny, use_wandb=False, num_cpus=8, grace_period=sizes["num_epochs"],
+                                       objective=args.objective))
         connect(cfg)
         steady_tokens, steady_s, extract_wall = trm_ray_run(cfg)
         t0 = time.perf_counter()
