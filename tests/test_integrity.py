@@ -28,15 +28,16 @@ LIMIT = {"hidden_size": D, "pca_mse": [0.5] * (D + 1), "pca_cosine_similarity": 
 MANIFEST = {"hidden_size": D, "layer": -1, "exclude_first_token": True}
 
 
-def trial_result(root, d, lr, mse, error=None, epochs=3):
-    """What Tune hands back for one trial: its metrics, error, and the checkpoint directory it reported last."""
+def trial_result(root, d, lr, mse, error=None, epochs=3, start=None):
+    """What Tune hands back for one trial: its metrics, error, and the checkpoint directory it reported
+    last; `start`: the initial_* metrics its first report had."""
     ckpt_dir = root / f"ckpt-d{d}-lr{lr}"
-    metrics = {k: 0.5 for k in METRICS} | {"mse": mse, "epoch": epochs}
+    metrics = {k: 0.5 for k in METRICS} | {"mse": mse, "downstream_kl": mse / 10, "epoch": epochs}
     save_checkpoint(ckpt_dir / CHECKPOINT_FILE, {"weight": torch.linalg.qr(torch.randn(D, d))[0].T.contiguous()},
                     {"d_compressed": d}, mse, metrics)
+    history = {"epoch": [epochs], "checkpoint_path": [str(ckpt_dir)], **{f"initial_{k}": [v] for k, v in (start or {}).items()}}
     return Result(metrics={"config": {"d_compressed": d, "learning_rate": lr}, "epoch": epochs},
-                  checkpoint=None, error=error, path=str(root),
-                  metrics_dataframe=pd.DataFrame({"epoch": [epochs], "checkpoint_path": [str(ckpt_dir)]}))
+                  checkpoint=None, error=error, path=str(root), metrics_dataframe=pd.DataFrame(history))
 
 
 def export_config(out, **overrides):
@@ -54,6 +55,15 @@ def test_a_trial_that_errored_after_reporting_checkpoints_is_a_failed_row_not_an
     assert not os.path.exists(cfg.export_path(8)) and os.path.exists(cfg.export_path(16))
     assert rows[1]["stop_reason"] == "completed all epochs" and "error" not in rows[1]
     assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
+
+
+def test_a_kl_trials_row_carries_the_validation_kl_and_cosine_of_its_start(tmp_path):
+    cfg = export_config(tmp_path / "out", objective="kl", sweep_d_values=[8])
+    grid = [trial_result(tmp_path, 8, 0.005, 0.1, start={"downstream_kl": 0.031, "cosine_similarity": 0.97})]
+    (row,) = export_results(grid, cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    assert (row["initial_downstream_kl"], row["initial_cosine_similarity"]) == (0.031, 0.97)
+    assert "initial_downstream_kl" not in export_results(grid, export_config(tmp_path / "mse", sweep_d_values=[8]),
+                                                         MANIFEST, CHECKPOINT_FILE, LIMIT)[0]
 
 
 def test_a_nan_trial_never_beats_a_finite_one_of_the_same_d_prime(tmp_path):
@@ -184,6 +194,7 @@ def test_resume_picks_the_sweep_by_stage_and_applies_runtime_flags(tmp_path):
     ({"asha_metric": "cosine"}, "asha_metric must be one of pca_efficiency, mse, cosine_similarity"),
     ({"asha_metric": "downstream_efficiency"}, "asha_metric downstream_efficiency is measured only with --objective kl"),
     ({"sweep_learning_rates": [0.01, "fast"]}, "sweep_learning_rates must be a number, got 'fast'"),
+    ({"init": "fisher"}, "init fisher weights directions by the LM head, which --objective mse never reads"),
 ])
 def test_bad_settings_are_one_line_errors(values, message):
     with pytest.raises(UserError, match=message):

@@ -38,12 +38,13 @@ def best_checkpoint_path(result: Any) -> str | None:
     return df["checkpoint_path"].dropna().iloc[-1]
 
 
-def initial_cosine(result: Any) -> float | None:
-    """Validation cosine of the weights the trial started from (for 1b: the 1a compressor)."""
+def initial(result: Any, metric: str) -> float | None:
+    """A validation metric of the weights the trial started from (for 1b: the 1a compressor; for a KL
+    objective's downstream_kl: the Fisher or PCA start, so a row tells the start's share from training's)."""
     df = result.metrics_dataframe
-    if df is None or "initial_cosine_similarity" not in df:
+    if df is None or f"initial_{metric}" not in df:
         return None
-    return float(df["initial_cosine_similarity"].dropna().iloc[0])
+    return float(df[f"initial_{metric}"].dropna().iloc[0])
 
 
 def exclusions(manifest: dict[str, Any]) -> str:
@@ -79,7 +80,8 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
             reason = result.metrics.get("stop_reason") or (
                 "completed all epochs" if epochs >= cfg.num_epochs else "stopped by ASHA")
             best[d] = {"src": src, **metrics, "epochs": epochs, "stop_reason": reason,
-                       "initial_cosine_similarity": initial_cosine(result), "learning_rate": lr}
+                       "initial_cosine_similarity": initial(result, "cosine_similarity"), "learning_rate": lr,
+                       **({"initial_downstream_kl": initial(result, "downstream_kl")} if cfg.objective != "mse" else {})}
 
     rows = []
     for d in sorted(set(best) | set(errors) | set(unusable)):
@@ -93,7 +95,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
                         "pca_cosine_similarity": limit["pca_cosine_similarity"][d],
                         "pca_explained_variance": limit["pca_explained_variance"][d],
                         "learning_rate": best[d]["learning_rate"],
-                        "initial_cosine_similarity": best[d]["initial_cosine_similarity"],
+                        **{k: best[d][k] for k in ("initial_cosine_similarity", "initial_downstream_kl") if k in best[d]},
                         "best_epoch": best[d]["epoch"], "epochs_trained": best[d]["epochs"],
                         "stop_reason": best[d]["stop_reason"], "checkpoint": os.path.abspath(dest)})
             row["note"] = shortfall_note(row, cfg)
