@@ -359,6 +359,7 @@ def save_best(path: str, best: dict[str, Any], config: dict[str, Any]) -> None:
 def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[Any] | None = None) -> Any:
     """The TorchTrainer for one D': scaling, data, checkpointing, all in one visible place."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     cfg, run = trial_config(config)
@@ -366,9 +367,9 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
     # changes every epoch yet is the same on every run, so a resumed or recompiled run can be
     # compared with an uninterrupted one. The training loop reads `train` itself, one block order
     # per epoch (epoch_rows); Train's ingest serves the validation set, which is not split: rank 0
-    # scores the whole held-out set.
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True
+    # scores the whole held-out set. Built directly: Train's default_ingest_options passes on the
+    # deprecated exclude_resources, and every trial and controller logged Ray's warning about it.
+    ingest = ExecutionOptions(preserve_order=True)
     return TorchTrainer(
         functools.partial(train_loop_per_worker, train=train),
         train_loop_config=config,
