@@ -75,6 +75,17 @@ def kl_per_token(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+KL_CHUNK_ELEMENTS = 2 ** 25  # logits per chunk: 128 MiB of float32, ~260 tokens of a 128k vocabulary
+
+
+def token_chunks(lm_head: nn.Linear, *rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The same consecutive slices of each of `rows`, few enough tokens a slice that its [tokens, V]
+    logits stay within KL_CHUNK_ELEMENTS floats."""
+    step = max(1, KL_CHUNK_ELEMENTS // lm_head.out_features)
+    for i in range(0, rows[0].shape[0], step):
+        yield tuple(r[i:i + step] for r in rows)
+
+
 class _FusedKL(torch.autograd.Function):
     """Σ KL(p || q) over rows with its gradient in x_hat taken in the same pass over the logits.
 
@@ -85,10 +96,9 @@ class _FusedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_hat: torch.Tensor, x: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-        chunk = max(1, KL_CHUNK_ELEMENTS // lm_head.out_features)
         total, grads = torch.zeros((), device=x.device), []
-        for i in range(0, x.shape[0], chunk):
-            logp, logq = log_probs(lm_head, x[i:i + chunk]), log_probs(lm_head, x_hat[i:i + chunk])
+        for xc, xc_hat in token_chunks(lm_head, x, x_hat):
+            logp, logq = log_probs(lm_head, xc), log_probs(lm_head, xc_hat)
             total += kl_per_token(logp, logq).sum()
             if ctx.needs_input_grad[0]:
                 grads.append(((logq.exp() - logp.exp()).to(lm_head.weight.dtype) @ lm_head.weight).to(x_hat.dtype))
@@ -102,9 +112,6 @@ class _FusedKL(torch.autograd.Function):
         return grad_total * grad, None, None
 
 
-KL_CHUNK_ELEMENTS = 2 ** 25  # logits per chunk: 128 MiB of float32, ~260 tokens of a 128k vocabulary
-
-
 def next_token_kl(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Sum over rows of KL(softmax(head(x)) || softmax(head(x_hat))), differentiable in x_hat (not in
     the head, which stays frozen). Chunked over tokens so that [rows, V] logits never exist at once:
@@ -114,13 +121,12 @@ def next_token_kl(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> t
 
 @torch.no_grad()
 def next_token_damage(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-                      reconstruct: Callable[[torch.Tensor], torch.Tensor], batch: int = 256) -> dict[str, float]:
+                      reconstruct: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
     """Mean KL(p(x) || p(x̂)) over tokens, and mean CE(x̂) - CE(x) over tokens with a known next token."""
     kl_sum, ce_sum, n_ce = 0.0, 0.0, 0
     device = lm_head.weight.device
-    for i in range(0, hidden.shape[0], batch):
-        x = hidden[i:i + batch].to(device)
-        t = targets[i:i + batch].to(device)
+    for x, t in token_chunks(lm_head, hidden, targets):
+        x, t = x.to(device), t.to(device)
         logp, logq = log_probs(lm_head, x), log_probs(lm_head, reconstruct(x))
         kl_sum += float(kl_per_token(logp, logq).sum())
         known = t >= 0
@@ -175,13 +181,12 @@ def mean_fisher(lm_head: nn.Linear, batches: Iterable[torch.Tensor]) -> tuple[to
     the Fisher information of the head's next-token distribution in its input, so that for a small
     step δ, KL(p(h) || p(h + δ)) ≈ ½ δᵀ F_h δ."""
     u = lm_head.weight
-    chunk = max(1, KL_CHUNK_ELEMENTS // lm_head.out_features)
     p_sum = torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
     pu2 = torch.zeros(u.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
     n = 0
     for x in batches:
-        for i in range(0, len(x), chunk):
-            p = log_probs(lm_head, x[i:i + chunk]).exp()
+        for (xc,) in token_chunks(lm_head, x):
+            p = log_probs(lm_head, xc).exp()
             pu = (p.to(u.dtype) @ u).double()
             p_sum += p.sum(0).double()
             pu2 += pu.T @ pu
