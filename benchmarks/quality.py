@@ -33,6 +33,7 @@ import torch
 from benchmarks.common import machine, print_ratio, write_synthetic_shards
 from trm_ray import spectrum
 from trm_ray.cli import connect
+from trm_ray.compressor import read_checkpoint
 from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
 from trm_ray.sweep import datasets, trial_config_for
@@ -73,7 +74,7 @@ def train_each(cfg: Config, manifest: dict[str, Any], storage: str) -> tuple[dic
         result = make_trainer(config, train, val).fit()
         if result.error is not None:
             raise result.error
-        best = torch.load(f"{result.checkpoint.path}/compressor.pt", weights_only=True)["best_metrics"]
+        best = read_checkpoint(f"{result.checkpoint.path}/compressor.pt")["best_metrics"]
         rows.append({"d": d, "train_tokens": counts["train_tokens"], "best": best, "last": result.metrics,
                      "wall_s": time.perf_counter() - t0})
     return limit, rows

@@ -33,7 +33,7 @@ def trial_result(root, d, lr, mse, error=None, epochs=3, start=None):
     last; `start`: the initial_* metrics its first report had."""
     ckpt_dir = root / f"ckpt-d{d}-lr{lr}"
     metrics = {k: 0.5 for k in METRICS} | {"mse": mse, "downstream_kl": mse / 10, "epoch": epochs}
-    save_checkpoint(ckpt_dir / CHECKPOINT_FILE, {"weight": torch.linalg.qr(torch.randn(D, d))[0].T.contiguous()},
+    save_checkpoint(ckpt_dir / CHECKPOINT_FILE, {"compress.weight": torch.linalg.qr(torch.randn(D, d))[0].T.contiguous()},
                     {"d_compressed": d}, mse, metrics)
     history = {"epoch": [epochs], "checkpoint_path": [str(ckpt_dir)], **{f"initial_{k}": [v] for k, v in (start or {}).items()}}
     return Result(metrics={"config": {"d_compressed": d, "learning_rate": lr}, "epoch": epochs},

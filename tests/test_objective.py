@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trm_ray import downstream
-from trm_ray.compressor import DimensionCompressor
+from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
 from trm_ray.downstream import load_lm_head, mean_fisher, next_token_damage, next_token_kl, validation_rows
 from trm_ray.shards import load_splits
@@ -114,7 +114,7 @@ def test_a_kl_trial_with_the_kl_defaults_lowers_validation_kl_below_pcas(shards,
     assert result.error is None
     assert m["best_downstream_kl"] < 0.8 * m["pca_downstream_kl"]
     assert m["downstream_efficiency"] == pytest.approx(m["pca_downstream_kl"] / m["downstream_kl"])
-    best = torch.load(f"{result.checkpoint.path}/compressor.pt", weights_only=True)
+    best = read_checkpoint(f"{result.checkpoint.path}/compressor.pt")
     assert best["best_loss"] == pytest.approx(m["best_downstream_kl"])  # the trial's best is chosen on KL
     assert best["best_metrics"]["epoch"] > 0  # and is a trained epoch's: the start (epoch 0) was beaten
     if orthonormal:  # only the subspace is learnt: WᵀW stays an orthogonal projection for phase 2

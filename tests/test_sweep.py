@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trm_ray import sweep
-from trm_ray.compressor import DimensionCompressor
+from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, load_yaml, make_config
 from trm_ray.shards import load_splits
 from trm_ray.train import evaluate, hidden_batches
@@ -14,7 +14,7 @@ from trm_ray.train import evaluate, hidden_batches
 
 def test_every_seed_flag_reaches_the_trainer(swept):
     cfg, rows = swept
-    trained_with = torch.load(rows[0]["checkpoint"], weights_only=True)["config"]  # the dict the workers got
+    trained_with = read_checkpoint(rows[0]["checkpoint"])["config"].to_dict()  # the settings the workers got
     expected = {"stage": "1a", "batch_size": 4, "num_epochs": 3, "learning_rate": 0.01, "num_samples": 120,
                 "max_seq_length": 64, "seed": 42, "early_stopping": True, "early_stopping_patience": 5,
                 "torch_compile": False, "use_wandb": True, "wandb_project": "trm-test", "wandb_run_name": "qs",
@@ -41,9 +41,9 @@ def test_exported_checkpoints_load_safely_and_reproduce_the_reported_validation_
     cfg, rows = swept
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
     for r in rows:
-        ckpt = torch.load(r["checkpoint"], weights_only=True)
+        ckpt = read_checkpoint(r["checkpoint"])
         assert set(ckpt) == {"compressor", "config", "best_loss", "best_metrics"}
-        assert ckpt["config"]["d_compressed"] == r["d_compressed"] and ckpt["config"]["d_model"] == 64
+        assert ckpt["config"].d_compressed == r["d_compressed"] and ckpt["config"].hidden_size == 64
         assert ckpt["best_loss"] == pytest.approx(r["mse"])
         model = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()
         metrics = evaluate(model, hidden_batches(val, 1024, torch.device("cpu")))

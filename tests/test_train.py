@@ -1,12 +1,13 @@
 import dataclasses
 import io
+import sys
 
 import pytest
 import torch
 
 from trm_ray import spectrum
-from trm_ray.compressor import (DimensionCompressor, metrics_from_sums, orthonormality_error, orthonormalize_,
-                                reconstruction_sums)
+from trm_ray.compressor import (DimensionCompressor, Phase1Config, metrics_from_sums, orthonormality_error, orthonormalize_,
+                                read_checkpoint, reconstruction_sums)
 from trm_ray.config import Config, UserError, make_config
 from trm_ray.report import shortfall_note
 from trm_ray.shards import load_splits, read_manifest, split_counts
@@ -160,10 +161,10 @@ def test_the_defaults_reach_the_pca_limit_at_the_widest_d_prime_with_orthonormal
     defaults = Config()
     result = fit(shards, tmp_path, num_workers=1, batch_size=defaults.batch_size, d_compressed=32,
                  learning_rate=defaults.learning_rate, num_epochs=defaults.num_epochs)
-    best = torch.load(f"{result.checkpoint.path}/compressor.pt", weights_only=True)
+    best = read_checkpoint(f"{result.checkpoint.path}/compressor.pt")
     assert result.metrics["pca_mse"] / best["best_metrics"]["mse"] >= 0.995
     assert result.metrics["orthonormality_error"] < 1e-5
-    assert best["best_metrics"]["orthonormality_error"] == pytest.approx(orthonormality_error(best["compressor"]["weight"]), abs=1e-9)
+    assert best["best_metrics"]["orthonormality_error"] == pytest.approx(orthonormality_error(best["compressor"]["compress.weight"]), abs=1e-9)
 
 
 def test_a_compressor_short_of_the_limit_is_told_how_far_and_why():
@@ -193,10 +194,12 @@ def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why(shards, t
     assert "early stopping" in result.metrics["stop_reason"]
 
 
-def test_compiled_and_eager_training_give_the_same_metrics(shards, tmp_path):
+def test_compiled_and_eager_training_give_the_same_metrics(shards, tmp_path, monkeypatch):
     eager = fit(shards, tmp_path / "eager", num_workers=1, batch_size=8, num_epochs=2, torch_compile=False)
     compiled = fit(shards, tmp_path / "compiled", num_workers=1, batch_size=8, num_epochs=2, torch_compile=True)
     for key in ("mse", "cosine_similarity", "train_loss"):
         assert compiled.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-3), key  # fused kernels round differently
-    state = torch.load(f"{compiled.checkpoint.path}/compressor.pt", weights_only=True)["compressor"]
-    assert list(state) == ["weight"]  # no _orig_mod. / module. prefixes
+    # Read as LLM-TRM reads it (its config class bound to __main__.Phase1Config), without trm_ray's loader.
+    monkeypatch.setattr(sys.modules["__main__"], "Phase1Config", Phase1Config, raising=False)
+    state = torch.load(f"{compiled.checkpoint.path}/compressor.pt", weights_only=False)["compressor"]
+    assert list(state) == ["compress.weight"]  # LLM-TRM's name, no _orig_mod. / module. prefixes

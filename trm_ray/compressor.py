@@ -8,10 +8,12 @@ across batches and DDP ranks and give exactly the token-weighted value over the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import torch
 from torch import nn
@@ -23,6 +25,9 @@ METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "expl
 
 
 class DimensionCompressor(nn.Module):
+    """LLM-TRM's own layout (`compress = nn.Linear(D, D', bias=False)`, so the state dict holds
+    `compress.weight`): phase 2 and the seed's stage 1b load trm_ray's state dict as it is."""
+
     def __init__(self, d_model: int, d_compressed: int):
         super().__init__()
         if not 0 < d_compressed < d_model:
@@ -32,13 +37,15 @@ class DimensionCompressor(nn.Module):
             )
         self.d_model = d_model
         self.d_compressed = d_compressed
-        self.weight = nn.Parameter(torch.empty(d_compressed, d_model))
+        self.compress = nn.Linear(d_model, d_compressed, bias=False)  # [.., D] -> [.., D']
         # Orthonormal rows make Wᵀ W a projection from step 0: the reconstruction starts
         # sensible and the tied decoder starts as the encoder's exact inverse on its span.
-        nn.init.orthogonal_(self.weight)
+        nn.init.orthogonal_(self.compress.weight)
 
-    def compress(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.T
+    @property
+    def weight(self) -> nn.Parameter:
+        """W, D'xD: the one matrix that compresses (W x) and, transposed, decompresses (Wᵀ z)."""
+        return self.compress.weight
 
     def decompress(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.weight
@@ -49,7 +56,7 @@ class DimensionCompressor(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> "DimensionCompressor":
         ckpt = load_checkpoint(path, map_location)
-        weight = ckpt["compressor"]["weight"]
+        weight = ckpt["compressor"][WEIGHT_KEY]
         model = cls(weight.shape[1], weight.shape[0])
         model.load_state_dict(ckpt["compressor"])
         return model
@@ -117,35 +124,100 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+WEIGHT_KEY = "compress.weight"  # W in the state dict, named as LLM-TRM's DimensionCompressor names it
+
+
+class Phase1Config:
+    """A checkpoint's `config`: plain data that answers attribute access as LLM-TRM's `Phase1Config` does.
+
+    Phase 2 (`TRMSequenceTrainer._load_compressor`) and the seed's stage 1b read `config.hidden_size`
+    and `config.d_compressed`, push_to_hub.py also `config.compression_ratio`, after binding their own
+    dataclass to `__main__.Phase1Config` and loading with weights_only=False: the name this class is
+    pickled under, so there the config becomes their dataclass, filled with these fields. trm_ray
+    itself loads with weights_only=True, this class allow-listed under that name: a checkpoint
+    stays data (strings, numbers, lists, dicts), never code, on both sides."""
+
+    def __init__(self, **fields: Any):
+        self.__dict__.update(fields)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.hidden_size / self.d_compressed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# The name LLM-TRM's loaders bind their config class to before they unpickle a phase-1 checkpoint.
+Phase1Config.__module__, Phase1Config.__qualname__ = "__main__", "Phase1Config"
+CONFIG_GLOBAL = "__main__.Phase1Config"
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _config_pickled_as_theirs() -> Iterator[None]:
+    """pickle writes a class by its module and name after checking that they resolve to it: bind
+    `__main__.Phase1Config` to this class while a checkpoint is written, then put back what was there."""
+    main = sys.modules["__main__"]
+    before = main.__dict__.get("Phase1Config", _MISSING)
+    main.Phase1Config = Phase1Config
+    try:
+        yield
+    finally:
+        if before is _MISSING:
+            del main.Phase1Config
+        else:
+            main.Phase1Config = before
+
+
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any],
                     best_loss: float, best_metrics: dict[str, float]) -> None:
-    """Plain tensors and plain dicts only, written to a temporary file and renamed into place,
-    so a crash mid-write never leaves a corrupt file or loses the previous one."""
+    """The seed's layout (`compressor`, `config`, `best_loss`, `best_metrics`) with LLM-TRM's key names,
+    written to a temporary file and renamed into place, so a crash mid-write never leaves a corrupt
+    file or loses the previous one. `config` holds the run's settings, plus `hidden_size` and
+    `d_compressed` read off W itself, so they always describe the weights beside them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"compressor": state, "config": dict(config), "best_loss": float(best_loss),
-               "best_metrics": {k: float(v) for k, v in best_metrics.items()}}
+    d_compressed, hidden_size = state[WEIGHT_KEY].shape
+    payload = {"compressor": state,
+               "config": Phase1Config(**{**config, "hidden_size": int(hidden_size), "d_compressed": int(d_compressed)}),
+               "best_loss": float(best_loss), "best_metrics": {k: float(v) for k, v in best_metrics.items()}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with _config_pickled_as_theirs():
+            torch.save(payload, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def read_checkpoint(source: str | Path | BinaryIO, map_location: str = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True, trm_ray's config class allowed. A checkpoint from before
+    trm_ray took LLM-TRM's layout (W under `weight`, the config a dict) comes back in today's layout."""
+    with torch.serialization.safe_globals([(Phase1Config, CONFIG_GLOBAL)]):
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
+    state = ckpt["compressor"]
+    ckpt["compressor"] = {WEIGHT_KEY if k == "weight" else k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    if isinstance(ckpt.get("config"), dict):
+        ckpt["config"] = Phase1Config(**ckpt["config"])
+    return ckpt
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu",
                     d_model: int | None = None, d_compressed: int | None = None) -> dict[str, Any]:
-    """Load with weights_only=True (a checkpoint is data, never code) and check its shape."""
+    """Load a trm_ray checkpoint as data (weights_only=True) and check its shape."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = read_checkpoint(path, map_location)
+        shape = tuple(ckpt["compressor"][WEIGHT_KEY].shape)
     except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): is it a trm_ray checkpoint?") from None
-    shape = tuple(ckpt["compressor"]["weight"].shape)
     want = (d_compressed or shape[0], d_model or shape[1])
     if shape != want:
         raise UserError(

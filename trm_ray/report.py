@@ -14,9 +14,8 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.fs as pafs
-import torch
 
-from trm_ray.compressor import METRICS, load_checkpoint
+from trm_ray.compressor import METRICS, load_checkpoint, read_checkpoint
 from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
 from trm_ray.shards import filesystem, read_bytes, write_json
@@ -181,8 +180,7 @@ def shortfall_note(row: dict[str, Any], cfg: Config) -> str | None:
 
 
 def _read_best_metrics(path: str) -> dict[str, float]:
-    ckpt = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
-    return ckpt["best_metrics"]  # the METRICS and the epoch they were reached at
+    return read_checkpoint(io.BytesIO(read_bytes(path)))["best_metrics"]  # the METRICS and the epoch they were reached at
 
 
 def _copy(src: str, dest: str) -> None:
