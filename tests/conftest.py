@@ -83,3 +83,20 @@ def swept(shards, tmp_path_factory):
     SWEPT_WINDOW["ended_ms"] = time.time() * 1000
     cfg = dataclasses.replace(shards, output_dir=str(out), shards_dir=shards.shards_path)
     return cfg, json.loads((out / "sweep_results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def stage1b(swept, assets):
+    """Stage 1b on the reasoning corpus, starting from the 1a sweep's checkpoints."""
+    from trm_ray import sweep
+
+    cfg_1a, rows_1a = swept
+    argv = ["--stage", "1b", "--model_name", cfg_1a.model_name, "--dataset", assets["reasoning"],
+            "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "40", "--output_dir", cfg_1a.output_dir,
+            "--sweep", "--sweep_d_values", "8", "16", "--num_epochs", "2", "--batch_size", "4", "--learning_rate", "0.003",
+            "--no_torch_compile", "--no_wandb"]
+    sweep.main(argv)
+    parser = sweep.build_parser("t", "t")
+    cfg = sweep.config_from_args(parser.parse_args(argv))
+    rows = json.loads(open(f"{cfg_1a.output_dir}/sweep_results_stage1b.json").read())
+    return cfg, rows, rows_1a

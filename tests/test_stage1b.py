@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -12,21 +10,6 @@ from trm_ray.config import UserError
 from trm_ray.text import chat_settings, read_documents
 from trm_ray.shards import load_splits, read_manifest, shard_paths
 from trm_ray.train import evaluate, hidden_batches, initial_model, trial_config
-
-
-@pytest.fixture(scope="session")
-def stage1b(swept, assets):
-    """Stage 1b on the reasoning corpus, starting from the 1a sweep's checkpoints."""
-    cfg_1a, rows_1a = swept
-    argv = ["--stage", "1b", "--model_name", cfg_1a.model_name, "--dataset", assets["reasoning"],
-            "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "40", "--output_dir", cfg_1a.output_dir,
-            "--sweep", "--sweep_d_values", "8", "16", "--num_epochs", "2", "--batch_size", "4", "--learning_rate", "0.003",
-            "--no_torch_compile", "--no_wandb"]
-    sweep.main(argv)
-    parser = sweep.build_parser("t", "t")
-    cfg = sweep.config_from_args(parser.parse_args(argv))
-    rows = json.loads(open(f"{cfg_1a.output_dir}/sweep_results_stage1b.json").read())
-    return cfg, rows, rows_1a
 
 
 def test_stage_1b_exports_beside_stage_1a(stage1b):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -179,15 +180,16 @@ def limits(cfg: Config) -> dict[str, Any]:
 
 
 def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],
-                     train_storage: str, group: str = "") -> dict[str, Any]:
-    """What a trial's training loop gets: every Config field plus facts derived from the shards."""
+                     train_storage: str, group: str = "", command: str = "") -> dict[str, Any]:
+    """What a trial's training loop gets: every Config field plus facts derived from the shards, and
+    the command that started the sweep (each checkpoint's config carries it to its model card)."""
     return {**dataclasses.asdict(cfg), "d_model": manifest["hidden_size"], "train_tokens": counts["train_tokens"],
             "pca_mse": {str(d): limit["pca_mse"][d] for d in cfg.d_values},
             **({"pca_downstream_kl": limit["pca_downstream_kl"]} if "pca_downstream_kl" in limit else {}),
-            "train_storage": train_storage, "group": group}
+            "train_storage": train_storage, "group": group, "command": command}
 
 
-def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
+def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[str, Any]]:
     from ray import tune
 
     # Absolute paths: trials and tasks run in other working directories.
@@ -212,7 +214,7 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
 
     # The W&B group: unique per sweep, fixed for its lifetime (it is part of the restored Tune state).
     group = f"{name}-{uuid.uuid4().hex[:8]}"
-    param_space = {**trial_config_for(cfg, manifest, counts, limit, os.path.join(storage, f"{name}_train"), group),
+    param_space = {**trial_config_for(cfg, manifest, counts, limit, os.path.join(storage, f"{name}_train"), group, command),
                    "d_compressed": tune.grid_search(cfg.d_values),
                    "learning_rate": tune.grid_search(cfg.sweep_learning_rates or [cfg.learning_rate])}
     tokens_per_epoch = counts["train_tokens"] - cfg.num_workers  # an equal split across workers drops a row or so
@@ -284,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = command_config(args)
         prepare_wandb(cfg)
         connect(cfg)
-        rows = run(cfg, overwrite=args.overwrite)
+        command = shlex.join(["python", "-m", "trm_ray.sweep", *(sys.argv[1:] if argv is None else argv)])
+        rows = run(cfg, overwrite=args.overwrite, command=command)
         if any("error" in row or "downstream_error" in row for row in rows):  # failed trials, or no KL
             sys.exit(1)
 
