@@ -24,6 +24,7 @@ from trm_ray.compressor import load_checkpoint, save_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, make_config
 from trm_ray.report import results_path
 from trm_ray.shards import read_json
+from trm_ray.text import looks_like_path
 
 HUB_FILE = "compressor.pt"  # the name phase 2 downloads
 
@@ -31,10 +32,10 @@ HUB_FILE = "compressor.pt"  # the name phase 2 downloads
 CARD_METRICS = (
     ("mse", "validation mse"),
     ("cosine_similarity", "cosine similarity"),
-    ("relative_error", "relative error ||x̂ - x|| / ||x||"),
+    ("relative_error", "relative error ‖x̂ - x‖ / ‖x‖"),
     ("variance_ratio", "variance ratio Var(x̂) / Var(x)"),
     ("explained_variance", "explained variance (uncentred)"),
-    ("orthonormality_error", "orthonormality error ||W Wᵀ - I||_F / sqrt(D')"),
+    ("orthonormality_error", "orthonormality error ‖W Wᵀ - I‖_F / sqrt(D')"),
     ("pca_mse", "PCA limit: mse of the best tied linear compressor of this width"),
     ("pca_efficiency", "PCA-limit mse / mse (1.0 = at the limit)"),
     ("pca_cosine_similarity", "PCA limit: cosine similarity"),
@@ -69,7 +70,8 @@ def run_config(settings: dict[str, Any]) -> Config:
 def model_card(row: dict[str, Any], settings: dict[str, Any], repo: str | None) -> str:
     cfg = run_config(settings)
     d, d_prime = settings["hidden_size"], settings["d_compressed"]
-    source = cfg.dataset + (f" ({cfg.dataset_config}, split {cfg.dataset_split})" if cfg.dataset_config else "")
+    hub = not looks_like_path(cfg.dataset) and not os.path.exists(cfg.dataset)
+    source = cfg.dataset + (f" ({cfg.dataset_config}, split {cfg.dataset_split})" if hub and cfg.dataset_config else "")
     kept = {"1a": "every token of each document",
             "1b": f"the {cfg.keep_tokens!r} tokens of each conversation (--keep_tokens {cfg.keep_tokens})"}[cfg.stage]
     if cfg.exclude_first_token:
