@@ -203,7 +203,8 @@ def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, 
         ax.set_xscale("log", base=2)
         ax.set_xlabel("D' (compressed width)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel with nothing measured has only its note
+            ax.legend(fontsize=7)
     fig.suptitle(f"{cfg.model_name} layer {cfg.layer}, D={d_model}: compressor quality vs D' (validation set)\n"
                  f"centred: about the training mean; excluded: {exclusions(manifest)}", fontsize=9)
     fig.tight_layout()
