@@ -44,9 +44,9 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 # Run sizes: 2,048 x 512 = 1M tokens (4 GiB of bf16 shards) keeps each stage to a minute or two on one GPU.
 FULL_RUN = dict(num_samples=2048, max_seq_length=512, docs_per_shard=256, sweep_d_values=[256, 1024], batch_size=64,
-                num_epochs=3, downstream_tokens=4096)
+                num_epochs=3)
 TINY_RUN = dict(num_samples=48, max_seq_length=64, docs_per_shard=16, sweep_d_values=[8, 16], batch_size=4,
-                num_epochs=2, downstream_tokens=256, torch_compile=False)
+                num_epochs=2, torch_compile=False)
 
 
 def write_model(out: Path, shape: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ from trm_ray.config import Config, make_config
 from trm_ray.downstream import load_lm_head, next_token_damage, validation_rows
 from trm_ray.extract import extract
 from trm_ray.quickstart import write_assets
-from trm_ray.spectrum import eigenvectors
+from trm_ray.spectrum import eigenvectors, training_mean
 from trm_ray.sweep import limits
 from trm_ray.train import evaluate, one_thread
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # The spectrum, the PCA reconstruction's validation KL per D', and the Fisher start (scored from either start).
         limit = limits(dataclasses.replace(cfg, init="fisher"))
         x = read_train_rows(cfg, manifest)
-        val, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed, manifest["num_tokens"])
+        val, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed)
         lm_head = load_lm_head(cfg.model_name, torch.device("cpu"))
         vecs = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed).float()
         fisher = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher").float()  # the KL trials' start
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     trained = next_token_damage(lm_head, val, targets, model)
                     pca = next_token_damage(lm_head, val, targets, lambda h: h @ vecs[:, :d] @ vecs[:, :d].T)
                     fisher_kl = next_token_damage(lm_head, val, targets, lambda h: h @ fisher[:, :d] @ fisher[:, :d].T)["kl"]
-                    mse = evaluate(model, [val])["mse"]
+                    mse = evaluate(model, [val], training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))["mse"]
                 rows.append((d, limit["pca_downstream_kl"][str(d)], pca, trained, limit["pca_mse"][d], mse,
                              orthonormality_error(model.weight), fisher_kl))
                 costs.append((kl_s, mse_s))

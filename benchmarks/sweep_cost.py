@@ -35,6 +35,7 @@ from trm_ray.extract import extract, hidden_rows, load_model
 from trm_ray.text import read_documents, tokenize
 from trm_ray.quickstart import write_assets
 from trm_ray.shards import is_validation_doc
+from trm_ray.spectrum import training_mean
 from trm_ray.train import evaluate, one_thread
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
@@ -52,6 +53,7 @@ def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
     train_docs = [d for d, v in zip(docs, held_out) if not v]
     val_docs = [d for d, v in zip(docs, held_out) if v]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed)  # of trm_ray's sweep, which ran first
     forwarded = 0
 
     def hidden(batch: list[list[int]]) -> torch.Tensor:
@@ -66,7 +68,7 @@ def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
             for batch in torch.randperm(len(train_docs)).split(cfg.batch_size):
                 step(hidden([train_docs[i] for i in batch]))
             metrics = evaluate(model, (hidden(val_docs[i:i + cfg.batch_size])
-                                       for i in range(0, len(val_docs), cfg.batch_size)))
+                                       for i in range(0, len(val_docs), cfg.batch_size)), mean)
             if d not in best or metrics["mse"] < best[d]["mse"]:
                 best[d] = metrics
     return best, forwarded

@@ -119,7 +119,7 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
     argv = [sys.executable, "-m", "trm_ray.sweep", "--model_name", shards.model_name, "--dataset", shards.dataset,
             "--shards_dir", shards.shards_path, "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20",
             "--output_dir", str(out), "--sweep", "--sweep_d_values", "8", "16", "--num_epochs", "4", "--batch_size", "1",
-            "--learning_rate", "0.01", "--init", "orthogonal", "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0",
+            "--learning_rate", "0.01", "--init", "orthogonal", "--no_wandb", "--no_torch_compile", "--no_downstream",
             "--address", ray_cluster.get_runtime_context().gcs_address]
     driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -17,14 +17,15 @@ from trm_ray import spectrum, sweep
 from trm_ray.cli import forwarded_env, local_cpus
 from trm_ray.compressor import METRICS, save_checkpoint
 from trm_ray.config import UserError, build_parser, make_config
-from trm_ray.report import _copy, export_results
+from trm_ray.report import _copy, budget_line, export_results, smallest_within_budget
 from trm_ray.shards import write_json
 from trm_ray.text import read_documents
 from trm_ray.train import CHECKPOINT_FILE, run_label
 
 D = 64
 LIMIT = {"hidden_size": D, "pca_mse": [0.5] * (D + 1), "pca_cosine_similarity": [0.9] * (D + 1),
-         "explained_variance": [0.8] * (D + 1), "pca_explained_variance": [0.8] * (D + 1)}
+         "explained_variance": [0.8] * (D + 1), "pca_explained_variance": [0.8] * (D + 1),
+         "pca_centred_cosine_similarity": [0.7] * (D + 1), "pca_centred_explained_variance": [0.6] * (D + 1)}
 MANIFEST = {"hidden_size": D, "layer": -1, "exclude_first_token": True}
 
 
@@ -42,7 +43,7 @@ def trial_result(root, d, lr, mse, error=None, epochs=3, start=None):
 
 def export_config(out, **overrides):
     return make_config({"output_dir": str(out), "sweep": True, "sweep_d_values": [8, 16], "num_epochs": 3,
-                        "downstream_tokens": 0, **overrides})
+                        "downstream": False, **overrides})
 
 
 def test_a_trial_that_errored_after_reporting_checkpoints_is_a_failed_row_not_an_export(tmp_path):
@@ -66,6 +67,31 @@ def test_a_kl_trials_row_carries_the_validation_kl_and_cosine_of_its_start(tmp_p
                                                          MANIFEST, CHECKPOINT_FILE, LIMIT)[0]
 
 
+def test_a_kl_sweeps_rows_keep_the_kl_its_trials_were_selected_on_without_the_downstream_pass(tmp_path):
+    cfg = export_config(tmp_path / "out", objective="kl", sweep_d_values=[8], downstream=False)
+    (row,) = export_results([trial_result(tmp_path, 8, 0.005, 0.1)], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    assert row["downstream_kl"] == pytest.approx(0.01)  # the checkpoint's best_metrics: its trial's whole validation set
+    assert row["within_kl_budget"] is True  # 0.01 <= the default budget, 0.1
+
+
+def budget_rows(kls):
+    return [{"d_compressed": d, "compression_ratio": 64 / d, **({"downstream_kl": kl, "top1_agreement": 0.9} if kl else {})}
+            for d, kl in kls.items()]
+
+
+def test_the_kl_budget_names_the_smallest_d_prime_within_it_or_the_best_kl_when_none_is():
+    rows = budget_rows({8: 0.5, 16: 0.09, 32: 0.02, 48: None})  # 48: its downstream pass failed
+    assert smallest_within_budget(rows, 0.1)["d_compressed"] == 16
+    assert smallest_within_budget(rows, 0.02)["d_compressed"] == 32  # within: at most the budget
+    assert smallest_within_budget(rows, 1.0)["d_compressed"] == 8
+    assert budget_line(rows, 0.1) == ("kl budget 0.1 nats/token: the smallest D' within it is 16 (4.0x; next-token KL "
+                                      "0.09, top-1 agreement 90.00%)")
+    assert smallest_within_budget(rows, 0.01) is None
+    assert budget_line(rows, 0.01) == ("kl budget 0.01 nats/token: no D' is within it; the best next-token KL is 0.02 "
+                                       "at D'=32 (sweep wider D', or raise --kl_budget)")
+    assert budget_line(budget_rows({8: None}), 0.1) is None  # no KL measured: nothing to say
+
+
 def test_a_nan_trial_never_beats_a_finite_one_of_the_same_d_prime(tmp_path):
     cfg = export_config(tmp_path / "out", sweep_d_values=[8], sweep_learning_rates=[0.5, 0.01])
     grid = [trial_result(tmp_path, 8, 0.5, float("nan")), trial_result(tmp_path, 8, 0.01, 0.2)]
@@ -80,7 +106,7 @@ def test_a_diverging_trial_stops_after_its_first_epoch_and_exports_its_start_wit
     # Free rows (--no_orthonormal): the retraction would keep even this rate's weights finite.
     cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep=False, d_compressed=8,
                               num_epochs=3, learning_rate=1e30, orthonormal=False, use_wandb=False, torch_compile=False,
-                              downstream_tokens=0)
+                              downstream=False)
     [row] = sweep.run(cfg)
     assert row["stop_reason"].startswith("diverged: train loss") and row["stop_reason"].endswith("lower --learning_rate")
     # The diverged weights never win: what is exported is the start, scored before the first epoch.
@@ -107,7 +133,7 @@ def test_repeated_grid_values_are_refused(values, message):
 
 
 def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, tmp_path):
-    cfg = export_config(tmp_path / "out", downstream_tokens=16, model_name=str(tmp_path / "not-a-model"))
+    cfg = export_config(tmp_path / "out", downstream=True, model_name=str(tmp_path / "not-a-model"))
     rows = export_results([trial_result(tmp_path, 8, 0.001, 0.1)], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
     assert rows[0]["mse"] == 0.1 and rows[0]["downstream_error"].startswith("OSError: ")
     assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows

@@ -10,7 +10,7 @@ from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
 from trm_ray.downstream import load_lm_head, mean_fisher, next_token_damage, next_token_kl, validation_rows
 from trm_ray.shards import load_splits
-from trm_ray.spectrum import eigenvectors
+from trm_ray.spectrum import eigenvectors, training_mean
 from trm_ray.sweep import limits
 from trm_ray.train import evaluate, hidden_batches, initial_model, objective_loss
 
@@ -68,7 +68,8 @@ def test_a_kl_objective_from_the_pca_start_starts_at_the_reference_validation_kl
     top = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :16].float()
     torch.testing.assert_close(model.weight, top.T)
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
-    start = evaluate(model, hidden_batches(val, 512, torch.device("cpu")), lm_head)["downstream_kl"]
+    mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    start = evaluate(model, hidden_batches(val, 512, torch.device("cpu")), mean, lm_head)["downstream_kl"]
     assert start == pytest.approx(reference["16"], rel=1e-4)  # downstream_efficiency starts at 1.0
     assert reference["8"] > reference["16"] > reference["32"] > 0
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from trm_ray import spectrum, sweep
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.downstream import validation_rows
-from trm_ray.shards import decode_hidden, load_splits
+from trm_ray.shards import decode_hidden, load_splits, read_json, write_json
 from trm_ray.train import initial_model, trial_config
 
 from test_train import fit
@@ -49,6 +49,34 @@ def test_pca_explained_variance_is_the_validation_rows_like_the_trained_compress
         assert limit["pca_explained_variance"][d] == pytest.approx(1 - err / (v ** 2).sum(), rel=1e-8)
 
 
+def test_pca_centred_references_are_about_the_training_mean(shards, limit):
+    train, val = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
+    x, v = rows_of(train), rows_of(val)
+    mu = x.mean(0)
+    np.testing.assert_allclose(limit["mean"], mu, rtol=1e-10, atol=1e-12)
+    top_all = np.linalg.eigh(x.T @ x)[1][:, ::-1]
+    for d in (0, 1, 8, 16, 32, 63, 64):
+        top = top_all[:, :d]
+        rec = v @ top @ top.T
+        assert limit["pca_centred_explained_variance"][d] == pytest.approx(
+            1 - ((v - rec) ** 2).sum() / ((v - mu) ** 2).sum(), rel=1e-8, abs=1e-10)
+        rc, vc = rec - mu, v - mu
+        cos = (rc * vc).sum(1) / np.linalg.norm(rc, axis=1) / np.linalg.norm(vc, axis=1)
+        assert limit["pca_centred_cosine_similarity"][d] == pytest.approx(cos.mean(), rel=1e-8)
+        if 0 < d < 64:  # the common part of the rows flatters the uncentred references
+            assert limit["pca_centred_explained_variance"][d] < limit["pca_explained_variance"][d]
+            assert limit["pca_centred_cosine_similarity"][d] < limit["pca_cosine_similarity"][d]
+
+
+def test_a_spectrum_stored_without_the_centred_references_is_computed_again(shards, limit):
+    json_path, _ = spectrum.spectrum_files(shards.shards_path, shards.val_fraction, shards.seed)
+    old = {k: v for k, v in limit.items() if "centred" not in k}
+    write_json(json_path, old)  # what a spectrum pass wrote before the centred metrics
+    again = spectrum.load_or_compute(shards.shards_path, shards.val_fraction, shards.seed)
+    assert again["pca_centred_cosine_similarity"] == pytest.approx(limit["pca_centred_cosine_similarity"], rel=1e-9)
+    assert read_json(json_path) == again
+
+
 def test_spectrum_is_stored_beside_the_shards_and_reused(shards, limit, monkeypatch):
     monkeypatch.setattr(spectrum, "compute_spectrum", lambda *a: pytest.fail("recomputed"))
     assert spectrum.load_or_compute(shards.shards_path, shards.val_fraction, shards.seed) == limit
@@ -74,10 +102,12 @@ def test_pca_init_reaches_pca_efficiency_099_in_its_first_epoch(shards, tmp_path
     assert result.metrics["initial_pca_efficiency"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_downstream_kl_matches_a_direct_computation_with_the_lm_head(swept):
+def test_downstream_kl_and_top1_agreement_match_a_direct_computation_on_the_whole_validation_set(swept):
     cfg, rows = swept
     lm = AutoModelForCausalLM.from_pretrained(cfg.model_name).eval()
-    hidden, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.downstream_tokens)
+    hidden, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed)  # all of it: what trials are selected on
+    _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    assert hidden.shape[0] == val.count()
     for r in rows:
         comp = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()
         with torch.no_grad():
@@ -89,6 +119,12 @@ def test_downstream_kl_matches_a_direct_computation_with_the_lm_head(swept):
         ce = torch.nn.functional.cross_entropy
         increase = ce(logq[known], targets[known]) - ce(logp[known], targets[known])
         assert r["ce_increase"] == pytest.approx(float(increase), rel=1e-3, abs=1e-6)
+        agree = float((logq.argmax(-1) == logp.argmax(-1)).double().mean())
+        assert r["top1_agreement"] == pytest.approx(agree, abs=1e-12)
+        top = spectrum.eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :r["d_compressed"]].float()
+        with torch.no_grad():
+            pca_top1 = lm.lm_head(hidden @ top @ top.T).argmax(-1)
+        assert r["pca_top1_agreement"] == pytest.approx(float((pca_top1 == logp.argmax(-1)).double().mean()), abs=1e-12)
         assert r["pca_downstream_kl"] > 0 and r["downstream_kl"] > 0
     assert [r["downstream_kl"] for r in rows] == sorted((r["downstream_kl"] for r in rows), reverse=True)
 
@@ -101,13 +137,16 @@ def test_sweep_rows_carry_the_pca_limit_and_its_efficiency(swept, limit):
         assert r["pca_efficiency"] == pytest.approx(r["pca_mse"] / r["mse"])
         assert r["pca_cosine_similarity"] == pytest.approx(limit["pca_cosine_similarity"][d])
         assert r["explained_variance"] <= r["pca_explained_variance"] + 1e-3
+        for k in ("centred_cosine_similarity", "centred_explained_variance"):
+            assert r[f"pca_{k}"] == pytest.approx(limit[f"pca_{k}"][d])
+        assert r["centred_explained_variance"] <= r["pca_centred_explained_variance"] + 1e-3
 
 
 def test_asha_keeps_every_d_prime_and_stops_the_slow_learning_rates(shards, tmp_path):
     cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep_d_values=[8, 32],
                               sweep_learning_rates=[0.05, 0.0001], num_epochs=4, grace_period=1, early_stopping=False,
                               init="orthogonal",  # from the PCA start every learning rate would be at the limit already
-                              max_concurrent_trials=1, use_wandb=False, torch_compile=False, downstream_tokens=0)
+                              max_concurrent_trials=1, use_wandb=False, torch_compile=False, downstream=False)
     rows = sweep.run(cfg)
     assert [(r["d_compressed"], r["learning_rate"], r["epochs_trained"]) for r in rows] == [(8, 0.05, 4), (32, 0.05, 4)]
     progress = sorted((tmp_path / "ray_results" / "stage1a_sweep").glob("d*-lr*/progress.csv"))

@@ -9,6 +9,7 @@ from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
 from trm_ray.text import chat_settings, read_documents
 from trm_ray.shards import load_splits, read_manifest, shard_paths
+from trm_ray.spectrum import training_mean
 from trm_ray.train import evaluate, hidden_batches, initial_model, trial_config
 
 
@@ -29,7 +30,8 @@ def test_stage_1b_starts_from_the_stage_1a_weights(stage1b):
     # And the run's first report scored exactly those weights on the 1b validation set.
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
     for r, r_1a in zip(rows, rows_1a):
-        start = evaluate(DimensionCompressor.from_checkpoint(r_1a["checkpoint"]), hidden_batches(val, 512, torch.device("cpu")))
+        start = evaluate(DimensionCompressor.from_checkpoint(r_1a["checkpoint"]), hidden_batches(val, 512, torch.device("cpu")),
+                         training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))
         assert r["initial_cosine_similarity"] == pytest.approx(start["cosine_similarity"], abs=1e-6)
 
 

@@ -9,6 +9,7 @@ from trm_ray import sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, load_yaml, make_config
 from trm_ray.shards import load_splits
+from trm_ray.spectrum import training_mean
 from trm_ray.train import evaluate, hidden_batches
 
 
@@ -46,9 +47,12 @@ def test_exported_checkpoints_load_safely_and_reproduce_the_reported_validation_
         assert ckpt["config"].d_compressed == r["d_compressed"] and ckpt["config"].hidden_size == 64
         assert ckpt["best_loss"] == pytest.approx(r["mse"])
         model = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()
-        metrics = evaluate(model, hidden_batches(val, 1024, torch.device("cpu")))
+        metrics = evaluate(model, hidden_batches(val, 1024, torch.device("cpu")),
+                           training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))
         assert metrics["cosine_similarity"] == pytest.approx(r["cosine_similarity"], abs=1e-4)
         assert metrics["mse"] == pytest.approx(r["mse"], rel=1e-4)
+        for k in ("centred_cosine_similarity", "centred_explained_variance"):
+            assert metrics[k] == pytest.approx(r[k], abs=1e-4)
 
 
 def run_cli(argv, capsys):

@@ -2,6 +2,7 @@ import dataclasses
 import io
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,13 +94,34 @@ def test_metrics_summed_over_batches_equal_the_formulas_on_the_whole_set():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=gen) * 3 + 1
     x_hat = x + 0.3 * torch.randn(300, 16, generator=gen)
-    sums = sum(reconstruction_sums(x[i:i + 70], x_hat[i:i + 70]) for i in range(0, 300, 70))
+    sums = sum(reconstruction_sums(x[i:i + 70], x_hat[i:i + 70], torch.zeros(16)) for i in range(0, 300, 70))
     m = metrics_from_sums(sums)
     xd, hd = x.double(), x_hat.double()
     assert m["mse"] == pytest.approx(float(((hd - xd) ** 2).mean()), rel=1e-9)
     assert m["cosine_similarity"] == pytest.approx(float(torch.nn.functional.cosine_similarity(hd, xd).mean()), rel=1e-9)
     assert m["relative_error"] == pytest.approx(float((hd - xd).norm() / xd.norm()), rel=1e-9)
     assert m["variance_ratio"] == pytest.approx(float(hd.var(unbiased=False) / xd.var(unbiased=False)), rel=1e-9)
+
+
+def test_centred_metrics_equal_numpy_about_the_training_mean_and_a_common_offset_cannot_flatter_them():
+    # A residual stream's massive, nearly constant direction: a large offset on one axis, shared by every row.
+    rng = np.random.default_rng(0)
+    offset = np.zeros(16)
+    offset[3] = 40.0
+    train = rng.normal(size=(500, 16)) + offset
+    x = rng.normal(size=(300, 16)) + offset
+    x_hat = x + 0.5 * rng.normal(size=(300, 16))
+    mu = train.mean(0)
+    sums = sum(reconstruction_sums(torch.tensor(x[i:i + 70]), torch.tensor(x_hat[i:i + 70]), torch.tensor(mu))
+               for i in range(0, 300, 70))
+    m = metrics_from_sums(sums)
+    xc, hc = x - mu, x_hat - mu
+    cos = (hc * xc).sum(1) / np.linalg.norm(hc, axis=1) / np.linalg.norm(xc, axis=1)
+    assert m["centred_explained_variance"] == pytest.approx(1 - ((x_hat - x) ** 2).sum() / (xc ** 2).sum(), rel=1e-9)
+    assert m["centred_cosine_similarity"] == pytest.approx(cos.mean(), rel=1e-9)
+    # Uncentred, the offset makes this poor reconstruction look nearly perfect; centred, it does not.
+    assert m["cosine_similarity"] > 0.998 and m["explained_variance"] > 0.99
+    assert m["centred_cosine_similarity"] < 0.9 and m["centred_explained_variance"] < 0.8
 
 
 def doc_ids(ds) -> set[int]:

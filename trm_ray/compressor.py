@@ -21,7 +21,8 @@ from torch import nn
 from trm_ray.config import UserError
 
 # What a checkpoint records of its compressor: validation reconstruction metrics, and how far W's rows are from orthonormal.
-METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance", "orthonormality_error")
+METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance",
+           "centred_explained_variance", "centred_cosine_similarity", "orthonormality_error")
 
 
 class DimensionCompressor(nn.Module):
@@ -62,11 +63,14 @@ class DimensionCompressor(nn.Module):
         return model
 
 
-def reconstruction_sums(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Float64 sums over a batch of token rows [N, D], from which `metrics_from_sums` derives every metric."""
+def reconstruction_sums(x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Float64 sums over a batch of token rows [N, D], from which `metrics_from_sums` derives every metric;
+    `mean` [D] is the training rows' mean, about which the centred metrics are taken."""
     x = x.double()
     x_hat = x_hat.double()
+    mean = mean.to(x)
     cos = nn.functional.cosine_similarity(x_hat, x, dim=-1, eps=1e-12)
+    centred_cos = nn.functional.cosine_similarity(x_hat - mean, x - mean, dim=-1, eps=1e-12)
     return torch.stack([
         ((x_hat - x) ** 2).sum(),  # squared error
         (x ** 2).sum(),
@@ -76,6 +80,8 @@ def reconstruction_sums(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         cos.sum(),
         torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),  # tokens
         torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),  # elements
+        ((x - mean) ** 2).sum(),
+        centred_cos.sum(),
     ])
 
 
@@ -84,9 +90,12 @@ def metrics_from_sums(s: torch.Tensor) -> dict[str, float]:
 
     mse: mean over elements; cosine_similarity: mean over tokens; relative_error:
     ||X̂ - X||_F / ||X||_F; variance_ratio: Var(X̂) / Var(X) over all elements;
-    explained_variance: 1 - ||X̂ - X||²_F / ||X||²_F (uncentred, like the PCA limit).
+    explained_variance: 1 - ||X̂ - X||²_F / ||X||²_F (uncentred, like the PCA limit);
+    centred_explained_variance: 1 - ||X̂ - X||²_F / ||X - μ||²_F and centred_cosine_similarity:
+    the mean cos(x̂ - μ, x - μ), μ the training mean. A large, nearly constant direction of the
+    residual stream is most of ||x||: it flatters the uncentred two, not these.
     """
-    sse, sxx, sx, shh, sh, scos, n_tok, n_el = s.tolist()
+    sse, sxx, sx, shh, sh, scos, n_tok, n_el, sxc, sccos = s.tolist()
     var_x = sxx / n_el - (sx / n_el) ** 2
     var_h = shh / n_el - (sh / n_el) ** 2
     return {
@@ -95,6 +104,8 @@ def metrics_from_sums(s: torch.Tensor) -> dict[str, float]:
         "relative_error": (sse / sxx) ** 0.5,
         "variance_ratio": var_h / var_x,
         "explained_variance": 1.0 - sse / sxx,
+        "centred_explained_variance": 1.0 - sse / sxc,
+        "centred_cosine_similarity": sccos / n_tok,
     }
 
 

@@ -35,7 +35,8 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 # would silently stop nothing).
 KL_ONLY_METRICS = ("downstream_efficiency", "downstream_kl")  # measured only when the loss reads the LM head
 ASHA_METRICS = ("pca_efficiency", "mse", "cosine_similarity", "relative_error", "variance_ratio",
-                "explained_variance", "train_loss", *KL_ONLY_METRICS)
+                "explained_variance", "centred_explained_variance", "centred_cosine_similarity", "train_loss",
+                *KL_ONLY_METRICS)
 # Peak learning rate per --objective, measured (benchmarks/RESULTS.md): from the PCA start, mse needs only
 # a small step to stay at its optimum, while the KL objective has to turn the subspace towards what the head reads.
 DEFAULT_LEARNING_RATE = {"mse": 1e-4, "kl": 5e-3, "mse+kl": 5e-3}
@@ -96,7 +97,11 @@ class Config:
     asha_metric: str = _f("auto", "ASHA ranks the trials of each D' on this metric; auto: pca_efficiency (PCA-limit mse / mse) for "
                              "--objective mse, else downstream_efficiency (PCA's next-token KL / the trial's).")
     sweep_learning_rates: list[float] = _f([], "Also grid over these learning rates (empty: just --learning_rate); the export keeps the best trial per D'.")
-    downstream_tokens: int = _f(4096, "Validation tokens on which the LM head's next-token KL is measured for each exported D' (last layer only; 0: skip).")
+    downstream: bool = _f(True, "Score each exported D' and its PCA reconstruction at the LM head (next-token KL, CE increase, top-1 agreement) "
+                                "over the whole validation set (last layer only); without it a KL objective's rows keep the KL its trials were selected on.", negative="no_downstream")
+    kl_budget: float = _f(0.1, "Next-token KL (nats per token) the summary and the plot hold each D' to: they name the smallest D' whose "
+                               "exported compressor is within it. 0.1 is a tenth of what PCA costs at ~10x on real LMs "
+                               "(1.20 at D'=64 of 576, SmolLM2-135M; 1.45 at 64 of 640, a 270M LM).")
     max_concurrent_trials: int | None = _f(None, "Trials running at once; default: as many as the cluster fits.")
     # --- Weights & Biases ---------------------------------------------------------------
     use_wandb: bool = _f(True, "Log each trial to Weights & Biases (offline with WANDB_MODE=offline; no key needed then).", negative="no_wandb")
@@ -125,6 +130,8 @@ class Config:
                             "use it with --objective kl or mse+kl, or --init pca")
         if self.objective not in ("mse", "kl", "mse+kl"):
             raise UserError(f"objective must be mse, kl or mse+kl, got {self.objective!r}")
+        if self.kl_budget <= 0:
+            raise UserError(f"kl_budget must be a positive number of nats per token, got {self.kl_budget}")
         if self.objective != "mse" and self.layer != -1:
             raise UserError(f"--objective {self.objective} trains on what the LM head reads, the last layer's hidden state: "
                             f"it needs --layer -1, not {self.layer}")

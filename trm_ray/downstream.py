@@ -2,11 +2,12 @@
 
 For a last-layer sweep (`hidden_states[-1]` is the final norm's output, which the LM head
 reads), the next-token distribution on the reconstructed state is compared with the one on
-the original: the KL divergence KL(p_original || p_reconstructed) per token, and the
-increase of the cross-entropy on the true next token. The same is computed for the PCA
-reconstruction of each D', so a trained compressor can be set against the optimum.
-Runs as one Ray task (on a GPU with --use_gpu) over the first validation tokens. Every score (this,
-the PCA reference, each epoch's validation) takes its logits in float32; only training's matmuls are bf16 on a GPU.
+the original: the KL divergence KL(p_original || p_reconstructed) per token, the increase of
+the cross-entropy on the true next token, and how often the top-1 token stays the same. The
+same is computed for the PCA reconstruction of each D', so a trained compressor can be set
+against the optimum. Runs as one Ray task (on a GPU with --use_gpu) over the whole validation
+set, the one trials are selected on. Every score (this, the PCA reference, each epoch's
+validation) takes its logits in float32; only training's matmuls are bf16 on a GPU.
 
 The same KL (`next_token_kl`, one code path) is the training loss of `--objective kl`: the
 teacher's logits are recomputed from the cached hidden state on the fly, chunked over tokens.
@@ -34,21 +35,27 @@ def split_tables(shards_dir: str, val_fraction: float, seed: int, val_side: bool
         yield from side_tables(path, val_fraction, seed, val_side, rows_per_block(manifest))
 
 
-def validation_rows(shards_dir: str, val_fraction: float, seed: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `max_tokens` validation rows: hidden states [N, D] and the next token of each (-1: none stored)."""
+def next_tokens(t: pa.Table) -> torch.Tensor:
+    """The next token of each row of `t` (-1: none stored): rows are whole documents in document order, so
+    row i+1 is the next token of row i when it is the same document's next position."""
+    doc, pos, tok = (t[c].to_numpy() for c in ("doc_id", "position", "token_id"))
+    follows = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
+    targets = np.full(len(doc), -1, dtype=np.int64)
+    targets[:-1][follows] = tok[1:][follows]
+    return torch.from_numpy(targets)
+
+
+def validation_rows(shards_dir: str, val_fraction: float, seed: int,
+                    max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `max_tokens` validation rows (None: all): hidden states [N, D] and the next token of each."""
     tables, n = [], 0
     for t in split_tables(shards_dir, val_fraction, seed):  # lazily: only as far as needed
         tables.append(t)
         n += t.num_rows
-        if n >= max_tokens:
+        if max_tokens is not None and n >= max_tokens:
             break
     t = pa.concat_tables(tables).slice(0, max_tokens)
-    doc, pos, tok = (t[c].to_numpy() for c in ("doc_id", "position", "token_id"))
-    # Rows are in document order: row i+1 is the next token of row i when it is the same document's next position.
-    follows = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
-    targets = np.full(len(doc), -1, dtype=np.int64)
-    targets[:-1][follows] = tok[1:][follows]
-    return decode_hidden(t["hidden"]), torch.from_numpy(targets)
+    return decode_hidden(t["hidden"]), next_tokens(t)
 
 
 def load_lm_head(model_name: str, device: torch.device, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -120,38 +127,65 @@ def next_token_kl(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def next_token_damage(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-                      reconstruct: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-    """Mean KL(p(x) || p(x̂)) over tokens, and mean CE(x̂) - CE(x) over tokens with a known next token."""
-    kl_sum, ce_sum, n_ce = 0.0, 0.0, 0
+def damage_sums(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                reconstructions: dict[Any, Callable[[torch.Tensor], torch.Tensor]]) -> dict[Any, torch.Tensor]:
+    """For each reconstruction x -> x̂, float64 sums over the rows: KL(p(x) || p(x̂)), CE(x̂) - CE(x) on the
+    tokens with a known next token, and top-1 agreement (argmax p(x̂) = argmax p(x)). The original's
+    logits of a chunk are computed once for all of them."""
     device = lm_head.weight.device
+    sums = {k: torch.zeros(3, dtype=torch.float64) for k in reconstructions}
     for x, t in token_chunks(lm_head, hidden, targets):
         x, t = x.to(device), t.to(device)
-        logp, logq = log_probs(lm_head, x), log_probs(lm_head, reconstruct(x))
-        kl_sum += float(kl_per_token(logp, logq).sum())
-        known = t >= 0
-        ce_sum += float((logp[known, t[known]] - logq[known, t[known]]).sum())
-        n_ce += int(known.sum())
-    return {"kl": kl_sum / hidden.shape[0], "ce_increase": ce_sum / max(n_ce, 1)}
+        logp = log_probs(lm_head, x)
+        known, top1 = t >= 0, logp.argmax(-1)
+        for k, reconstruct in reconstructions.items():
+            logq = log_probs(lm_head, reconstruct(x))
+            sums[k] += torch.tensor([float(kl_per_token(logp, logq).sum()),
+                                     float((logp[known, t[known]] - logq[known, t[known]]).sum()),
+                                     float((logq.argmax(-1) == top1).sum())], dtype=torch.float64)
+    return sums
 
 
-def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int, max_tokens: int,
+def damage_metrics(sums: torch.Tensor, tokens: int, known: int) -> dict[str, float]:
+    """Means of `damage_sums`: KL and top-1 agreement per token, CE increase per token with a known next token."""
+    kl, ce, agree = sums.tolist()
+    return {"kl": kl / tokens, "ce_increase": ce / max(known, 1), "top1_agreement": agree / tokens}
+
+
+def next_token_damage(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                      reconstruct: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Mean KL(p(x) || p(x̂)), CE increase and top-1 agreement of one reconstruction over `hidden`."""
+    sums = damage_sums(lm_head, hidden, targets, {0: reconstruct})[0]
+    return damage_metrics(sums, hidden.shape[0], int((targets >= 0).sum()))
+
+
+def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int,
             checkpoints: dict[int, str]) -> dict[int, dict[str, float]]:
-    """For each D': KL and CE increase of the exported compressor and of the PCA reconstruction."""
+    """For each D': KL, CE increase and top-1 agreement of the exported compressor and of the PCA
+    reconstruction over the whole validation set, the set trials were selected on (one shard's
+    validation rows at a time, chunked; the original's logits serve every reconstruction)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Logits in float32 on GPU too: bf16 logits put a noise floor under the small KLs of a wide D'.
     lm_head = load_lm_head(model_name, device, torch.float32)
-    hidden, targets = validation_rows(shards_dir, val_fraction, seed, max_tokens)
     vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
-    out = {}
+    reconstructions: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {}
     for d, path in checkpoints.items():
-        comp = DimensionCompressor.from_checkpoint(path).to(device).eval()
-        top = vecs[:, :d]
-        trained = next_token_damage(lm_head, hidden, targets, comp)
-        pca = next_token_damage(lm_head, hidden, targets, lambda x: (x @ top) @ top.T)
+        reconstructions["trained", d] = DimensionCompressor.from_checkpoint(path).to(device).eval()
+        reconstructions["pca", d] = lambda x, top=vecs[:, :d]: (x @ top) @ top.T
+    sums = {k: torch.zeros(3, dtype=torch.float64) for k in reconstructions}
+    tokens = known = 0
+    for table in split_tables(shards_dir, val_fraction, seed):
+        targets = next_tokens(table)
+        part = damage_sums(lm_head, decode_hidden(table["hidden"]), targets, reconstructions)
+        sums = {k: sums[k] + part[k] for k in sums}
+        tokens, known = tokens + len(targets), known + int((targets >= 0).sum())
+    out = {}
+    for d in checkpoints:
+        trained, pca = (damage_metrics(sums[kind, d], tokens, known) for kind in ("trained", "pca"))
         out[d] = {"downstream_kl": trained["kl"], "ce_increase": trained["ce_increase"],
+                  "top1_agreement": trained["top1_agreement"],
                   "pca_downstream_kl": pca["kl"], "pca_ce_increase": pca["ce_increase"],
-                  "downstream_efficiency": pca["kl"] / trained["kl"]}
+                  "pca_top1_agreement": pca["top1_agreement"], "downstream_efficiency": pca["kl"] / trained["kl"]}
     return out
 
 
@@ -237,10 +271,9 @@ def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:
 
 def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any]) -> None:
     """Fill the downstream columns of the exported rows (last-layer sweeps only)."""
-    if manifest["layer"] != -1 or cfg.downstream_tokens <= 0:
+    if manifest["layer"] != -1 or not cfg.downstream:
         return
     checkpoints = {r["d_compressed"]: r["checkpoint"] for r in rows if "checkpoint" in r}
-    found = on_a_gpu(cfg.use_gpu, measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed,
-                     cfg.downstream_tokens, checkpoints)
+    found = on_a_gpu(cfg.use_gpu, measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, checkpoints)
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))

@@ -20,6 +20,7 @@ from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
 from trm_ray.shards import filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points
+from trm_ray.train import KL_METRICS
 
 
 def results_path(cfg: Config, kind: str = "results", ext: str = "json") -> str:
@@ -89,10 +90,11 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
         if d in best:
             dest = cfg.export_path(d)
             _copy(best[d]["src"], dest)
-            row.update({k: best[d][k] for k in METRICS})
+            # A KL objective's trials were selected on the whole validation set's KL: the row keeps it (the
+            # downstream pass below measures the same again, with top-1 agreement and CE beside it).
+            row.update({k: best[d][k] for k in (*METRICS, *KL_METRICS) if k in best[d]})
             row.update({"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / best[d]["mse"],
-                        "pca_cosine_similarity": limit["pca_cosine_similarity"][d],
-                        "pca_explained_variance": limit["pca_explained_variance"][d],
+                        **{f"pca_{k}": limit[f"pca_{k}"][d] for k in PCA_REFERENCES},
                         "learning_rate": best[d]["learning_rate"],
                         **{k: best[d][k] for k in ("initial_cosine_similarity", "initial_downstream_kl") if k in best[d]},
                         "best_epoch": best[d]["epoch"], "epochs_trained": best[d]["epochs"],
@@ -105,7 +107,6 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
     # The rows are saved before the downstream pass, so a failure there (no output embeddings, out of
     # memory) costs only its own columns.
     write_results(rows, cfg)
-    plot_report(rows, limit, cfg, manifest, results_path(cfg, "report", "png"))
     try:
         add_downstream(rows, cfg, manifest)
     except Exception as e:  # anything at all: the trained results are already safe on disk
@@ -115,8 +116,36 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
         for row in rows:
             if "checkpoint" in row:
                 row["downstream_error"] = failure
+    for row in rows:
+        if "downstream_kl" in row:
+            row["within_kl_budget"] = row["downstream_kl"] <= cfg.kl_budget
     write_results(rows, cfg)
+    plot_report(rows, limit, cfg, manifest, results_path(cfg, "report", "png"))
     return rows
+
+
+# The PCA limit's values a row carries beside the trained compressor's: uncentred and centred.
+PCA_REFERENCES = ("cosine_similarity", "explained_variance", "centred_cosine_similarity", "centred_explained_variance")
+
+
+def smallest_within_budget(rows: list[dict[str, Any]], kl_budget: float) -> dict[str, Any] | None:
+    """The row of the smallest D' whose exported compressor's next-token KL is at most `kl_budget` (None: none is)."""
+    return min((r for r in rows if r.get("downstream_kl", math.inf) <= kl_budget), key=lambda r: r["d_compressed"], default=None)
+
+
+def budget_line(rows: list[dict[str, Any]], kl_budget: float) -> str | None:
+    """The summary's verdict on --kl_budget, in one line (None when no row has a KL)."""
+    measured = [r for r in rows if "downstream_kl" in r]
+    if not measured:
+        return None
+    pick = smallest_within_budget(rows, kl_budget)
+    if pick is None:
+        best = min(measured, key=lambda r: r["downstream_kl"])
+        return (f"kl budget {kl_budget:g} nats/token: no D' is within it; the best next-token KL is "
+                f"{best['downstream_kl']:.4g} at D'={best['d_compressed']} (sweep wider D', or raise --kl_budget)")
+    top1 = f", top-1 agreement {pick['top1_agreement']:.2%}" if "top1_agreement" in pick else ""
+    return (f"kl budget {kl_budget:g} nats/token: the smallest D' within it is {pick['d_compressed']} "
+            f"({pick['compression_ratio']:.1f}x; next-token KL {pick['downstream_kl']:.4g}{top1})")
 
 
 def write_results(rows: list[dict[str, Any]], cfg: Config) -> None:
@@ -129,7 +158,9 @@ SEED_EXPECTED_COSINE = {64: 0.85, 128: 0.92, 256: 0.96, 512: 0.98, 1024: 0.99}
 
 
 def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, manifest: dict[str, Any], path: str) -> None:
-    """Cosine and explained variance against D': the trained compressors, the PCA limit, the seed's guess."""
+    """Against D': cosine and explained variance (uncentred and centred about the training mean), and the LM
+    head's next-token KL (log scale, with --kl_budget and the smallest D' within it) and top-1 agreement;
+    the trained compressors beside PCA (and for the cosine, the seed's guess)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,22 +168,45 @@ def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, 
 
     d_model = limit["hidden_size"]
     done = [r for r in rows if "checkpoint" in r]
+    ds = [r["d_compressed"] for r in done]
     xs = curve_points(d_model, [r["d_compressed"] for r in rows])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, limit_key, title in ((axes[0], "cosine_similarity", "pca_cosine_similarity", "validation cosine similarity"),
-                                      (axes[1], "explained_variance", "pca_explained_variance", "validation explained variance (uncentred)")):
-        ax.plot(xs, [limit[limit_key][x] for x in xs], "k--", label="PCA (the MSE-optimal tied linear compressor)")
-        ax.plot([r["d_compressed"] for r in done], [r[key] for r in done], "o-", color="tab:blue", label=f"trained (stage {cfg.stage})")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.4))
+    for ax, key, title in ((axes[0, 0], "cosine_similarity", "validation cosine similarity"),
+                           (axes[0, 1], "explained_variance", "validation explained variance")):
+        for prefix, style, label in (("", "-", "uncentred"), ("centred_", ":", "centred (read this)")):
+            ax.plot(xs, [limit[f"pca_{prefix}{key}"][x] for x in xs], "k" + style, label=f"PCA, {label}")
+            ax.plot(ds, [r[prefix + key] for r in done], "o" + style, color="tab:blue", label=f"trained (stage {cfg.stage}), {label}")
         if key == "cosine_similarity":
             seed = sorted(SEED_EXPECTED_COSINE.items())
             ax.plot([d for d, _ in seed], [c for _, c in seed], "s:", color="tab:orange", label="seed guide's expectation (D=3072)")
+        ax.set_title(title)
+    measured = [r for r in done if "downstream_kl" in r]
+    pick = smallest_within_budget(measured, cfg.kl_budget)
+    for ax, key, title in ((axes[1, 0], "downstream_kl", "LM head: next-token KL (nats/token)"),
+                           (axes[1, 1], "top1_agreement", "LM head: top-1 agreement with the original")):
+        have = [r for r in measured if key in r]
+        if not have:
+            ax.text(0.5, 0.5, "not measured (not the last layer, --no_downstream, or it failed)", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8)
+        else:
+            pca = [r for r in have if f"pca_{key}" in r]
+            ax.plot([r["d_compressed"] for r in pca], [r[f"pca_{key}"] for r in pca], "k--", marker="x", label="PCA")
+            ax.plot([r["d_compressed"] for r in have], [r[key] for r in have], "o-", color="tab:blue", label=f"trained (stage {cfg.stage})")
+            if pick is not None and key in pick:
+                ax.plot([pick["d_compressed"]], [pick[key]], "*", color="tab:red", markersize=16,
+                        label=f"smallest D' within the budget: {pick['d_compressed']}")
+        if key == "downstream_kl":
+            ax.axhline(cfg.kl_budget, color="tab:red", linestyle=":", label=f"--kl_budget {cfg.kl_budget:g}")
+            ax.set_yscale("log")
+        ax.set_title(title)
+    for ax in axes.flat:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("D' (compressed width)")
-        ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{cfg.model_name} layer {cfg.layer}, D={d_model}: compressor quality vs D'\n"
-                 f"excluded: {exclusions(manifest)}", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:  # a panel with nothing measured has only its note
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{cfg.model_name} layer {cfg.layer}, D={d_model}: compressor quality vs D' (validation set)\n"
+                 f"centred: about the training mean; excluded: {exclusions(manifest)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -198,25 +252,32 @@ def _copy(src: str, dest: str) -> None:
 
 
 def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
-    head = (f"{'D_prime':>8} {'ratio':>7} {'params':>10} {'mse':>11} {'cosine':>8} {'rel_err':>8} {'var_ratio':>9} "
-            f"{'pca_cos':>8} {'pca_eff':>8} {'orth_err':>9} {'KL':>9} {'pca_KL':>9}  checkpoint")
+    head = (f"{'D_prime':>8} {'ratio':>7} {'params':>10} {'mse':>11} {'cosine':>8} {'pca_cos':>8} {'c_cos':>8} "
+            f"{'pca_c_cos':>9} {'c_expl':>8} {'pca_c_expl':>10} {'rel_err':>8} {'var_ratio':>9} {'pca_eff':>8} {'orth_err':>9} "
+            f"{'KL':>9} {'pca_KL':>9} {'top1':>7} {'pca_top1':>8}  checkpoint")
     print("\n" + head + "\n" + "-" * len(head))
+    nan = float("nan")
     for r in rows:
         if "checkpoint" not in r:
             print(f"{r['d_compressed']:>8} {r['compression_ratio']:>6.1f}x {r['num_params']:>10,}  FAILED: {r['error']}")
             continue
         print(f"{r['d_compressed']:>8} {r['compression_ratio']:>6.1f}x {r['num_params']:>10,} {r['mse']:>11.4g} "
-              f"{r['cosine_similarity']:>8.4f} {r['relative_error']:>8.4f} {r['variance_ratio']:>9.4f} "
-              f"{r['pca_cosine_similarity']:>8.4f} {r['pca_efficiency']:>8.4f} {r['orthonormality_error']:>9.2g} "
-              f"{r.get('downstream_kl', float('nan')):>9.3g} {r.get('pca_downstream_kl', float('nan')):>9.3g}  {r['checkpoint']}")
+              f"{r['cosine_similarity']:>8.4f} {r['pca_cosine_similarity']:>8.4f} {r['centred_cosine_similarity']:>8.4f} "
+              f"{r['pca_centred_cosine_similarity']:>9.4f} {r['centred_explained_variance']:>8.4f} "
+              f"{r['pca_centred_explained_variance']:>10.4f} {r['relative_error']:>8.4f} {r['variance_ratio']:>9.4f} "
+              f"{r['pca_efficiency']:>8.4f} "
+              f"{r['orthonormality_error']:>9.2g} {r.get('downstream_kl', nan):>9.3g} {r.get('pca_downstream_kl', nan):>9.3g} "
+              f"{r.get('top1_agreement', nan):>7.4f} {r.get('pca_top1_agreement', nan):>8.4f}  {r['checkpoint']}")
         if "error" in r:  # an lr grid: the exported trial above, and failed ones of the same D'
             print(f"{'':>8} other trials of this D' FAILED: {r['error']}")
     for failure in sorted({r["downstream_error"] for r in rows if "downstream_error" in r}):
         print(f"downstream KL FAILED: {failure}")
     print("\nThe best epoch of each trial and the best learning rate of each D' are picked on the validation set these "
           "metrics are measured on (held-out documents, never trained on).")
+    verdict = budget_line(rows, cfg.kl_budget)
+    if verdict:
+        print(verdict)
     for r in rows:
         if r.get("note"):
             print(f"note: {r['note']}")
     print(f"\nsummary: {results_path(cfg)} (and .csv); plot: {results_path(cfg, 'report', 'png')}\n", flush=True)
-

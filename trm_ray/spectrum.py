@@ -74,15 +74,28 @@ def second_moment(shards_dir: str, val_fraction: float, seed: int, d_model: int)
                   {"xtx": np.zeros((d_model, d_model)), "sum": np.zeros(d_model), "sumsq": np.zeros(d_model), "n": 0})
 
 
-def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray) -> dict[str, Any]:
-    """Per-D' sums over validation rows: ||x - P_k x||² and cos(x, P_k x) = ||P_k x|| / ||x||; and Σ||x||²."""
+def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray, mean: np.ndarray) -> dict[str, Any]:
+    """Per-D' sums over validation rows: ||x - P_k x||², cos(x, P_k x) = ||P_k x|| / ||x|| and the centred
+    cos(P_k x - μ, x - μ) (μ: the training mean); and Σ||x||², Σ||x - μ||²."""
     x = decode_hidden(batch["hidden"]).double()
-    z2 = (x @ torch.tensor(eigenvectors)) ** 2  # eigenbasis coordinates, largest first (a copy: Ray hands the array over read-only)
-    kept = torch.cat([torch.zeros(x.shape[0], 1, dtype=torch.float64), z2.cumsum(1)], 1)  # ||P_k x||², k = 0..D
+    vecs = torch.tensor(eigenvectors)  # a copy: Ray hands the array over read-only
+    z = x @ vecs  # eigenbasis coordinates, largest first
+    zeros = torch.zeros(x.shape[0], 1, dtype=torch.float64)
+    kept = torch.cat([zeros, (z ** 2).cumsum(1)], 1)  # ||P_k x||², k = 0..D
     norm2 = (x ** 2).sum(1, keepdim=True)
+    # Centred, in the same basis: P_k x - μ has coordinates z_i - m_i for i <= k and -m_i beyond.
+    m = torch.tensor(mean) @ vecs
+    zc = z - m
+    inside = torch.cat([zeros, (zc ** 2).cumsum(1)], 1)  # Σ_{i<=k} (z_i - m_i)²
+    cross = -(m * zc)  # (P_k x - μ)_i (x - μ)_i for i > k
+    beyond_cross = cross.sum(1, keepdim=True) - torch.cat([zeros, cross.cumsum(1)], 1)
+    beyond_m2 = float((m ** 2).sum()) - torch.cat([torch.zeros(1, dtype=torch.float64), (m ** 2).cumsum(0)])
+    centred_norm2 = inside[:, -1:]  # ||x - μ||²
+    centred_cos = (inside + beyond_cross) / ((inside + beyond_m2) * centred_norm2).sqrt().clamp_min(1e-30)
     return {"err": (norm2 - kept).clamp_min(0).sum(0).numpy(),
             "cos": (kept.sqrt() / norm2.sqrt().clamp_min(1e-30)).sum(0).numpy(),
-            "energy": float(norm2.sum()), "n": x.shape[0]}
+            "centred_cos": centred_cos.sum(0).numpy(),
+            "energy": float(norm2.sum()), "centred_energy": float(centred_norm2.sum()), "n": x.shape[0]}
 
 
 def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[dict[str, Any], np.ndarray]:
@@ -97,9 +110,10 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
     total = float(np.trace(m["xtx"]))
     captured = np.concatenate([[0.0], np.cumsum(evals)])  # index k: energy in the top-k subspace
 
-    sums = summed(shards_dir, True, val_fraction, seed, _pca_val_sums,
-                  {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "energy": 0.0, "n": 0}, np.ascontiguousarray(evecs))
     mean = m["sum"] / n
+    sums = summed(shards_dir, True, val_fraction, seed, _pca_val_sums,
+                  {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "centred_cos": np.zeros(d + 1), "energy": 0.0,
+                   "centred_energy": 0.0, "n": 0}, np.ascontiguousarray(evecs), mean)
     summary = {
         "split": {"val_fraction": val_fraction, "seed": seed}, "hidden_size": d,
         "train_tokens": n, "val_tokens": int(sums["n"]),
@@ -111,7 +125,10 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
         "pca_explained_variance": (1.0 - sums["err"] / float(sums["energy"])).tolist(),
         "pca_mse": (sums["err"] / (sums["n"] * d)).tolist(),
         "pca_cosine_similarity": (sums["cos"] / sums["n"]).tolist(),
-        "mean": mean.tolist(), "variance": (m["sumsq"] / n - mean ** 2).tolist(),
+        # Centred about the training mean (what the trained compressors' centred_* are measured about).
+        "pca_centred_explained_variance": (1.0 - sums["err"] / float(sums["centred_energy"])).tolist(),
+        "pca_centred_cosine_similarity": (sums["centred_cos"] / sums["n"]).tolist(),
+        "mean": mean.tolist(), "variance": (m["sumsq"] / n - mean ** 2).tolist(),  # of the training rows
     }
     return summary, evecs
 
@@ -120,8 +137,8 @@ def load_or_compute(shards_dir: str, val_fraction: float, seed: int) -> dict[str
     """The stored spectrum of this shard set and split, computed (and stored) on first use."""
     json_path, pt_path = spectrum_files(shards_dir, val_fraction, seed)
     summary = read_json(json_path)
-    # A spectrum stored before it had the validation explained variance is computed again.
-    if summary is not None and "pca_explained_variance" in summary:
+    # A spectrum stored before it had the centred PCA references is computed again.
+    if summary is not None and "pca_centred_cosine_similarity" in summary:
         return summary
     print(f"spectrum: one pass over {shards_dir} for the second moment and its eigenvectors", flush=True)
     summary, evecs = compute_spectrum(shards_dir, val_fraction, seed)
@@ -140,6 +157,11 @@ def eigenvectors(shards_dir: str, val_fraction: float, seed: int, name: str = "s
     if stored["split"] != {"val_fraction": val_fraction, "seed": seed}:  # a renamed or copied file
         raise UserError(f"{pt_path} holds the spectrum of split {stored['split']}: delete it to recompute")
     return stored["eigenvectors"]
+
+
+def training_mean(shards_dir: str, val_fraction: float, seed: int) -> torch.Tensor:
+    """The training rows' mean [D] (float64, from the stored spectrum): what the centred metrics are centred about."""
+    return torch.tensor(read_json(spectrum_files(shards_dir, val_fraction, seed)[0])["mean"], dtype=torch.float64)
 
 
 def curve_points(d_model: int, extra: list[int] = ()) -> list[int]:
@@ -163,10 +185,12 @@ def main(argv: list[str] | None = None) -> None:
         s = load_or_compute(args.shards_dir, args.val_fraction, args.seed)
         d = s["hidden_size"]
         print(f"\nPCA limit of a tied linear compressor, D={d}, {s['train_tokens']:,} train / {s['val_tokens']:,} validation tokens")
-        print(f"{'D_prime':>8} {'train_explained_var':>20} {'val_explained_var':>18} {'val_pca_mse':>12} {'val_pca_cosine':>15}")
+        print(f"{'D_prime':>8} {'train_explained_var':>20} {'val_explained_var':>18} {'val_pca_mse':>12} {'val_pca_cosine':>15} "
+              f"{'val_centred_var':>16} {'val_centred_cos':>16}")
         for k in curve_points(d):
             print(f"{k:>8} {s['explained_variance'][k]:>20.4f} {s['pca_explained_variance'][k]:>18.4f} "
-                  f"{s['pca_mse'][k]:>12.4g} {s['pca_cosine_similarity'][k]:>15.4f}")
+                  f"{s['pca_mse'][k]:>12.4g} {s['pca_cosine_similarity'][k]:>15.4f} "
+                  f"{s['pca_centred_explained_variance'][k]:>16.4f} {s['pca_centred_cosine_similarity'][k]:>16.4f}")
 
     run_cli(run)
 

@@ -27,7 +27,7 @@ from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, m
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.downstream import load_lm_head, next_token_kl
 from trm_ray.shards import decode_hidden, load_splits
-from trm_ray.spectrum import eigenvectors
+from trm_ray.spectrum import eigenvectors, training_mean
 from trm_ray.tracking import publish, tracking
 
 CHECKPOINT_FILE = "compressor.pt"  # the best compressor so far, in the seed's checkpoint format
@@ -89,13 +89,15 @@ def rank_share(dataset: Any, rank: int, world: int) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], lm_head: nn.Linear | None = None) -> dict[str, float]:
-    """Token-weighted metrics over every batch (the whole validation set), not a mean of batch means;
-    with `lm_head`, also the mean next-token KL of the head reading the reconstruction."""
+def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], mean: torch.Tensor,
+             lm_head: nn.Linear | None = None) -> dict[str, float]:
+    """Token-weighted metrics over every batch (the whole validation set), not a mean of batch means,
+    the centred ones about `mean` (the training rows'); with `lm_head`, also the mean next-token KL of
+    the head reading the reconstruction."""
     sums, kl = None, 0.0
     for x in batches:
         x_hat = model(x)
-        s = reconstruction_sums(x, x_hat)
+        s = reconstruction_sums(x, x_hat, mean)
         sums = s if sums is None else sums + s
         if lm_head is not None:
             kl += float(next_token_kl(lm_head, x, x_hat))
@@ -264,11 +266,12 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
 
     val_shard = ray.train.get_dataset_shard("val")
     pca_mse = run["pca_mse"][str(cfg.d_compressed)]
+    mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed).to(device)
     score = cfg.score_metric
     best_keys = METRICS if lm_head is None else (*METRICS, *KL_METRICS)
 
     def validate() -> dict[str, float]:
-        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device), score_head)
+        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device), mean, score_head)
         # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
         m.update({"pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"],
                   "orthonormality_error": orthonormality_error(model.weight)})
