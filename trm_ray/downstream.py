@@ -122,17 +122,19 @@ def next_token_kl(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> t
 @torch.no_grad()
 def next_token_damage(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
                       reconstruct: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-    """Mean KL(p(x) || p(x̂)) over tokens, and mean CE(x̂) - CE(x) over tokens with a known next token."""
-    kl_sum, ce_sum, n_ce = 0.0, 0.0, 0
+    """Mean KL(p(x) || p(x̂)) over tokens, mean CE(x̂) - CE(x) over tokens with a known next token, and the
+    share of tokens whose most likely next token is the same on x̂ as on x (top-1 agreement)."""
+    kl_sum, ce_sum, n_ce, agree = 0.0, 0.0, 0, 0
     device = lm_head.weight.device
     for x, t in token_chunks(lm_head, hidden, targets):
         x, t = x.to(device), t.to(device)
         logp, logq = log_probs(lm_head, x), log_probs(lm_head, reconstruct(x))
         kl_sum += float(kl_per_token(logp, logq).sum())
+        agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
         known = t >= 0
         ce_sum += float((logp[known, t[known]] - logq[known, t[known]]).sum())
         n_ce += int(known.sum())
-    return {"kl": kl_sum / hidden.shape[0], "ce_increase": ce_sum / max(n_ce, 1)}
+    return {"kl": kl_sum / hidden.shape[0], "ce_increase": ce_sum / max(n_ce, 1), "top1_agreement": agree / hidden.shape[0]}
 
 
 def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int, max_tokens: int,
