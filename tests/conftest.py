@@ -87,11 +87,11 @@ def swept(shards, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stage1b(swept, assets):
-    """Stage 1b on the reasoning corpus, starting from the 1a sweep's checkpoints."""
+    """Stage 1b on phase 2's regions of the reasoning corpus, starting from the 1a sweep's checkpoints."""
     from trm_ray import sweep
 
     cfg_1a, rows_1a = swept
-    argv = ["--stage", "1b", "--model_name", cfg_1a.model_name, "--dataset", assets["reasoning"],
+    argv = ["--stage", "1b", "--keep_tokens", "phase2", "--model_name", cfg_1a.model_name, "--dataset", assets["reasoning"],
             "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "40", "--output_dir", cfg_1a.output_dir,
             "--sweep", "--sweep_d_values", "8", "16", "--num_epochs", "2", "--batch_size", "4", "--learning_rate", "0.003",
             "--no_torch_compile", "--no_wandb"]

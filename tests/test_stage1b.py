@@ -1,15 +1,20 @@
+import dataclasses
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trm_ray import sweep
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
-from trm_ray.text import chat_settings, read_documents
-from trm_ray.shards import load_splits, read_manifest, shard_paths
+from trm_ray.extract import extract
+from trm_ray.shards import decode_hidden, is_validation_doc, load_splits, read_manifest, shard_paths
 from trm_ray.spectrum import training_mean
+from trm_ray.text import REGIONS, chat_settings, read_documents
 from trm_ray.train import evaluate, hidden_batches, initial_model, trial_config
 
 
@@ -35,11 +40,13 @@ def test_stage_1b_starts_from_the_stage_1a_weights(stage1b):
         assert r["initial_cosine_similarity"] == pytest.approx(start["cosine_similarity"], abs=1e-6)
 
 
-def test_stage_1b_shards_hold_only_the_thinking_span(stage1b, assets):
+def test_thinking_shards_hold_only_the_thinking_span_and_record_it_as_reasoning(stage1b, tmp_path):
     cfg, _, _ = stage1b
+    cfg = dataclasses.replace(cfg, keep_tokens="thinking", shards_dir=str(tmp_path / "thinking"))
+    extract(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
     manifest = read_manifest(cfg.shards_path)
-    assert manifest["stage"] == "1b" and manifest["keep_tokens"] == "thinking"
+    assert manifest["stage"] == "1b" and manifest["keep_tokens"] == "thinking" and manifest["regions"] == list(REGIONS)
     assert manifest["chat"] == chat_settings(tokenizer, cfg)
     table = pq.read_table(shard_paths(cfg.shards_path, manifest)[0])
     docs = read_documents(cfg)
@@ -50,8 +57,58 @@ def test_stage_1b_shards_hold_only_the_thinking_span(stage1b, assets):
         expected = tokenizer(inside, add_special_tokens=False)["input_ids"]
         rows = table["doc_id"].to_numpy() == doc
         assert table["token_id"].to_numpy()[rows].tolist() == expected
+    assert set(table["region"].to_numpy().tolist()) == {REGIONS.index("reasoning")}
     specials = set(tokenizer.convert_tokens_to_ids(["<think>", "</think>", "<|im_start|>", "<|im_end|>"]))
     assert specials.isdisjoint(np.unique(table["token_id"].to_numpy()).tolist())
+
+
+def test_phase2_shards_record_each_rows_region(stage1b):
+    cfg, _, _ = stage1b
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+    manifest = read_manifest(cfg.shards_path)
+    assert manifest["keep_tokens"] == "phase2" and manifest["regions"] == list(REGIONS)
+    table = pq.read_table(shard_paths(cfg.shards_path, manifest)[0])
+    docs = read_documents(cfg)
+    close_id = tokenizer.convert_tokens_to_ids("</think>")
+    for doc in (0, 5, 39):
+        rows = table.filter(pa.compute.equal(table["doc_id"], doc))
+        region, tokens = rows["region"].to_numpy(), rows["token_id"].to_numpy()
+        # The rendered conversation up to the assistant's <think>, less the first token (--exclude_first_token).
+        render = tokenizer.apply_chat_template(docs[doc], tokenize=False, enable_thinking=True)
+        context = tokenizer(render.split("<think>")[0], add_special_tokens=False)["input_ids"][1:]
+        assert tokens[region == REGIONS.index("context")].tolist() == context
+        assert tokens[region == REGIONS.index("close")].tolist() == [close_id]
+        full = tokenizer(render, add_special_tokens=False)["input_ids"]
+        assert rows["position"].to_numpy()[region == REGIONS.index("close")].tolist() == [full.index(close_id)]
+        assert len(tokens) == len(context) + 1  # nothing of the reasoning or the answer
+
+
+def test_stage_1b_rows_carry_per_region_metrics_equal_to_a_direct_computation(stage1b):
+    cfg, rows, _ = stage1b
+    manifest = read_manifest(cfg.shards_path)
+    table = pq.read_table(shard_paths(cfg.shards_path, manifest))
+    val = is_validation_doc(table["doc_id"].to_numpy(), cfg.val_fraction, cfg.seed)
+    x, region = decode_hidden(table["hidden"]).double(), table["region"].to_numpy()
+    head = AutoModelForCausalLM.from_pretrained(cfg.model_name).get_output_embeddings().weight.double()
+    for row in rows:
+        w = DimensionCompressor.from_checkpoint(row["checkpoint"]).weight.double()
+        for name in ("context", "close"):
+            train, held_out = x[~val & (region == REGIONS.index(name))], x[val & (region == REGIONS.index(name))]
+            rec = held_out @ w.T @ w
+            mse = float(((rec - held_out) ** 2).mean())
+            top = torch.linalg.eigh(train.T @ train)[1][:, -row["d_compressed"]:]  # the region's own PCA limit
+            pca_mse = float(((held_out @ top @ top.T - held_out) ** 2).mean())
+            assert row[f"{name}_tokens"] == len(held_out) > 0
+            assert row[f"{name}_mse"] == pytest.approx(mse, rel=1e-4)
+            assert row[f"{name}_cosine_similarity"] == pytest.approx(
+                float(torch.nn.functional.cosine_similarity(rec, held_out).mean()), rel=1e-5)
+            assert row[f"{name}_pca_mse"] == pytest.approx(pca_mse, rel=1e-4)
+            assert row[f"{name}_pca_efficiency"] == pytest.approx(pca_mse / mse, rel=2e-4)
+        # At the closing state: the LM head on the reconstruction against the head on the original.
+        logp, logq = torch.log_softmax(held_out @ head.T, -1), torch.log_softmax(rec @ head.T, -1)
+        assert row["close_downstream_kl"] == pytest.approx(float((logp.exp() * (logp - logq)).sum(-1).mean()), rel=1e-3, abs=1e-7)
+        assert row["close_top1_agreement"] == pytest.approx(float((logp.argmax(-1) == logq.argmax(-1)).double().mean()))
+        assert "close_pca_downstream_kl" in row and 0 <= row["close_pca_top1_agreement"] <= 1
 
 
 def test_stage_1b_without_a_stage_1a_checkpoint_is_refused(stage1b, tmp_path):

@@ -13,7 +13,7 @@ from trm_ray.config import UserError, load_yaml, make_config
 from trm_ray.extract import extract, extraction_settings
 from trm_ray.quickstart import make_conversations, make_tokenizer
 from trm_ray.shards import MANIFEST, write_json
-from trm_ray.text import chat_settings, read_documents, render, thinking_summary, tokenize
+from trm_ray.text import REGIONS, chat_settings, pinned_template, read_documents, render, thinking_summary, tokenize
 
 SMOLLM3_TEMPLATE = (Path(__file__).parent / "data" / "smollm3_chat_template.jinja").read_text()
 
@@ -169,3 +169,31 @@ def test_a_template_that_drops_the_thinking_is_named_in_the_error():
 def test_an_unquoted_chat_date_in_yaml_is_read_as_the_date(tmp_path):
     (tmp_path / "run.yaml").write_text("stage: 1b\nchat_date: 2024-01-02\n")  # YAML reads it as a datetime.date
     assert make_config(load_yaml(tmp_path / "run.yaml")).chat_date == "2024-01-02"
+
+
+def test_phase2_mode_keeps_the_context_before_the_assistants_think_and_the_state_at_its_close(smollm3_tokenizer):
+    """Region by region, what LLM-TRM's phase 2 reads: every token before the generated <think> of a
+    prompt rendered with the generation prompt, and the state at the end of </think>."""
+    tok, cfg = smollm3_tokenizer, stage1b(keep_tokens="phase2")
+    think, close, assistant = tok.convert_tokens_to_ids(["<think>", "</think>", "assistant"])
+    out = tokenize(tok, [PLAIN, TWO_ROUNDS], cfg)
+    for conv, ids, keep, region in zip([PLAIN, TWO_ROUNDS], out.ids, out.keeps, out.regions):
+        ids = np.asarray(ids)
+        # Phase 2's context is its prompt: the user turn with the generation prompt, thinking on, the date pinned.
+        template, variables = pinned_template(SMOLLM3_TEMPLATE, cfg.chat_date)
+        prompt = tok.apply_chat_template(conv[:1], chat_template=template, add_generation_prompt=True,
+                                         enable_thinking=True, tokenize=False, **variables)
+        context = tok(prompt, add_special_tokens=False)["input_ids"]
+        n = len(context)
+        assert ids[n - 1] == assistant and ids[n] == think  # the header, then the assistant's own <think>
+        assert (region[:n] == REGIONS.index("context")).all() and ids[:n].tolist() == context
+        assert think in context  # the system prompt's quoted <think> is context, not the turn's marker
+        # The close state is the first turn's </think>, the last token run: no answer, no later turn.
+        assert ids[-1] == close and region[-1] == REGIONS.index("close") and close not in ids[n:-1]
+        assert (region[n + 1:-1] == REGIONS.index("reasoning")).all() and ids[n + 1:-1].tolist() == span_ids(tok, conv[:2])
+        assert np.flatnonzero(keep).tolist() == [*range(n), len(ids) - 1]
+    assert out.has_thinking == [True, True] and out.cut == [False, False]
+    # Thinking mode keeps the reasoning region alone, of every turn; its shards record the same regions.
+    thinking = tokenize(tok, [TWO_ROUNDS], stage1b())
+    assert set(thinking.regions[0][thinking.keeps[0]].tolist()) == {REGIONS.index("reasoning")}
+    assert np.asarray(thinking.ids[0])[thinking.keeps[0]].tolist() == span_ids(tok, TWO_ROUNDS)

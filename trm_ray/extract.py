@@ -33,7 +33,7 @@ import torch
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name,
                             value_bytes, write_json)
-from trm_ray.text import chat_settings, load_tokenizer, looks_like_path, read_documents, thinking_summary, tokenize
+from trm_ray.text import REGIONS, chat_settings, load_tokenizer, looks_like_path, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
 
 
@@ -151,7 +151,8 @@ def hidden_rows(model: Any, token_lists: list[list[int]], pad_id: int, tokens_pe
 
 
 def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarray,
-                storage_dtype: str) -> pa.Table:
+                storage_dtype: str, regions: np.ndarray | None = None) -> pa.Table:
+    """A shard's rows; `regions` (stage 1b): each row's index into `trm_ray.text.REGIONS`, the `region` column."""
     bad = int((~torch.isfinite(hidden)).any(dim=-1).sum())
     if bad:
         raise UserError(f"{bad} token rows have NaN/Inf hidden states: the model overflows in this dtype; try float32 on CPU")
@@ -159,6 +160,7 @@ def shard_table(hidden: torch.Tensor, doc_ids: np.ndarray, positions: np.ndarray
         "doc_id": pa.array(doc_ids, pa.int64()),
         "position": pa.array(positions, pa.int32()),
         "token_id": pa.array(token_ids, pa.int32()),
+        **({"region": pa.array(regions, pa.int8())} if regions is not None else {}),
         "hidden": encode_hidden(hidden, storage_dtype),
     })
 
@@ -201,8 +203,9 @@ class HiddenStateExtractor:
             big = keep & (norms > cfg.outlier_norm_factor * np.median(norms[keep]))
             outliers, keep = int(big.sum()), keep & ~big
         token_ids = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in token_lists])[keep]
+        regions = np.concatenate(tokens.regions)[keep] if tokens.regions is not None else None
         hidden, doc_idx, pos = hidden[torch.from_numpy(keep)], doc_idx[keep], pos[keep]
-        table = shard_table(hidden, doc_idx + chunk["first_doc"], pos, token_ids, self.storage_dtype)
+        table = shard_table(hidden, doc_idx + chunk["first_doc"], pos, token_ids, self.storage_dtype, regions)
         write_shard(table, posixpath.join(self.shards_dir, shard_name(chunk["shard"])))
         return {"shard": chunk["shard"], "num_docs": len(token_lists), "num_tokens": len(doc_idx),
                 "doc_tokens": np.bincount(doc_idx, minlength=len(token_lists)).tolist(), "outliers": outliers}
@@ -261,6 +264,8 @@ def extraction_settings(cfg: Config, hidden_size: int, storage_dtype: str, chat:
                    "field": getattr(cfg, cfg.document_field)},
         "num_samples": cfg.num_samples, "max_seq_length": cfg.max_seq_length, "docs_per_shard": cfg.docs_per_shard,
         "exclude_first_token": cfg.exclude_first_token, "outlier_norm_factor": cfg.outlier_norm_factor, "chat": chat,
+        # Stage 1b shards carry each row's region, as an index into this list (trm_ray.text.REGIONS).
+        **({"regions": list(REGIONS)} if cfg.stage == "1b" else {}),
     }
 
 

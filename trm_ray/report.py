@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 from trm_ray.compressor import METRICS, load_checkpoint, read_checkpoint
 from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
+from trm_ray.regions import add_region_metrics
 from trm_ray.shards import filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points
 from trm_ray.train import KL_METRICS
@@ -109,6 +110,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
     write_results(rows, cfg)
     try:
         add_downstream(rows, cfg, manifest)
+        add_region_metrics(rows, cfg, manifest)
     except Exception as e:  # anything at all: the trained results are already safe on disk
         cause = getattr(e, "cause", None) or e  # a Ray task's own exception, not Ray's wrapper
         failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"

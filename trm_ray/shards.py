@@ -1,7 +1,7 @@
 """The hidden-state shards on disk: their layout, their manifest, and reading them with Ray Data.
 
 A shard directory holds `shard-NNNNN.parquet` files, one row per real token
-(`doc_id`, `position`, `token_id`, `hidden`), and a `manifest.json` written last: a
+(`doc_id`, `position`, `token_id`, in stage 1b `region`, `hidden`), and a `manifest.json` written last: a
 directory without a manifest is an unfinished extraction, never a usable one. Train and
 validation are split by document, by a fixed rule on the document id, so every trial
 and epoch sees the same held-out documents and never trains on them.
@@ -210,7 +210,11 @@ def verify_shards(shards_dir: str, manifest: dict[str, Any]) -> None:
         except (OSError, pa.ArrowException) as e:
             raise UserError(f"shard {path} is missing, corrupt or truncated ({str(e).splitlines()[0][:120]}): "
                             "delete it and rerun python -m trm_ray.extract to re-create it") from None
-        width = meta.schema.to_arrow_schema().field("hidden").type.list_size
+        schema = meta.schema.to_arrow_schema()
+        if manifest.get("regions") and "region" not in schema.names:
+            raise UserError(f"shard {path} has no region column, which its manifest's stage 1b shards carry: "
+                            "the directory mixes shard sets; re-extract into an empty --shards_dir")
+        width = schema.field("hidden").type.list_size
         if width != manifest["hidden_size"]:
             raise UserError(f"shard {path} has hidden size {width}, the manifest says {manifest['hidden_size']}: "
                             "the directory mixes shard sets; re-extract into an empty --shards_dir")

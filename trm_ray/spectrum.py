@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from trm_ray.config import UserError
@@ -42,20 +43,25 @@ def _moment_sums(batch: pa.Table) -> dict[str, Any]:
 
 
 def summed(shards_dir: str, val_side: bool, val_fraction: float, seed: int, fn: Callable[..., dict[str, Any]],
-           zeros: dict[str, Any], *args: Any) -> dict[str, Any]:
-    """One distributed pass over one side of the split: `fn` gives a block's sums, and each task adds up
-    those of all its shards, so one partial per task reaches the driver, not one per block (a float64
-    DxD is 32 MiB at D=2048: per block that was ~50 GB through the object store at 105 GB of shards)."""
+           zeros: dict[str, Any], *args: Any, region: str | None = None) -> dict[str, Any]:
+    """One distributed pass over one side of the split (with `region`, over that region's rows only): `fn`
+    gives a block's sums, and each task adds up those of all its shards, so one partial per task reaches
+    the driver, not one per block (a float64 DxD is 32 MiB at D=2048: per block that was ~50 GB through
+    the object store at 105 GB of shards)."""
     import ray
 
     manifest = read_manifest(shards_dir)
     paths = shard_paths(shards_dir, manifest)
     rows = rows_per_block(manifest)
+    code = region_code(manifest, region)
 
     def task(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         total = dict(zeros)
         for path in batch["path"]:
-            for table in side_tables(str(path), val_fraction, seed, val_side, rows, ["doc_id", "hidden"]):
+            for table in side_tables(str(path), val_fraction, seed, val_side, rows,
+                                     ["doc_id", "hidden"] + (["region"] if code is not None else [])):
+                if code is not None:
+                    table = table.filter(pc.equal(table["region"], code))
                 part = fn(table, *args)
                 total = {k: total[k] + part[k] for k in total}
         return {k: np.asarray(v)[None] for k, v in total.items()}
@@ -68,10 +74,21 @@ def summed(shards_dir: str, val_side: bool, val_fraction: float, seed: int, fn: 
     return total
 
 
-def second_moment(shards_dir: str, val_fraction: float, seed: int, d_model: int) -> dict[str, Any]:
-    """XᵀX, per-dimension sums and the row count of the training rows, one distributed pass, float64."""
+def region_code(manifest: dict[str, Any], region: str | None) -> int | None:
+    """The `region` column's value for `region` (None: every row); a UserError for shards without it."""
+    if region is None:
+        return None
+    if region not in manifest.get("regions", []):
+        raise UserError(f"these shards have no {region!r} region (theirs: {manifest.get('regions') or 'none, stage 1a'}): "
+                        "re-extract them as stage 1b shards")
+    return manifest["regions"].index(region)
+
+
+def second_moment(shards_dir: str, val_fraction: float, seed: int, d_model: int, region: str | None = None) -> dict[str, Any]:
+    """XᵀX, per-dimension sums and the row count of the training rows (of `region`), one distributed pass, float64."""
     return summed(shards_dir, False, val_fraction, seed, _moment_sums,
-                  {"xtx": np.zeros((d_model, d_model)), "sum": np.zeros(d_model), "sumsq": np.zeros(d_model), "n": 0})
+                  {"xtx": np.zeros((d_model, d_model)), "sum": np.zeros(d_model), "sumsq": np.zeros(d_model), "n": 0},
+                  region=region)
 
 
 def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray, mean: np.ndarray) -> dict[str, Any]:
@@ -98,11 +115,12 @@ def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray, mean: np.ndarray) -
             "energy": float(norm2.sum()), "centred_energy": float(centred_norm2.sum()), "n": x.shape[0]}
 
 
-def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[dict[str, Any], np.ndarray]:
-    """(summary, eigenvectors as columns, largest eigenvalue first)."""
+def compute_spectrum(shards_dir: str, val_fraction: float, seed: int, region: str | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """(summary, eigenvectors as columns, largest eigenvalue first); with `region`, the limit of that
+    region alone: the spectrum of its training rows, evaluated on its validation rows."""
     manifest = read_manifest(shards_dir)
     d = manifest["hidden_size"]
-    m = second_moment(shards_dir, val_fraction, seed, d)
+    m = second_moment(shards_dir, val_fraction, seed, d, region)
     evals, evecs = np.linalg.eigh(m["xtx"])
     order = np.argsort(evals)[::-1]
     evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
@@ -113,9 +131,9 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
     mean = m["sum"] / n
     sums = summed(shards_dir, True, val_fraction, seed, _pca_val_sums,
                   {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "centred_cos": np.zeros(d + 1), "energy": 0.0,
-                   "centred_energy": 0.0, "n": 0}, np.ascontiguousarray(evecs), mean)
+                   "centred_energy": 0.0, "n": 0}, np.ascontiguousarray(evecs), mean, region=region)
     summary = {
-        "split": {"val_fraction": val_fraction, "seed": seed}, "hidden_size": d,
+        "split": {"val_fraction": val_fraction, "seed": seed}, "region": region, "hidden_size": d,
         "train_tokens": n, "val_tokens": int(sums["n"]),
         "eigenvalues": (evals / n).tolist(),  # of E[xxᵀ]
         # Arrays below are indexed by D' (0..D).
@@ -133,15 +151,17 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int) -> tuple[d
     return summary, evecs
 
 
-def load_or_compute(shards_dir: str, val_fraction: float, seed: int) -> dict[str, Any]:
-    """The stored spectrum of this shard set and split, computed (and stored) on first use."""
-    json_path, pt_path = spectrum_files(shards_dir, val_fraction, seed)
+def load_or_compute(shards_dir: str, val_fraction: float, seed: int, region: str | None = None) -> dict[str, Any]:
+    """The stored spectrum of this shard set and split (of one region's rows: `spectrum-<region>-...`),
+    computed (and stored) on first use."""
+    json_path, pt_path = spectrum_files(shards_dir, val_fraction, seed, f"spectrum-{region}" if region else "spectrum")
     summary = read_json(json_path)
     # A spectrum stored before it had the centred PCA references is computed again.
     if summary is not None and "pca_centred_cosine_similarity" in summary:
         return summary
-    print(f"spectrum: one pass over {shards_dir} for the second moment and its eigenvectors", flush=True)
-    summary, evecs = compute_spectrum(shards_dir, val_fraction, seed)
+    print(f"spectrum: one pass over {shards_dir}{f' ({region} rows)' if region else ''} for the second moment and its "
+          "eigenvectors", flush=True)
+    summary, evecs = compute_spectrum(shards_dir, val_fraction, seed, region)
     buf = io.BytesIO()
     torch.save({"eigenvectors": torch.from_numpy(evecs), "split": summary["split"]}, buf)
     write_bytes(pt_path, buf.getvalue())

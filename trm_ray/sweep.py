@@ -31,6 +31,7 @@ from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
 from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
 from trm_ray.extract import extract, hidden_size_of, model_id
+from trm_ray.regions import print_regions
 from trm_ray.report import exclusions, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.shards import absolute, exists, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
@@ -243,6 +244,7 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
     grid = tuner.fit()
     rows = export_results(grid, cfg, manifest, CHECKPOINT_FILE, limit)
     print_table(rows, cfg)
+    print_regions(rows, manifest)
     return rows
 
 

@@ -4,11 +4,14 @@ The other half of extraction (tokens -> hidden states -> shards) is `trm_ray.ext
 module never touches the model, only its tokenizer, so what reaches the shards can be
 checked without running an LLM.
 
-Stage 1b keeps the reasoning of assistant turns and nothing else. A real chat template adds
-text of its own around the messages: SmolLM3's writes a default system prompt that contains
-`<think> Thought section </think>`, the day's date (`strftime_now`), and an empty
-`<think>\n\n</think>` in no-think mode. So spans are taken from the assistant messages
-themselves, never from marker tokens in the rendered prompt, and the date is pinned.
+Stage 1b keeps, by --keep_tokens, the states LLM-TRM's phase 2 compresses (`phase2`: the
+context before the assistant's opening marker, and the state at the end of the closing one),
+the reasoning of assistant turns (`thinking`), or every token (`all`); each kept token's region
+(`REGIONS`) goes into the shards with it. A real chat template adds text of its own around the
+messages: SmolLM3's writes a default system prompt that contains `<think> Thought section
+</think>`, the day's date (`strftime_now`), and an empty `<think>\n\n</think>` in no-think
+mode. So spans are taken from the assistant messages themselves, never from marker tokens in
+the rendered prompt, and the date is pinned.
 """
 
 from __future__ import annotations
@@ -199,16 +202,17 @@ def thinking_texts(content: str, markers: list[str]) -> list[str]:
     return texts
 
 
-def reasoning_ranges(rendered: str, messages: list[dict[str, str]], markers: list[str]) -> tuple[list[tuple[int, int]], int]:
-    """Character ranges of `rendered` that hold the thinking of its assistant messages, and how many
-    thinking spans those messages have (more than ranges found: the template left some out).
+def found_spans(rendered: str, messages: list[dict[str, str]], markers: list[str]) -> tuple[list[tuple[int, int, int]], int]:
+    """(message index, start, end) of each thinking text of the assistant messages found in `rendered`
+    (character ranges), and how many thinking spans those messages have (more than found: the
+    template left some out).
 
     Each message is looked up in the render after the previous one, so everything the
     template writes before the first message (a system prompt quoting the markers, the date)
     is passed over, and markers the template adds itself never open a span.
     """
-    ranges, spans, cursor = [], 0, 0
-    for m in messages:
+    found, spans, cursor = [], 0, 0
+    for i, m in enumerate(messages):
         texts = thinking_texts(m["content"], markers) if m["role"] == "assistant" else [m["content"].strip()]
         spans += len(texts) if m["role"] == "assistant" else 0
         for text in texts:
@@ -216,33 +220,101 @@ def reasoning_ranges(rendered: str, messages: list[dict[str, str]], markers: lis
             if at >= 0:
                 cursor = at + len(text)
                 if m["role"] == "assistant":
-                    ranges.append((at, cursor))
-    return ranges, spans
+                    found.append((i, at, cursor))
+    return found, spans
+
+
+def reasoning_ranges(rendered: str, messages: list[dict[str, str]], markers: list[str]) -> tuple[list[tuple[int, int]], int]:
+    """Character ranges of `rendered` that hold the thinking of its assistant messages, and how many
+    thinking spans those messages have (`found_spans`)."""
+    found, spans = found_spans(rendered, messages, markers)
+    return [(start, end) for _, start, end in found], spans
+
+
+def phase2_bounds(rendered: str, messages: list[dict[str, str]], markers: list[str]) -> tuple[int, int | None] | None:
+    """Where phase 2's two regions end in `rendered`: (the character offset of the opening marker of
+    the first assistant turn with thinking, the offset just past its closing marker, or None when
+    that span is not closed); None when no assistant turn has its thinking in the render.
+
+    LLM-TRM's phase 2 (`src/train/phase2_datagen.py`) renders one user problem with the
+    generation prompt and lets the model think: its context is every token before the generated
+    `<think>` (system block with its date, the user turn, the assistant header), its target the
+    state at `</think>`. A conversation here plays that part with its first assistant turn that
+    thinks: the context is everything the render holds before that turn's opening marker (for a
+    multi-turn conversation, the earlier turns too: the prompt that turn answers), and later
+    turns are not phase 2's. The markers are looked up next to the thinking text the message
+    holds, so a system prompt quoting them is never taken for the turn's.
+    """
+    open_, close = markers
+    for _, start, end in found_spans(rendered, messages, markers)[0][:1]:
+        if not rendered.startswith(open_, start - len(open_)):  # the template rewrote the marker: no phase-2 turn
+            return None
+        return start - len(open_), end + len(close) if rendered.startswith(close, end) else None
+    return None
+
+
+# What a stage 1b token is, stored as its index in this tuple (the shards' `region` column; the manifest
+# lists the names): phase 2's context (every token before the opening marker of the turn it answers),
+# the reasoning (inside any assistant turn's thinking), the state at the end of phase 2's closing
+# marker (whose LM-head output is the first answer token), and the rest (answers, later turns).
+REGIONS = ("context", "reasoning", "close", "other")
+KEPT_REGIONS = {"phase2": ("context", "close"), "thinking": ("reasoning",), "all": REGIONS}
 
 
 @dataclass
 class Tokenized:
-    """Token ids of each document (cut at max_seq_length), which positions reach the shards,
-    and per conversation: thinking found, thinking cut by max_seq_length, thinking the template dropped."""
+    """Token ids of each document (cut at max_seq_length, and after its last kept token), which positions
+    reach the shards, the region of each position (stage 1b; None for texts), and per conversation:
+    thinking found, what the keep mode keeps cut by max_seq_length, thinking the template dropped."""
 
     ids: list[list[int]]
     keeps: list[np.ndarray]
     has_thinking: list[bool]
     cut: list[bool]
     dropped: list[bool]
+    regions: list[np.ndarray] | None = None
+
+
+def token_regions(text: str, doc: list[dict[str, str]], offsets: Any, markers: list[str]) -> tuple[np.ndarray, int, bool]:
+    """The `REGIONS` index of every token of a rendered conversation, from the tokens' character
+    `offsets`; and how many thinking spans were found and whether the template dropped some.
+
+    reasoning: a token whose characters lie inside an assistant turn's thinking (one that straddles a
+    span's edge, a marker that is not one token, is not). context: every token before the first one
+    that reaches into the opening marker of phase 2's turn (`phase2_bounds`), so exactly the tokens
+    phase 2 reads before its `<think>`. close: the token that holds the closing marker's last
+    character. Phase 2's comment calls its target the state "after </think>", but its code takes
+    index `think_end_pos + len(think_end_ids) - 1`, clamped into the generated states; as generation
+    stops at `</think>`, whose own state is never computed, that clamp lands on the token before it,
+    whose LM head predicts `</think>`. The state phase 2 decompresses into the LM head for the first
+    answer token is the one at the end of `</think>`: that is the one kept here.
+    """
+    ranges, spans = reasoning_ranges(text, doc, markers)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    region = np.full(len(off), REGIONS.index("other"), dtype=np.int8)
+    for start, end in ranges:
+        region[(off[:, 0] >= start) & (off[:, 1] <= end) & (off[:, 1] > off[:, 0])] = REGIONS.index("reasoning")
+    bounds = phase2_bounds(text, doc, markers)
+    if bounds is not None:
+        open_at, close_end = bounds
+        region[:int(np.argmax(off[:, 1] > open_at)) if (off[:, 1] > open_at).any() else len(off)] = REGIONS.index("context")
+        if close_end is not None and (off[:, 1] >= close_end).any():
+            region[int(np.argmax(off[:, 1] >= close_end))] = REGIONS.index("close")
+    return region, len(ranges), len(ranges) < spans
 
 
 def tokenize(tokenizer: Any, docs: list[Any], cfg: Config) -> Tokenized:
     """Token ids of each document, and which of its positions to keep.
 
-    A text (stage 1a) keeps every token. A conversation (stage 1b) is rendered by `render`;
-    with keep_tokens "thinking" a token is kept when its characters lie inside the thinking
-    of an assistant message, found in the render by `reasoning_ranges` and mapped to tokens
-    through the fast tokenizer's offsets. This needs no `{% generation %}` tag (which the
-    assistant-mask route needs, and many templates lack) and no re-rendering of prefixes
-    (which breaks on templates that rewrite earlier turns), and it cannot pick up text the
-    template adds. A token that straddles a span's edge (a marker that is not one token) is
-    left out. A span cut off by max_seq_length is kept up to the cut.
+    A text (stage 1a) keeps every token. A conversation (stage 1b) is rendered by `render`, its
+    tokens' regions are found by `token_regions` in the render through the fast tokenizer's
+    offsets, and a token is kept when its region is one --keep_tokens keeps (`KEPT_REGIONS`).
+    This needs no `{% generation %}` tag (which the assistant-mask route needs, and many
+    templates lack) and no re-rendering of prefixes (which breaks on templates that rewrite
+    earlier turns), and it cannot pick up text the template adds. A region cut off by
+    max_seq_length is kept up to the cut. Under causal attention no later token changes a kept
+    state, so a conversation's tokens end at its last kept one: the model never runs over the
+    answers phase 2 (or the reasoning mode) does not read.
     """
     if not docs or not isinstance(docs[0], list):
         ids = tokenizer(list(docs), truncation=True, max_length=cfg.max_seq_length)["input_ids"]
@@ -252,19 +324,20 @@ def tokenize(tokenizer: Any, docs: list[Any], cfg: Config) -> Tokenized:
     if not tokenizer.is_fast:
         raise UserError(f"stage 1b maps conversations to tokens by character offsets, which needs a fast tokenizer; {cfg.model_name}'s is not")
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    out = Tokenized([], [], [], [], [])
+    kept = np.isin(np.arange(len(REGIONS)), [REGIONS.index(r) for r in KEPT_REGIONS[cfg.kept_tokens]])
+    # What counts as cut: the thinking (thinking, all), or phase 2's regions (phase2).
+    wanted = kept if cfg.kept_tokens == "phase2" else np.arange(len(REGIONS)) == REGIONS.index("reasoning")
+    out = Tokenized([], [], [], [], [], [])
     for text, doc, ids, offsets in zip(texts, docs, enc["input_ids"], enc["offset_mapping"]):
-        ranges, spans = reasoning_ranges(text, doc, cfg.think_markers)
-        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        inside = np.zeros(len(ids), dtype=bool)
-        for start, end in ranges:
-            inside |= (off[:, 0] >= start) & (off[:, 1] <= end) & (off[:, 1] > off[:, 0])
-        n = cfg.max_seq_length
+        region, found, dropped = token_regions(text, doc, offsets, cfg.think_markers)
+        keep = kept[region]
+        n = min(cfg.max_seq_length, int(np.flatnonzero(keep)[-1]) + 1 if keep.any() else len(ids))
         out.ids.append(ids[:n])
-        out.keeps.append(inside[:n] if cfg.kept_tokens == "thinking" else np.ones(len(ids[:n]), dtype=bool))
-        out.has_thinking.append(bool(inside.any()))
-        out.cut.append(bool(inside[n:].any()))
-        out.dropped.append(len(ranges) < spans)
+        out.keeps.append(keep[:n])
+        out.regions.append(region[:n])
+        out.has_thinking.append(found > 0)
+        out.cut.append(bool(wanted[region[cfg.max_seq_length:]].any()))
+        out.dropped.append(dropped)
     return out
 
 
@@ -273,10 +346,13 @@ def thinking_summary(tok: Tokenized, cfg: Config) -> str:
     n, found = len(tok.ids), sum(tok.has_thinking)
     where = f"{' ... '.join(cfg.think_markers)} in the assistant turns of the {cfg.messages_field!r} field"
     dropped = f"; the chat template leaves out the thinking of {sum(tok.dropped)}" if any(tok.dropped) else ""
-    if found == 0 and cfg.kept_tokens == "thinking":
+    if found == 0 and cfg.kept_tokens != "all":
         raise UserError(f"none of the {n} conversations has a thinking span ({where}){dropped}: "
                         "set --think_markers or --messages_field, or pass --keep_tokens all")
     kept = sum(int(k.sum()) for k, t in zip(tok.keeps, tok.has_thinking) if t)
+    what = "phase 2's regions" if cfg.kept_tokens == "phase2" else "it"
+    closes = sum(bool((r == REGIONS.index("close")).any()) for r in tok.regions or [])
+    closed = f", {closes} with the closing marker's state (phase 2's target)" if cfg.kept_tokens == "phase2" else ""
     return (f"{n} conversations read, {found} with a thinking span ({where}), "
-            f"{sum(tok.cut)} with it cut by max_seq_length {cfg.max_seq_length}, "
+            f"{sum(tok.cut)} with {what} cut by max_seq_length {cfg.max_seq_length}{closed}, "
             f"{kept / max(found, 1):,.1f} kept tokens per conversation with a span{dropped}")
