@@ -34,14 +34,25 @@ CARD_METRICS = (
     ("cosine_similarity", "cosine similarity"),
     ("relative_error", "relative error ‖x̂ - x‖ / ‖x‖"),
     ("variance_ratio", "variance ratio Var(x̂) / Var(x)"),
+    ("centred_cosine_similarity", "cosine similarity, centred about the training mean"),
+    ("centred_explained_variance", "explained variance, centred about the training mean"),
     ("explained_variance", "explained variance (uncentred)"),
     ("orthonormality_error", "orthonormality error ‖W Wᵀ - I‖_F / sqrt(D')"),
     ("pca_mse", "PCA limit: mse of the best tied linear compressor of this width"),
     ("pca_efficiency", "PCA-limit mse / mse (1.0 = at the limit)"),
     ("pca_cosine_similarity", "PCA limit: cosine similarity"),
+    ("pca_centred_explained_variance", "PCA limit: explained variance, centred"),
     ("downstream_kl", "next-token KL at the LM head, nats/token"),
     ("pca_downstream_kl", "PCA's next-token KL at the LM head, nats/token"),
+    ("top1_agreement", "top-1 agreement at the LM head with the original state"),
+    ("pca_top1_agreement", "PCA's top-1 agreement at the LM head"),
     ("ce_increase", "cross-entropy increase at the LM head, nats/token"),
+    # Stage 1b's per-region scores: what phase 2 compresses (context) and decompresses into the head (close).
+    ("context_mse", "phase-2 context: mse"),
+    ("context_cosine_similarity", "phase-2 context: cosine similarity"),
+    ("context_pca_efficiency", "phase-2 context: the region's PCA-limit mse / mse"),
+    ("close_downstream_kl", "state at the closing marker: next-token KL at the LM head"),
+    ("close_top1_agreement", "state at the closing marker: top-1 agreement at the LM head"),
 )
 
 
