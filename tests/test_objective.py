@@ -42,14 +42,15 @@ def test_the_chunked_kl_and_its_gradient_equal_the_kl_of_all_rows_at_once(head_a
     lm_head, hidden, _ = head_and_rows
     x = hidden[:300]
     x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
-    logp = torch.log_softmax(x @ lm_head.weight.T, -1)
-    whole = (logp.exp() * (logp - torch.log_softmax(x_hat @ lm_head.weight.T, -1))).sum()
-    (expected_grad,) = torch.autograd.grad(whole, x_hat)
+    u, x_hat64 = lm_head.weight.double(), x_hat.detach().double().requires_grad_(True)  # the exact values
+    logp = torch.log_softmax(x.double() @ u.T, -1)
+    whole = (logp.exp() * (logp - torch.log_softmax(x_hat64 @ u.T, -1))).sum()
+    (expected_grad,) = torch.autograd.grad(whole, x_hat64)
     monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 70 * lm_head.out_features)  # 5 chunks, the last one short
     chunked = next_token_kl(lm_head, x, x_hat)
     chunked.backward()
-    torch.testing.assert_close(chunked, whole.detach(), rtol=1e-5, atol=0)
-    torch.testing.assert_close(x_hat.grad, expected_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(chunked, whole.detach().float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(x_hat.grad, expected_grad.float(), rtol=1e-4, atol=1e-7)
 
 
 def test_a_kl_objective_on_another_layer_than_the_last_is_a_one_line_error():
@@ -122,3 +123,23 @@ def test_a_kl_trial_with_the_kl_defaults_lowers_validation_kl_below_pcas(shards,
         assert m["orthonormality_error"] < 1e-5
     else:  # free to, KL training leaves the projections
         assert m["orthonormality_error"] > 0.01
+
+
+def test_the_kl_through_a_bf16_head_has_no_rounding_floor_and_matches_float64_on_the_same_weights():
+    torch.manual_seed(0)
+    d, vocab, n = 512, 32_768, 32
+    lm_head = torch.nn.Linear(d, vocab, bias=False).requires_grad_(False)
+    lm_head.weight.normal_(0, d ** -0.5)
+    lm_head = lm_head.bfloat16()
+    x = 8 * torch.randn(n, d)  # logits of std ~8: bf16 rounds those of 16-32 to steps of 0.125
+    assert float(next_token_kl(lm_head, x, x.clone())) == 0.0
+    x_hat = (x + 8e-3 * torch.randn(n, d)).requires_grad_(True)
+    kl = next_token_kl(lm_head, x, x_hat)
+    kl.backward()
+    u, x_hat64 = lm_head.weight.double(), x_hat.detach().double().requires_grad_(True)
+    logp, logq = torch.log_softmax(x.double() @ u.T, -1), torch.log_softmax(x_hat64 @ u.T, -1)
+    exact = (logp.exp() * (logp - logq)).sum()
+    exact.backward()
+    assert 5e-6 < float(exact) / n < 5e-5  # per token: below what bf16 logits resolve
+    assert float(kl) == pytest.approx(float(exact), rel=0.01)
+    assert float((x_hat.grad.double() - x_hat64.grad).norm() / x_hat64.grad.norm()) < 0.05

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from trm_ray import spectrum
+from trm_ray import compressor
 from trm_ray.compressor import (DimensionCompressor, Phase1Config, metrics_from_sums, orthonormality_error, orthonormalize_,
-                                read_checkpoint, reconstruction_sums)
+                                read_checkpoint, reconstruction_sums, tangent_part)
 from trm_ray.config import Config, UserError, make_config
 from trm_ray.report import shortfall_note
 from trm_ray.shards import load_splits, read_manifest, split_counts
 from trm_ray.sweep import datasets, limits, trial_config_for
-from trm_ray.train import EarlyStopping, epoch_rows, get_lr, make_optimizer, make_trainer
+from trm_ray.train import EarlyStopping, epoch_rows, get_lr, make_optimizer, make_trainer, objective_loss, optimizer_step
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -82,6 +83,39 @@ def test_retraction_gives_orthonormal_rows_with_the_same_row_space_and_keeps_ort
     again = w.clone()
     orthonormalize_(again)
     torch.testing.assert_close(again, w, atol=1e-6, rtol=0)
+
+
+def test_the_retraction_runs_in_float32_and_again_in_float64_only_past_the_tolerance(monkeypatch):
+    qr, dtypes = torch.linalg.qr, []
+    monkeypatch.setattr(torch.linalg, "qr", lambda a: dtypes.append(a.dtype) or qr(a))
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    orthonormalize_(w)
+    assert dtypes == [torch.float32] and orthonormality_error(w) < 1e-6
+    monkeypatch.setattr(compressor, "ORTHONORMALITY_TOLERANCE", 0.0)  # no float32 QR is that exact
+    orthonormalize_(w)
+    assert dtypes == [torch.float32, torch.float32, torch.float64] and orthonormality_error(w) < 1e-6
+
+
+def test_riemannian_adam_feeds_adam_the_tangent_gradient_and_keeps_rows_orthonormal_every_step():
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(64, 500, bias=False).requires_grad_(False)
+    lm_head.weight.normal_(0, 64 ** -0.5)
+    cfg = make_config({"objective": "kl", "learning_rate": 1e-2, "grad_clip": 1e9})
+    model = DimensionCompressor(64, 16)
+    optimizer = make_optimizer(model, cfg)
+    loss_fn = objective_loss(cfg, model, lm_head)
+    x = 4 * torch.randn(256, 64)
+    (grad,) = torch.autograd.grad(loss_fn(x), model.weight)
+    tangent = tangent_part(model.weight, grad)
+    assert float((grad - tangent).norm()) > 0.1 * float(grad.norm())  # a KL gradient also rescales the rows
+    optimizer_step(model, optimizer, loss_fn, x, cfg)
+    beta2 = optimizer.param_groups[0]["betas"][1]
+    torch.testing.assert_close(optimizer.state[model.weight]["exp_avg_sq"], (1 - beta2) * tangent ** 2)
+    for _ in range(30):
+        optimizer_step(model, optimizer, loss_fn, 4 * torch.randn(256, 64), cfg)
+        assert orthonormality_error(model.weight) <= 1e-6
+    momentum = optimizer.state[model.weight]["exp_avg"]
+    torch.testing.assert_close(tangent_part(model.weight, momentum), momentum, atol=1e-6 * float(momentum.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("d", [0, -3, 64, 65])

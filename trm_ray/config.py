@@ -73,7 +73,7 @@ class Config:
     # --- training -------------------------------------------------------------------------
     d_compressed: int = _f(256, "Compressed dimension D'.")
     init: str | None = _f(None, "Stage 1a start: pca (the top-D' eigenvectors of the training second moment: the MSE optimum), orthogonal (the seed's random start), or for a KL objective fisher (PCA in the metric of the LM head's Fisher information: the directions that move the logits most); default pca for mse, fisher for kl and mse+kl.")
-    orthonormal: bool = _f(True, "Re-orthonormalise W's rows after every optimizer step (a QR retraction), so WᵀW stays an orthogonal projection.", negative="no_orthonormal")
+    orthonormal: bool = _f(True, "Keep W's rows orthonormal (Riemannian Adam: the gradient projected onto the tangent space, a QR retraction after every step), so WᵀW stays an orthogonal projection; --no_orthonormal: the seed's plain AdamW.", negative="no_orthonormal")
     objective: str = _f("mse", "Training loss: mse (reconstruction), kl (next-token KL of the LM head reading the reconstruction, "
                            "last layer only; starts from --init, fisher by default, or in stage 1b from the 1a checkpoint), or mse+kl.")
     kl_weight: float = _f(1.0, "With --objective mse+kl: the loss is mse + kl_weight * KL.")

@@ -77,9 +77,33 @@ def log_probs(lm_head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float(), -1)
 
 
-def kl_per_token(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) of each row [N], from log-probabilities."""
-    return (logp.exp() * (logp - logq)).sum(-1)
+def logit_shift(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor,
+                logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p [N, V], r [N, V], KL(p || q) [N]) for the head reading x (p) and x_hat (q), where r is the
+    student's logits minus the teacher's, centred under p: log q = log p + r - KL.
+
+    The student's logits are the teacher's plus U(x_hat - x), the small residual through the head:
+    the KL depends only on that difference, and a bf16 head's rounding of logits of 16-32 (steps of
+    0.125) would otherwise be most of what a small residual's KL measures. The KL is taken as
+    log E_p[e^r] = log1p(E_p[expm1(r) - r]) (E_p[r] = 0), a sum of second-order terms that float32
+    resolves, not as a difference of two log-partitions that each carry float32's rounding. `logp`: the
+    teacher's, when already computed (one teacher pass serves several reconstructions)."""
+    logp = log_probs(lm_head, x) if logp is None else logp
+    p, u = logp.exp(), lm_head.weight
+    r = ((x_hat - x).to(u.dtype) @ u.T).float()
+    r = r - (p * r).sum(-1, keepdim=True)
+    small = r.abs().amax(-1) < 1  # rows where expm1(r) - r holds the KL to float32 precision
+    rc = r.clamp(-1, 1)
+    kl = torch.where(small, torch.log1p((p * (torch.expm1(rc) - rc)).sum(-1)), torch.logsumexp(logp + r, -1))
+    return logp, r, kl
+
+
+def q_minus_p(logp: torch.Tensor, r: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """q - p [N, V], the KL's gradient in the student's logits, without the cancellation of
+    subtracting two nearly equal probabilities where the shift log q - log p is small."""
+    shift = r - kl[:, None]
+    p = logp.exp()
+    return torch.where(shift.abs() < 1, p * torch.expm1(shift.clamp(-1, 1)), torch.exp(logp + shift) - p)
 
 
 KL_CHUNK_ELEMENTS = 2 ** 25  # logits per chunk: 128 MiB of float32, ~260 tokens of a 128k vocabulary
@@ -97,7 +121,7 @@ class _FusedKL(torch.autograd.Function):
     """Σ KL(p || q) over rows with its gradient in x_hat taken in the same pass over the logits.
 
     For the student's logits s = U x_hat, dKL/ds = q - p, so dKL/dx_hat = (q - p) U: per chunk, the
-    teacher's matmul, the student's and that one, and only [rows, D] kept for the backward. Autograd
+    teacher's matmul, the residual's (`logit_shift`) and that one, and only [rows, D] kept for the backward. Autograd
     with checkpointing did five ([rows, V] logits cannot be kept): the teacher and the student again
     in the backward, and the softmax's backward on top."""
 
@@ -105,10 +129,10 @@ class _FusedKL(torch.autograd.Function):
     def forward(ctx: Any, x_hat: torch.Tensor, x: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         total, grads = torch.zeros((), device=x.device), []
         for xc, xc_hat in token_chunks(lm_head, x, x_hat):
-            logp, logq = log_probs(lm_head, xc), log_probs(lm_head, xc_hat)
-            total += kl_per_token(logp, logq).sum()
+            logp, r, kl = logit_shift(lm_head, xc, xc_hat)
+            total += kl.sum()
             if ctx.needs_input_grad[0]:
-                grads.append(((logq.exp() - logp.exp()).to(lm_head.weight.dtype) @ lm_head.weight).to(x_hat.dtype))
+                grads.append((q_minus_p(logp, r, kl).to(lm_head.weight.dtype) @ lm_head.weight).to(x_hat.dtype))
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(torch.cat(grads))
         return total
@@ -139,10 +163,10 @@ def damage_sums(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
         logp = log_probs(lm_head, x)
         known, top1 = t >= 0, logp.argmax(-1)
         for k, reconstruct in reconstructions.items():
-            logq = log_probs(lm_head, reconstruct(x))
-            sums[k] += torch.tensor([float(kl_per_token(logp, logq).sum()),
-                                     float((logp[known, t[known]] - logq[known, t[known]]).sum()),
-                                     float((logq.argmax(-1) == top1).sum())], dtype=torch.float64)
+            _, r, kl = logit_shift(lm_head, x, reconstruct(x), logp)
+            sums[k] += torch.tensor([float(kl.sum()),
+                                     float((kl[known] - r[known, t[known]]).sum()),  # log p - log q = KL - r
+                                     float(((logp + r).argmax(-1) == top1).sum())], dtype=torch.float64)
     return sums
 
 

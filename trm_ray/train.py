@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
-                                orthonormalize_, plain_state, reconstruction_sums, save_checkpoint)
+                                orthonormalize_, plain_state, reconstruction_sums, save_checkpoint, tangent_part)
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.downstream import load_lm_head, next_token_kl
 from trm_ray.shards import decode_hidden, load_splits
@@ -121,15 +121,25 @@ def objective_loss(cfg: Config, model: nn.Module, lm_head: nn.Linear | None) -> 
 
 def optimizer_step(model: DimensionCompressor, optimizer: torch.optim.Optimizer,
                    loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """One step on the rows `x`: loss, backward, clipped AdamW update, and with --orthonormal the
-    rows put back onto an orthonormal set, so WᵀW stays a projection (what phase 2 needs)."""
+    """One step on the rows `x`: loss, backward, clipped AdamW update. With --orthonormal, Riemannian
+    Adam on the manifold of orthonormal rows (so WᵀW stays a projection, what phase 2 needs): the
+    gradient projected onto the tangent space before the update, the rows put back onto an
+    orthonormal set after it (the retraction), and Adam's momentum carried to the new point's tangent
+    space (vector transport by projection). Adam's moments then never accumulate the part of a
+    gradient that only rescales the rows, which the retraction throws away: a KL objective's
+    gradient has one, which plain Adam fed back into every later step."""
     loss = loss_fn(x)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    w = model.weight
+    if cfg.orthonormal:
+        w.grad = tangent_part(w, w.grad)
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     if cfg.orthonormal:
-        orthonormalize_(model.weight)
+        orthonormalize_(w)
+        momentum = optimizer.state[w]["exp_avg"]
+        momentum.copy_(tangent_part(w, momentum))
     return loss
 
 
