@@ -67,6 +67,42 @@ def test_extraction_refuses_a_disk_too_small_for_its_shards(shards, tmp_path, mo
     assert "shards will take at most" in capsys.readouterr().out
 
 
+def extract_in_time(cfg):
+    """extract(cfg), failing the test after 5 minutes instead of waiting on Ray forever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(extract_mod.extract, cfg).result(timeout=300)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_extraction_asks_for_the_cpus_that_are_free_and_fails_in_bounded_time_naming_what_holds_them(
+        shards, tmp_path, ray_cluster, monkeypatch):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    # What a killed trial or another job leaves: a placement group holding CPUs of the local Ray.
+    group = placement_group([{"CPU": 1}] * 8, name="left-behind")
+    assert group.wait(60)
+    monkeypatch.setattr(extract_mod, "RESOURCE_WAIT_S", 2.0)
+    try:
+        began = time.time()
+        with pytest.raises(UserError, match=r"1 extraction replica\(s\) of 1 CPU\(s\) waited 2 s for resources that "
+                                            r"never came: 0 of 8 CPU free; 1 placement group\(s\) hold 8 CPU \(left-behind\)"):
+            extract_in_time(dataclasses.replace(shards, shards_dir=str(tmp_path / "all_held")))
+        assert time.time() - began < 60
+    finally:
+        remove_placement_group(group)
+    group = placement_group([{"CPU": 1}] * 6, name="left-behind")  # 2 of 8 CPUs free: the replica takes them
+    assert group.wait(60)
+    try:
+        manifest = extract_in_time(dataclasses.replace(shards, shards_dir=str(tmp_path / "two_free")))
+    finally:
+        remove_placement_group(group)
+    assert manifest["num_docs"] == shards.num_samples
+
+
 def test_an_interrupted_extraction_resumes_without_redoing_finished_shards(shards, tmp_path, monkeypatch):
     cfg = dataclasses.replace(shards, shards_dir=str(tmp_path / "s"))
     os.makedirs(cfg.shards_dir)
@@ -170,3 +206,4 @@ def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkp
     assert killed.metrics["tokens_seen"] == clean.metrics["tokens_seen"]
     for key in ("mse", "cosine_similarity", "best_mse", *(("downstream_kl", "best_downstream_kl") if objective == "kl" else ())):
         assert killed.metrics[key] == pytest.approx(clean.metrics[key], rel=1e-4), key
+

@@ -143,3 +143,45 @@ def test_offline_wandb_run_holds_the_metric_history_and_the_best_checkpoint_arti
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert [(a.name, a.type) for a in artifacts] == [("compressor-qs-d16", "model")]
     assert [c.path for c in artifacts[0].manifest.contents] == ["compressor.pt"]
+
+
+# A sweep as `python -m trm_ray.sweep` runs it, which then reports the placement groups its local Ray still holds.
+SWEEP_THEN_COUNT_GROUPS = """
+import sys
+import ray
+from trm_ray import sweep
+sweep.main(sys.argv[1:])
+left = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+print(f"placement groups left: {len(left)}", flush=True)
+"""
+
+
+def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shards, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each starts its own local Ray
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"sweep{i}"
+        argv = ["--model_name", shards.model_name, "--dataset", shards.dataset, "--shards_dir", shards.shards_path,
+                "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20", "--output_dir", str(out),
+                "--sweep", "--sweep_d_values", "8", "--sweep_learning_rates", "0.01", "0.5", "--num_epochs", "2",
+                "--grace_period", "1", "--batch_size", "8", "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0",
+                "--num_cpus", "3"]  # 2 CPUs a trial and 1 for Ray Data: the second learning rate queues
+        log = open(tmp_path / f"sweep{i}.log", "w")
+        runs.append((out, log, subprocess.Popen([sys.executable, "-c", SWEEP_THEN_COUNT_GROUPS, *argv], env=env,
+                                                stdout=log, stderr=subprocess.STDOUT)))
+    for out, log, proc in runs:
+        try:
+            code = proc.wait(timeout=300)
+        finally:
+            proc.kill()
+            log.close()
+        text = open(log.name).read()
+        assert code == 0, text[-3000:]
+        assert "Found multiple active Ray instances" not in text
+        assert "placement groups left: 0" in text
+        rows = json.loads((out / "sweep_results.json").read_text())
+        assert [r["d_compressed"] for r in rows] == [8] and "error" not in rows[0]
+
