@@ -207,3 +207,36 @@ def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkp
     for key in ("mse", "cosine_similarity", "best_mse", *(("downstream_kl", "best_downstream_kl") if objective == "kl" else ())):
         assert killed.metrics[key] == pytest.approx(clean.metrics[key], rel=1e-4), key
 
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--dataset", "./corpus.jsonll"], "error: dataset ./corpus.jsonll does not exist"),
+    (["--output_dir", "/proc/x"], "error: --output_dir /proc/x is not writable"),
+    (["--output_dir", "/proc/x", "--skip_disk_check"], "error: --output_dir /proc/x is not writable"),
+], ids=["dataset", "output_dir", "output_dir-skip_disk_check"])
+def test_a_mistyped_path_is_refused_before_ray_starts(assets, tmp_path, flags, expected):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "trm_ray.sweep", "--model_name", assets["model"], "--dataset", assets["corpus"],
+            "--output_dir", str(tmp_path / "out"), "--d_compressed", "8", "--no_wandb", *flags]
+    began = time.time()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
+    assert done.stderr.startswith(expected)
+    assert "Ray" not in done.stdout + done.stderr  # no local Ray was started for it
+    assert time.time() - began < 60
+
+
+def test_ray_failing_to_start_is_a_one_line_error_naming_the_likely_cause(monkeypatch):
+    import ray
+
+    from trm_ray.cli import start_ray
+
+    def times_out(**kwargs):  # what Ray raises when its raylet does not come up in 30 s on a loaded machine
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray "
+                        "processes failed to startup.\nmore details")
+
+    monkeypatch.setattr(ray, "init", times_out)
+    with pytest.raises(UserError, match=r"^the local Ray did not start in time: the machine is probably loaded.*"
+                                        r"\(Exception: The current node timed out during startup\. .*\)$"):
+        start_ray(num_cpus=2)
+    with pytest.raises(UserError, match="the Ray cluster at 10.0.0.1:6379 did not answer"):
+        start_ray(address="10.0.0.1:6379")

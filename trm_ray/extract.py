@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from trm_ray.config import Config, UserError, build_parser, config_from_args
-from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name,
+from trm_ray.shards import (MANIFEST, check_hidden_size, check_writable, encode_hidden, filesystem, read_json, shard_name,
                             value_bytes, write_json)
 from trm_ray.text import chat_settings, load_tokenizer, looks_like_path, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
@@ -444,6 +444,7 @@ def extract(cfg: Config) -> dict[str, Any]:
     docs = read_documents(cfg)
     if tokenizer is not None:  # before any model is loaded: a corpus without thinking fails here
         print(f"extract: {thinking_summary(tokenize(tokenizer, docs, cfg), cfg)}", flush=True)
+    check_writable(shards_dir, "shards_dir")  # an unwritable one would read as a disk with 0 GiB free
     check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * value_bytes(storage_dtype))
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)
     n = cfg.docs_per_shard
@@ -488,13 +489,14 @@ def extract(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trm_ray.cli import connect, run_cli
+    from trm_ray.cli import check_before_ray, connect, run_cli
 
     parser = build_parser("python -m trm_ray.extract", __doc__.splitlines()[0])
 
     def run() -> None:
         cfg = config_from_args(parser.parse_args(argv))
         cfg = dataclasses.replace(cfg, model_name=model_id(cfg.model_name))
+        check_before_ray(cfg)
         connect(cfg)
         extract(cfg)
 

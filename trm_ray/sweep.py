@@ -290,7 +290,7 @@ def command_config(args: Any) -> Config:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trm_ray.cli import connect, run_cli
+    from trm_ray.cli import check_before_ray, connect, run_cli
 
     parser = build_parser("python -m trm_ray.sweep", __doc__.splitlines()[0])
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run's results in --output_dir.")
@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     def main_() -> None:
         args = parser.parse_args(argv)
         cfg = command_config(args)
+        check_before_ray(cfg)
         prepare_wandb(cfg)
         connect(cfg)
         rows = run(cfg, overwrite=args.overwrite)
