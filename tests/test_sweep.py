@@ -185,3 +185,23 @@ def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shard
         rows = json.loads((out / "sweep_results.json").read_text())
         assert [r["d_compressed"] for r in rows] == [8] and "error" not in rows[0]
 
+
+def test_a_trial_stopped_after_train_replaced_its_reported_checkpoint_exports_the_newer_one(tmp_path):
+    import types
+
+    import pandas as pd
+
+    from trm_ray.report import best_checkpoint_path
+
+    # Train keeps one checkpoint: the one of report 2 (what Tune saw last) is gone, report 3's is there.
+    run = tmp_path / "d8-lr0.01"
+    reported = [run / "checkpoint_2026-12-02_04-00-01.000001", run / "checkpoint_2026-12-02_04-00-02.000002"]
+    newer = run / "checkpoint_2026-12-02_04-00-03.000003"
+    newer.mkdir(parents=True)
+    (newer / "compressor.pt").write_bytes(b"weights")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    result = types.SimpleNamespace(metrics_dataframe=pd.DataFrame({"epoch": [1, 2], "checkpoint_path": map(str, reported)}))
+    assert best_checkpoint_path(result) == str(newer)
+    reported[-1].mkdir()  # still there: the reported one is the latest
+    assert best_checkpoint_path(result) == str(reported[-1])
+
