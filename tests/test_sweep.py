@@ -205,3 +205,27 @@ def test_a_trial_stopped_after_train_replaced_its_reported_checkpoint_exports_th
     reported[-1].mkdir()  # still there: the reported one is the latest
     assert best_checkpoint_path(result) == str(reported[-1])
 
+
+def test_a_resumed_sweep_keeps_the_rungs_asha_recorded_before_the_interruption(tmp_path):
+    import pickle
+    import types
+
+    from trm_ray.scheduler import PerWidthASHA
+
+    def trial(name, d=8):
+        return types.SimpleNamespace(trial_id=name, config={"d_compressed": d})
+
+    asha = dict(time_attr="tokens_seen", metric="mse", mode="min", max_t=400, grace_period=100, reduction_factor=2)
+    scheduler = PerWidthASHA(rungs_path=str(tmp_path / "asha_rungs.json"), **asha)
+    restored = pickle.loads(pickle.dumps(scheduler))  # what Tuner.restore unpickles: the scheduler as first built
+    good, bad = trial("good"), trial("bad")
+    for t in (good, bad):
+        scheduler.on_trial_add(None, t)
+    assert scheduler.on_trial_result(None, good, {"tokens_seen": 100, "mse": 1.0}) == "CONTINUE"
+    # The sweep is interrupted here; resumed, "bad" reaches the first milestone with a worse mse than "good" had.
+    for t in (good, bad):
+        restored.on_trial_add(None, t)
+    assert restored.on_trial_result(None, bad, {"tokens_seen": 100, "mse": 2.0}) == "STOP"
+    other = trial("other width", d=16)
+    restored.on_trial_add(None, other)
+    assert restored.on_trial_result(None, other, {"tokens_seen": 100, "mse": 9.0}) == "CONTINUE"

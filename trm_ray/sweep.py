@@ -234,7 +234,7 @@ def run(cfg: Config, overwrite: bool = False) -> list[dict[str, Any]]:
                    "learning_rate": tune.grid_search(cfg.sweep_learning_rates or [cfg.learning_rate])}
     tokens_per_epoch = counts["train_tokens"] - cfg.num_workers  # an equal split across workers drops a row or so
     scheduler = PerWidthASHA(
-        time_attr="tokens_seen", metric=cfg.rank_metric, mode="min" if cfg.rank_metric in LOWER_IS_BETTER else "max",
+        rungs_path=os.path.join(exp_dir, "asha_rungs.json"), time_attr="tokens_seen", metric=cfg.rank_metric, mode="min" if cfg.rank_metric in LOWER_IS_BETTER else "max",
         max_t=cfg.num_epochs * tokens_per_epoch, grace_period=min(cfg.grace_period, cfg.num_epochs) * tokens_per_epoch,
         reduction_factor=2,
         stop_last_trials=False,  # the default kills the survivors at max_t before they finish cleanly
