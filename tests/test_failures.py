@@ -67,6 +67,42 @@ def test_extraction_refuses_a_disk_too_small_for_its_shards(shards, tmp_path, mo
     assert "shards will take at most" in capsys.readouterr().out
 
 
+def extract_in_time(cfg):
+    """extract(cfg), failing the test after 5 minutes instead of waiting on Ray forever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(extract_mod.extract, cfg).result(timeout=300)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_extraction_asks_for_the_cpus_that_are_free_and_fails_in_bounded_time_naming_what_holds_them(
+        shards, tmp_path, ray_cluster, monkeypatch):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    # What a killed trial or another job leaves: a placement group holding CPUs of the local Ray.
+    group = placement_group([{"CPU": 1}] * 8, name="left-behind")
+    assert group.wait(60)
+    monkeypatch.setattr(extract_mod, "RESOURCE_WAIT_S", 2.0)
+    try:
+        began = time.time()
+        with pytest.raises(UserError, match=r"1 extraction replica\(s\) of 1 CPU\(s\) waited 2 s for resources that "
+                                            r"never came: 0 of 8 CPU free; 1 placement group\(s\) hold 8 CPU \(left-behind\)"):
+            extract_in_time(dataclasses.replace(shards, shards_dir=str(tmp_path / "all_held")))
+        assert time.time() - began < 60
+    finally:
+        remove_placement_group(group)
+    group = placement_group([{"CPU": 1}] * 6, name="left-behind")  # 2 of 8 CPUs free: the replica takes them
+    assert group.wait(60)
+    try:
+        manifest = extract_in_time(dataclasses.replace(shards, shards_dir=str(tmp_path / "two_free")))
+    finally:
+        remove_placement_group(group)
+    assert manifest["num_docs"] == shards.num_samples
+
+
 def test_an_interrupted_extraction_resumes_without_redoing_finished_shards(shards, tmp_path, monkeypatch):
     cfg = dataclasses.replace(shards, shards_dir=str(tmp_path / "s"))
     os.makedirs(cfg.shards_dir)
@@ -170,3 +206,37 @@ def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkp
     assert killed.metrics["tokens_seen"] == clean.metrics["tokens_seen"]
     for key in ("mse", "cosine_similarity", "best_mse", *(("downstream_kl", "best_downstream_kl") if objective == "kl" else ())):
         assert killed.metrics[key] == pytest.approx(clean.metrics[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--dataset", "./corpus.jsonll"], "error: dataset ./corpus.jsonll does not exist"),
+    (["--output_dir", "/proc/x"], "error: --output_dir /proc/x is not writable"),
+    (["--output_dir", "/proc/x", "--skip_disk_check"], "error: --output_dir /proc/x is not writable"),
+], ids=["dataset", "output_dir", "output_dir-skip_disk_check"])
+def test_a_mistyped_path_is_refused_before_ray_starts(assets, tmp_path, flags, expected):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "trm_ray.sweep", "--model_name", assets["model"], "--dataset", assets["corpus"],
+            "--output_dir", str(tmp_path / "out"), "--d_compressed", "8", "--no_wandb", *flags]
+    began = time.time()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
+    assert done.stderr.startswith(expected)
+    assert "Ray" not in done.stdout + done.stderr  # no local Ray was started for it
+    assert time.time() - began < 60
+
+
+def test_ray_failing_to_start_is_a_one_line_error_naming_the_likely_cause(monkeypatch):
+    import ray
+
+    from trm_ray.cli import start_ray
+
+    def times_out(**kwargs):  # what Ray raises when its raylet does not come up in 30 s on a loaded machine
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray "
+                        "processes failed to startup.\nmore details")
+
+    monkeypatch.setattr(ray, "init", times_out)
+    with pytest.raises(UserError, match=r"^the local Ray did not start in time: the machine is probably loaded.*"
+                                        r"\(Exception: The current node timed out during startup\. .*\)$"):
+        start_ray(num_cpus=2)
+    with pytest.raises(UserError, match="the Ray cluster at 10.0.0.1:6379 did not answer"):
+        start_ray(address="10.0.0.1:6379")

@@ -313,14 +313,24 @@ def test_a_validation_pass_reads_only_the_validation_documents_row_groups(shards
             assert new_rows.equals(old_rows)
 
 
-def test_a_local_ray_runs_only_the_trials_whose_workers_fit_and_refuses_one_that_never_fits(ray_cluster):
+def test_a_local_ray_runs_only_the_trials_whose_workers_fit_and_refuses_one_that_never_fits():
     cfg = make_config({"sweep": True, "sweep_d_values": [8, 16, 32]})
-    assert ray_cluster.cluster_resources()["CPU"] == 8
-    assert sweep.trials_that_fit(cfg) == 3  # 2 CPUs a trial, one left for Ray Data's reads
-    assert sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=3)) == 1
-    assert sweep.trials_that_fit(dataclasses.replace(cfg, address="auto")) is None  # a cluster's autoscaler decides
-    needs = r"a trial needs 10 CPUs \(Tune, 8 worker\(s\), Ray Data\), the local Ray has 8 CPUs and 0 GPUs: pass --num_cpus"
+    cpus = {"CPU": 8.0, "memory": 2e9, "object_store_memory": 1e9}
+    assert sweep.trials_that_fit(cfg, cpus) == 3  # 2 CPUs a trial, one left for Ray Data's reads
+    assert sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=3), cpus) == 1
+    assert sweep.trials_that_fit(dataclasses.replace(cfg, address="auto"), cpus) is None  # a cluster's autoscaler decides
+    needs = r"a trial needs 9 CPU \(its Tune function and 8 worker\(s\)\) and 1 more CPU for Ray Data; the local Ray has 8 CPU"
     with pytest.raises(UserError, match=needs):
-        sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=8))
-    with pytest.raises(UserError, match="and 1 GPUs, the local Ray has 8 CPUs and 0 GPUs"):
-        sweep.trials_that_fit(dataclasses.replace(cfg, use_gpu=True))
+        sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=8), cpus)
+    with pytest.raises(UserError, match="needs 1 CPU, 1 GPU .* the local Ray has 8 CPU, 0 GPU: .* --no_use_gpu"):
+        sweep.trials_that_fit(dataclasses.replace(cfg, use_gpu=True), cpus)
+
+
+def test_on_one_gpu_the_trials_of_a_gpu_sweep_run_one_at_a_time():
+    # The machine most users have: 16 CPUs and one GPU. Each trial's worker holds the GPU, so a second
+    # trial at once would wait for it inside Train until its start timeout failed the trial.
+    cfg = make_config({"sweep": True, "sweep_d_values": [64, 128, 256, 512, 1024], "use_gpu": True})
+    assert sweep.trials_that_fit(cfg, {"CPU": 16.0, "GPU": 1.0}) == 1
+    assert sweep.trials_that_fit(cfg, {"CPU": 16.0, "GPU": 4.0}) == 4
+    assert sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=2), {"CPU": 16.0, "GPU": 4.0}) == 2
+    assert sweep.trials_that_fit(cfg, {"CPU": 3.0, "GPU": 4.0}) == 2  # then the CPUs of the Tune functions decide

@@ -147,3 +147,89 @@ def test_offline_wandb_run_holds_the_metric_history_and_the_best_checkpoint_arti
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert [(a.name, a.type) for a in artifacts] == [("compressor-qs-d16", "model")]
     assert [c.path for c in artifacts[0].manifest.contents] == ["compressor.pt"]
+
+
+# A sweep as `python -m trm_ray.sweep` runs it, which then reports the placement groups its local Ray still holds.
+SWEEP_THEN_COUNT_GROUPS = """
+import sys
+import ray
+from trm_ray import sweep
+sweep.main(sys.argv[1:])
+left = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+print(f"placement groups left: {len(left)}", flush=True)
+"""
+
+
+def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shards, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each starts its own local Ray
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"sweep{i}"
+        argv = ["--model_name", shards.model_name, "--dataset", shards.dataset, "--shards_dir", shards.shards_path,
+                "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20", "--output_dir", str(out),
+                "--sweep", "--sweep_d_values", "8", "--sweep_learning_rates", "0.01", "0.5", "--num_epochs", "2",
+                "--grace_period", "1", "--batch_size", "8", "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0",
+                "--num_cpus", "3"]  # 2 CPUs a trial and 1 for Ray Data: the second learning rate queues
+        log = open(tmp_path / f"sweep{i}.log", "w")
+        runs.append((out, log, subprocess.Popen([sys.executable, "-c", SWEEP_THEN_COUNT_GROUPS, *argv], env=env,
+                                                stdout=log, stderr=subprocess.STDOUT)))
+    for out, log, proc in runs:
+        try:
+            code = proc.wait(timeout=300)
+        finally:
+            proc.kill()
+            log.close()
+        text = open(log.name).read()
+        assert code == 0, text[-3000:]
+        assert "Found multiple active Ray instances" not in text
+        assert "placement groups left: 0" in text
+        rows = json.loads((out / "sweep_results.json").read_text())
+        assert [r["d_compressed"] for r in rows] == [8] and "error" not in rows[0]
+
+
+def test_a_trial_stopped_after_train_replaced_its_reported_checkpoint_exports_the_newer_one(tmp_path):
+    import types
+
+    import pandas as pd
+
+    from trm_ray.report import best_checkpoint_path
+
+    # Train keeps one checkpoint: the one of report 2 (what Tune saw last) is gone, report 3's is there.
+    run = tmp_path / "d8-lr0.01"
+    reported = [run / "checkpoint_2026-12-02_04-00-01.000001", run / "checkpoint_2026-12-02_04-00-02.000002"]
+    newer = run / "checkpoint_2026-12-02_04-00-03.000003"
+    newer.mkdir(parents=True)
+    (newer / "compressor.pt").write_bytes(b"weights")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    result = types.SimpleNamespace(metrics_dataframe=pd.DataFrame({"epoch": [1, 2], "checkpoint_path": map(str, reported)}))
+    assert best_checkpoint_path(result) == str(newer)
+    reported[-1].mkdir()  # still there: the reported one is the latest
+    assert best_checkpoint_path(result) == str(reported[-1])
+
+
+def test_a_resumed_sweep_keeps_the_rungs_asha_recorded_before_the_interruption(tmp_path):
+    import pickle
+    import types
+
+    from trm_ray.scheduler import PerWidthASHA
+
+    def trial(name, d=8):
+        return types.SimpleNamespace(trial_id=name, config={"d_compressed": d})
+
+    asha = dict(time_attr="tokens_seen", metric="mse", mode="min", max_t=400, grace_period=100, reduction_factor=2)
+    scheduler = PerWidthASHA(rungs_path=str(tmp_path / "asha_rungs.json"), **asha)
+    restored = pickle.loads(pickle.dumps(scheduler))  # what Tuner.restore unpickles: the scheduler as first built
+    good, bad = trial("good"), trial("bad")
+    for t in (good, bad):
+        scheduler.on_trial_add(None, t)
+    assert scheduler.on_trial_result(None, good, {"tokens_seen": 100, "mse": 1.0}) == "CONTINUE"
+    # The sweep is interrupted here; resumed, "bad" reaches the first milestone with a worse mse than "good" had.
+    for t in (good, bad):
+        restored.on_trial_add(None, t)
+    assert restored.on_trial_result(None, bad, {"tokens_seen": 100, "mse": 2.0}) == "STOP"
+    other = trial("other width", d=16)
+    restored.on_trial_add(None, other)
+    assert restored.on_trial_result(None, other, {"tokens_seen": 100, "mse": 9.0}) == "CONTINUE"

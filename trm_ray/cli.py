@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import sys
 from typing import Callable
 
 from trm_ray.config import Config, UserError
+
+
+def check_before_ray(cfg: Config) -> None:
+    """The mistakes a user can fix, found in seconds: Ray takes a minute to start on a busy machine, and an
+    unwritable directory would surface only at its first write, as a disk-space or pyarrow error."""
+    from trm_ray.extract import load_model_config
+    from trm_ray.shards import MANIFEST, check_writable, exists
+    from trm_ray.text import check_dataset
+
+    check_dataset(cfg.dataset)
+    load_model_config(cfg.model_name)
+    check_writable(cfg.output_dir, "output_dir")
+    if not exists(posixpath.join(cfg.shards_path, MANIFEST)):  # complete shards are only read
+        check_writable(cfg.shards_path, "shards_dir")
 
 
 def connect(cfg: Config) -> None:
@@ -25,14 +40,19 @@ def connect(cfg: Config) -> None:
     # whose bars would otherwise fill the log; the variable above is read only at first import.
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
+        know_own_cluster()
         return
     if not cfg.address:
         # Train's preemption watcher (an actor per trial) follows the nodes an autoscaler drains for
         # preemption, and a local Ray has no autoscaler: off, it is one process less per trial.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env = forwarded_env(os.environ)
+    # Every worker process of the job (trials, Train's controllers and its placement-group cleaner
+    # and state actor) learns its own cluster's address at start: with two local Rays on one machine,
+    # Ray's State API calls would otherwise resolve "auto" to both and fail.
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": know_own_cluster}
     if cfg.address:
-        ray.init(address=cfg.address, runtime_env={"env_vars": env} if env else None)
+        start_ray(address=cfg.address, runtime_env=runtime_env)
     else:
         cpus = cfg.num_cpus or local_cpus(cfg)
         # The raylet warns ("N PYTHON worker processes have been started ... Nx the maximum expected
@@ -41,14 +61,47 @@ def connect(cfg: Config) -> None:
         # worker and helpers), two of them on logical CPUs, and a local Ray gets more logical CPUs
         # than cores for them (local_cpus): counted against those, the warning is left for a node
         # that runs more processes than its trials do.
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env} if env else None,
-                 _system_config={"worker_maximum_startup_concurrency": cpus})
+        start_ray(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                  _system_config={"worker_maximum_startup_concurrency": cpus})
+    know_own_cluster()
+
+
+def know_own_cluster() -> None:
+    """RAY_ADDRESS := the cluster this process is connected to (run in the driver and, as the job's
+    worker_process_setup_hook, in every worker): what Ray's State API reads instead of "auto"."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def start_ray(**kwargs: object) -> None:
+    """`ray.init(**kwargs)`, with Ray's start-up failures (a timeout on a loaded machine, a cluster that is not
+    there) as a one-line UserError that names the likely cause."""
+    import ray
+
+    try:
+        ray.init(**kwargs)
+    except (ValueError, TypeError):  # arguments Ray refused: a defect here, not the machine's
+        raise
+    except Exception as e:  # Ray's own start-up timeout is a bare Exception ("timed out during startup")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = (f"the Ray cluster at {kwargs['address']} did not answer: is it up (ray status)?" if "address" in kwargs
+                 else "the local Ray did not start in time: the machine is probably loaded, or another Ray holds its "
+                      "ports; try again, pass fewer --num_cpus, or join a running one with --address")
+        raise UserError(f"{where} ({type(e).__name__}: {first})") from e
 
 
 def trial_cpus(cfg: Config) -> int:
-    """Logical CPUs one trial holds: its Tune function (1) and its Train workers (1 each)."""
-    return 1 + cfg.num_workers
+    """Logical CPUs one trial holds: its Tune function (1) and its Train workers (1 each on CPU)."""
+    return int(trial_resources(cfg).get("CPU", 0))
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one trial holds while it runs: its Tune function (1 CPU) and what each Train worker asks for."""
+    from trm_ray.train import scaling_config
+
+    workers = scaling_config(cfg).total_resources
+    return {**workers, "CPU": 1.0 + workers.get("CPU", 0)}
 
 
 def local_cpus(cfg: Config) -> int:

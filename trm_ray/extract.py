@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from trm_ray.config import Config, UserError, build_parser, config_from_args
-from trm_ray.shards import (MANIFEST, check_hidden_size, encode_hidden, filesystem, read_json, shard_name,
+from trm_ray.shards import (MANIFEST, check_hidden_size, check_writable, encode_hidden, filesystem, read_json, shard_name,
                             value_bytes, write_json)
 from trm_ray.text import REGIONS, chat_settings, load_tokenizer, looks_like_path, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
@@ -211,30 +211,93 @@ class HiddenStateExtractor:
                 "doc_tokens": np.bincount(doc_idx, minlength=len(token_lists)).tolist(), "outliers": outliers}
 
 
+# A local Ray has no autoscaler: resources a replica has waited this long for are held by something else.
+RESOURCE_WAIT_S = 120.0
+# Restarts of a replica that died (a preempted node, a kill for memory) before extraction gives up and says why.
+REPLICA_RESTARTS = 3
+
+
 def run_replicas(cfg: Config, place: Placement, storage_dtype: str, shards_dir: str,
                  chunks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Every chunk's shard, made by `place.replicas` model replicas with two chunks in flight each;
     yields each chunk's counts as its shard is written.
 
     A replica that dies (a preempted GPU node, a killed process) is restarted and its chunks run
-    again. Plain actors built from a few settings, not a Ray Data actor pool: Ray Data hands its
-    pool's actors their function and context as object references, and Ray logs an alarm for every
-    restartable actor built from one (`core_worker.cc ... constructor arguments in the object store`)."""
+    again, up to REPLICA_RESTARTS times: one killed for memory would die on every retry. Plain actors
+    built from a few settings, not a Ray Data actor pool: Ray Data hands its pool's actors their
+    function and context as object references, and Ray logs an alarm for every restartable actor
+    built from one (`core_worker.cc ... constructor arguments in the object store`)."""
     import ray
 
     replica = ray.remote(HiddenStateExtractor).options(
-        num_cpus=place.num_cpus, num_gpus=place.num_gpus or None, max_concurrency=2, max_restarts=-1, max_task_retries=-1)
+        num_cpus=place.num_cpus, num_gpus=place.num_gpus or None, max_concurrency=2, max_restarts=REPLICA_RESTARTS,
+        max_task_retries=-1)
     replicas = [replica.remote(dataclasses.asdict(cfg), storage_dtype, shards_dir) for _ in range(place.replicas)]
     waiting, running = chunks[::-1], {}
     for r in replicas * 2:
         if waiting:
             running[r.extract.remote(waiting.pop())] = r
-    while running:
-        [finished], _ = ray.wait(list(running))
-        r = running.pop(finished)
-        if waiting:
-            running[r.extract.remote(waiting.pop())] = r
-        yield ray.get(finished)
+    try:
+        while running:
+            finished, _ = ray.wait(list(running), timeout=RESOURCE_WAIT_S)
+            if not finished:
+                check_scheduled(cfg, place)
+                continue
+            r = running.pop(finished[0])
+            if waiting:
+                running[r.extract.remote(waiting.pop())] = r
+            try:
+                yield ray.get(finished[0])
+            except ray.exceptions.ActorDiedError as e:
+                raise UserError(f"an extraction replica died {REPLICA_RESTARTS + 1} times ({replica_death(e)}): on a "
+                                "kill for memory, lower --extract_tokens_per_batch or --extract_batch_size") from e
+    finally:  # done or failed: the replicas' models and resources are freed now, not when Python collects them
+        for r in replicas:
+            ray.kill(r)
+
+
+def replica_death(error: Exception) -> str:
+    """Why Ray says the actor died, in one short clause."""
+    text = " ".join(str(error).split())
+    return "out of memory" if "memory" in text.lower() else text[:200]
+
+
+def check_scheduled(cfg: Config, place: Placement) -> None:
+    """After RESOURCE_WAIT_S without a shard: replicas that are still not placed wait for resources held
+    elsewhere. A local Ray never frees them by itself: fail, naming what holds them; a cluster's autoscaler
+    may still add a node: say so and wait on."""
+    import ray
+    from ray.util.state import list_actors
+
+    pending = [a for a in list_actors(filters=[("class_name", "=", "HiddenStateExtractor"),
+                                               ("state", "=", "PENDING_CREATION"),
+                                               ("job_id", "=", ray.get_runtime_context().get_job_id())])
+               if not a.pid]  # a replica with a process of its own is placed, and still loading its model
+    if not pending:
+        return  # placed and working: a slow model, not a wait
+    asks = f"{len(pending)} extraction replica(s) of {place.num_cpus} CPU(s){' and 1 GPU' if place.num_gpus else ''}"
+    if cfg.address:
+        print(f"extract: {asks} still wait for resources ({held_by()}); an autoscaler adds nodes for them", flush=True)
+        return
+    raise UserError(f"{asks} waited {RESOURCE_WAIT_S:g} s for resources that never came: {held_by()}; "
+                    "end what holds them (another job, a killed run's placement groups) or pass --num_cpus")
+
+
+def held_by() -> str:
+    """What holds the local Ray's resources, in words: what is free, and the placement groups that hold the rest."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    held = {}
+    for g in groups:
+        for bundle in g["bundles"].values():
+            for name, amount in bundle.items():
+                held[name] = held.get(name, 0) + amount
+    resources = ", ".join(f"{free.get(k, 0):g} of {total[k]:g} {k} free" for k in ("CPU", "GPU") if k in total)
+    pgs = (f"{len(groups)} placement group(s) hold {', '.join(f'{v:g} {k}' for k, v in sorted(held.items()))} "
+           f"({', '.join(g['name'] or g['placement_group_id'][:12] for g in groups[:4])})" if groups else "no placement group")
+    return f"{resources}; {pgs}"
 
 
 def write_shard(table: pa.Table, path: str) -> None:
@@ -284,7 +347,7 @@ def placement(cfg: Config, cluster_gpus: float, node_cpus: float, cluster_cpus: 
     With --use_gpu every replica requests a GPU even while the cluster has none (an autoscaling
     cluster starts without GPU workers; the request is what makes it add them); one replica per
     GPU present, at least one. On CPU, one replica (unless --num_extract_workers) with the CPUs
-    of a node, which become its torch threads.
+    of a node, which become its torch threads; `cluster_cpus` is what a local Ray has free.
     """
     if cfg.use_gpu:
         return Placement(replicas=cfg.num_extract_workers or max(1, int(cluster_gpus)), num_gpus=1, num_cpus=1)
@@ -386,6 +449,7 @@ def extract(cfg: Config) -> dict[str, Any]:
     docs = read_documents(cfg)
     if tokenizer is not None:  # before any model is loaded: a corpus without thinking fails here
         print(f"extract: {thinking_summary(tokenize(tokenizer, docs, cfg), cfg)}", flush=True)
+    check_writable(shards_dir, "shards_dir")  # an unwritable one would read as a disk with 0 GiB free
     check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * value_bytes(storage_dtype))
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)
     n = cfg.docs_per_shard
@@ -399,7 +463,9 @@ def extract(cfg: Config) -> dict[str, Any]:
     if todo:
         cluster = ray.cluster_resources()
         node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-        place = placement(cfg, cluster.get("GPU", 0), node_cpus, cluster.get("CPU", 1))
+        # A local Ray has no autoscaler: its replicas ask for the CPUs free now, never for ones another job holds.
+        cpus = cluster.get("CPU", 1) if cfg.address else ray.available_resources().get("CPU", 0)
+        place = placement(cfg, cluster.get("GPU", 0), node_cpus, cpus)
         docs_todo = sum(len(c["docs"]) for c in todo)
         announce(cfg, place, cluster.get("GPU", 0), docs_todo * cfg.max_seq_length)
         t0, docs, tokens = time.time(), 0, 0
@@ -428,13 +494,14 @@ def extract(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trm_ray.cli import connect, run_cli
+    from trm_ray.cli import check_before_ray, connect, run_cli
 
     parser = build_parser("python -m trm_ray.extract", __doc__.splitlines()[0])
 
     def run() -> None:
         cfg = config_from_args(parser.parse_args(argv))
         cfg = dataclasses.replace(cfg, model_name=model_id(cfg.model_name))
+        check_before_ray(cfg)
         connect(cfg)
         extract(cfg)
 

@@ -32,11 +32,22 @@ def results_path(cfg: Config, kind: str = "results", ext: str = "json") -> str:
 
 
 def best_checkpoint_path(result: Any) -> str | None:
-    """The trial's latest checkpoint, whose compressor.pt holds the trial's best weights."""
+    """The trial's latest checkpoint, whose compressor.pt holds the trial's best weights.
+
+    Train keeps one checkpoint and reports to Tune through a queue, so it runs ahead: when ASHA stops
+    a trial on report k, Train may have registered k+1 and deleted k. Then the newest checkpoint
+    beside k's is the trial's latest, and its compressor.pt the best through k+1."""
     df = result.metrics_dataframe
     if df is None or "checkpoint_path" not in df or df["checkpoint_path"].isna().all():
         return None
-    return df["checkpoint_path"].dropna().iloc[-1]
+    reported = df["checkpoint_path"].dropna().iloc[-1]
+    fs, path = filesystem(reported)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return reported
+    scheme = reported[:reported.index("://") + 3] if "://" in reported else ""
+    beside = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(posixpath.dirname(path), allow_not_found=True))
+                    if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"))
+    return scheme + beside[-1] if beside else None
 
 
 def initial(result: Any, metric: str) -> float | None:

@@ -4,7 +4,10 @@ A smaller D' always reconstructs worse, so ASHA over a whole D' grid stops the s
 widths first and destroys the very curve a D' sweep exists to draw. Here each D' gets its
 own ASHA: its learning rates (or seeds) compete on `pca_efficiency`, and a D' with a single
 trial is never stopped. Rungs are on `tokens_seen`, a monotone counter that survives a
-restore, so decisions stay valid when a sweep is resumed.
+restore, so decisions stay valid when a sweep is resumed. Tune does not save a scheduler's
+state: the rungs (each trial's score at each milestone) are written to `rungs_path` at every
+decision and read back when a resumed sweep rebuilds a width's ASHA, so a trial that resumes
+past a milestone is measured against the scores recorded there before the interruption.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from trm_ray.shards import read_json, write_json
+
 
 class PerWidthASHA(FIFOScheduler):
-    def __init__(self, **asha: Any):
+    def __init__(self, rungs_path: str, **asha: Any):
         super().__init__()
+        self.rungs_path = rungs_path
         self.asha = asha
         self.by_width: dict[int, ASHAScheduler] = {}
 
@@ -24,7 +30,16 @@ class PerWidthASHA(FIFOScheduler):
         d = int(trial.config["d_compressed"])
         if d not in self.by_width:
             self.by_width[d] = ASHAScheduler(**self.asha)
+            for recorded, saved in zip(self.rungs(d), (read_json(self.rungs_path) or {}).get(str(d), [])):
+                recorded.update(saved)
         return self.by_width[d]
+
+    def rungs(self, d: int) -> list[dict[str, float]]:
+        """Width d's rungs, highest milestone first: trial id -> score there (ASHA's one bracket; Ray has no API)."""
+        return [recorded for _, recorded in self.by_width[d]._brackets[0]._rungs]
+
+    def save(self) -> None:
+        write_json(self.rungs_path, {str(d): self.rungs(d) for d in self.by_width})
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True
@@ -33,10 +48,13 @@ class PerWidthASHA(FIFOScheduler):
         self._for(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        return self._for(trial).on_trial_result(tune_controller, trial, result)
+        decision = self._for(trial).on_trial_result(tune_controller, trial, result)
+        self.save()
+        return decision
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
         self._for(trial).on_trial_complete(tune_controller, trial, result)
+        self.save()
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         self._for(trial).on_trial_remove(tune_controller, trial)

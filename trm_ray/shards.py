@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import tempfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -33,6 +34,18 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), posixpath.abspath(path)
+
+
+def check_writable(path: str, flag: str) -> None:
+    """`path` exists (made now if missing) and a file can be written in it; remote storage is left to its writes."""
+    if "://" in path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"--{flag} {path} is not writable ({e.strerror or e}): choose another --{flag}") from None
 
 
 def absolute(path: str) -> str:

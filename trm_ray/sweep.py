@@ -26,7 +26,7 @@ from ray.train import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from trm_ray import spectrum
-from trm_ray.cli import trial_cpus
+from trm_ray.cli import trial_resources
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
 from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
@@ -105,22 +105,37 @@ def should_resume(exp_dir: str, cfg: Config, overwrite: bool) -> bool:
     return True
 
 
-def trials_that_fit(cfg: Config) -> int | None:
-    """On a local Ray: how many trials run at once with their workers (one CPU left for Ray Data's reads).
+def trials_that_fit(cfg: Config, total: dict[str, float]) -> int | None:
+    """On a local Ray with `total` resources: how many trials run at once with their workers, counted on
+    every resource a trial holds (CPUs, GPUs, ...; one CPU left for Ray Data's reads).
 
-    More would take the CPUs their own workers wait for, until Train's worker-group start times out.
+    Tune starts a trial on its function's one CPU, and Train asks for the workers' GPUs only when it
+    builds the worker group: more trials than the GPUs hold would wait there until Train's start
+    timeout fails them. Capped here, the rest wait in Tune's queue and start as others finish.
     On a cluster (--address) none: its autoscaler adds nodes for what is pending."""
-    import ray
-
     if cfg.address:
         return None
-    total = ray.cluster_resources()
-    if trial_cpus(cfg) + 1 > total.get("CPU", 0) or (cfg.use_gpu and cfg.num_workers > total.get("GPU", 0)):
-        raise UserError(f"a trial needs {trial_cpus(cfg) + 1} CPUs (Tune, {cfg.num_workers} worker(s), Ray Data)"
-                        f"{f' and {cfg.num_workers} GPUs' if cfg.use_gpu else ''}, "
-                        f"the local Ray has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs: "
-                        "pass --num_cpus, fewer --num_workers, or --no_use_gpu")
-    return max(1, int(total.get("CPU", 0) - 1) // trial_cpus(cfg))
+    need = trial_resources(cfg)
+    spare = {name: total.get(name, 0) - (1 if name == "CPU" else 0) for name in need}
+    if any(spare[name] < amount for name, amount in need.items()):
+        wants = ", ".join(f"{amount:g} {name}" for name, amount in sorted(need.items()))
+        has = ", ".join(f"{total.get(name, 0):g} {name}" for name in sorted(need))
+        raise UserError(f"a trial needs {wants} (its Tune function and {cfg.num_workers} worker(s)) and 1 more CPU for "
+                        f"Ray Data; the local Ray has {has}: pass --num_cpus, fewer --num_workers, or --no_use_gpu")
+    return min(int(spare[name] // amount) for name, amount in need.items() if amount > 0)
+
+
+def remove_left_placement_groups() -> None:
+    """Remove the placement groups this sweep's trials left: a trial ASHA stopped or that was killed takes its
+    Train controller with it, and what the controller had reserved for its workers would stay held (and
+    starve whatever runs next on the Ray) if Train's own cleaner missed it."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_placement_groups
+
+    job = ray.get_runtime_context().get_job_id()
+    for group in list_placement_groups(filters=[("creator_job_id", "=", job), ("state", "!=", "REMOVED")], limit=10_000):
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))))
 
 
 def trial_name(t: Any) -> str:
@@ -191,12 +206,14 @@ def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, in
 
 
 def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[str, Any]]:
+    import ray
     from ray import tune
 
     # Absolute paths: trials and tasks run in other working directories.
     cfg = dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir),
                               model_name=model_id(cfg.model_name))
-    concurrent = trials_that_fit(cfg)  # before anything runs: a trial that can never start is refused now
+    # Before anything runs: a trial that can never start is refused now.
+    concurrent = trials_that_fit(cfg, ray.cluster_resources())
     manifest, counts, limit = prepare(cfg)
     d_model = manifest["hidden_size"]
     print(f"sweep: D={d_model}, D' in {cfg.d_values}; {counts['train_tokens']:,} train tokens "
@@ -220,7 +237,7 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
                    "learning_rate": tune.grid_search(cfg.sweep_learning_rates or [cfg.learning_rate])}
     tokens_per_epoch = counts["train_tokens"] - cfg.num_workers  # an equal split across workers drops a row or so
     scheduler = PerWidthASHA(
-        time_attr="tokens_seen", metric=cfg.rank_metric, mode="min" if cfg.rank_metric in LOWER_IS_BETTER else "max",
+        rungs_path=os.path.join(exp_dir, "asha_rungs.json"), time_attr="tokens_seen", metric=cfg.rank_metric, mode="min" if cfg.rank_metric in LOWER_IS_BETTER else "max",
         max_t=cfg.num_epochs * tokens_per_epoch, grace_period=min(cfg.grace_period, cfg.num_epochs) * tokens_per_epoch,
         reduction_factor=2,
         stop_last_trials=False,  # the default kills the survivors at max_t before they finish cleanly
@@ -242,6 +259,7 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
     grid = tuner.fit()
+    remove_left_placement_groups()
     rows = export_results(grid, cfg, manifest, CHECKPOINT_FILE, limit)
     print_table(rows, cfg)
     print_regions(rows, manifest)
@@ -276,7 +294,7 @@ def command_config(args: Any) -> Config:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trm_ray.cli import connect, run_cli
+    from trm_ray.cli import check_before_ray, connect, run_cli
 
     parser = build_parser("python -m trm_ray.sweep", __doc__.splitlines()[0])
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run's results in --output_dir.")
@@ -286,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     def main_() -> None:
         args = parser.parse_args(argv)
         cfg = command_config(args)
+        check_before_ray(cfg)
         prepare_wandb(cfg)
         connect(cfg)
         command = shlex.join(["python", "-m", "trm_ray.sweep", *(sys.argv[1:] if argv is None else argv)])

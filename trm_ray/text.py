@@ -87,13 +87,18 @@ def _record(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
+def check_dataset(dataset: str) -> None:
+    """A local dataset that is not there (a hub id is looked up when it is read)."""
+    if not os.path.exists(dataset) and looks_like_path(dataset):
+        raise UserError(f"dataset {dataset} does not exist: give an existing file or directory, or a hub dataset id")
+
+
 def read_records(cfg: Config) -> Iterable[dict[str, Any]]:
     """Records from local files, or streamed from the hub (nothing is downloaded whole)."""
+    check_dataset(cfg.dataset)
     if os.path.exists(cfg.dataset):
         for path in _local_files(cfg.dataset):
             yield from _records_from_file(path)
-    elif looks_like_path(cfg.dataset):
-        raise UserError(f"dataset {cfg.dataset} does not exist: give an existing file or directory, or a hub dataset id")
     else:
         import datasets
 

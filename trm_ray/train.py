@@ -369,6 +369,13 @@ def save_best(path: str, best: dict[str, Any], config: dict[str, Any]) -> None:
     save_checkpoint(path, best["state"], config, best[score], {k: v for k, v in best.items() if k != "state"})
 
 
+def scaling_config(cfg: Config) -> Any:
+    """The trial's workers and what each asks for (also what the sweep counts to decide how many trials fit)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu)
+
+
 def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[Any] | None = None) -> Any:
     """The TorchTrainer for one D': scaling, data, checkpointing, all in one visible place."""
     import ray.train
@@ -386,7 +393,7 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
     return TorchTrainer(
         functools.partial(train_loop_per_worker, train=train),
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=scaling_config(cfg),
         datasets={"val": val},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=ray.train.RunConfig(
