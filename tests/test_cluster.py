@@ -74,6 +74,19 @@ def three_nodes(ray_cluster, monkeypatch):
     proc.wait(timeout=120)
 
 
+def submit_when_an_agent_is_up(client, entrypoint, wait_s=120):
+    """Submit the job; the nodes' dashboard agents, which run jobs, come up after the head answers (on a
+    loaded machine, tens of seconds later), and until then Ray refuses with "No available agent"."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, metadata={"trm_ray": "quickstart sweep"})
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(3)
+
+
 def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_nodes, shards, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
@@ -88,7 +101,7 @@ def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_n
     with pytest.raises(urllib.error.HTTPError, match="401"):  # token authentication is on
         urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
     client = JobSubmissionClient(url)
-    job = client.submit_job(entrypoint=entrypoint, metadata={"trm_ray": "quickstart sweep"})
+    job = submit_when_an_agent_is_up(client, entrypoint)
     deadline = time.time() + 600
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, "the job did not finish in 10 minutes"
