@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             os.makedirs(out / f"d{d}", exist_ok=True)
             shutil.copy(path, out / f"d{d}" / "stage1a_best.pt")
         trained[f"1b {mode}"] = sweep(stage1b | dict(keep_tokens=mode, output_dir=str(out), exclude_first_token=False,
-                                                     shards_dir=str(work / f"shards-1b-{mode}")))
+                                                     shards_dir=str(work / f"shards-1b-{mode}")))  # phase 2 reads the first token
     cfg = make_config(stage1b)
     held_out = str(work / "shards-1b-phase2")
     pca_mse = {r: spectrum.load_or_compute(held_out, cfg.val_fraction, cfg.seed, region=r)["pca_mse"] for r in ("context", "close")}
