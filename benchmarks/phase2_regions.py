@@ -14,7 +14,7 @@ real chat template (tests/data/smollm3_chat_template.jinja: the system block wit
 (`conversations`): the user turn is a paragraph's first sentence, the assistant's content
 `<think>\\n{the sentences after it, ~450-700 characters}\\n</think>\\n{the next sentence}`.
 
-    python -m benchmarks.phase2_regions      # 160 conversations, D' 32/64/128: ~10 minutes on 2 busy cores
+    python -m benchmarks.phase2_regions      # 160 conversations, D' 32/64/128: ~17 minutes on 2 cores at load 3-9
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from benchmarks.common import machine
@@ -40,6 +39,7 @@ from trm_ray.downstream import split_tables
 from trm_ray.regions import measure_regions
 from trm_ray.shards import decode_hidden
 from trm_ray.sweep import run
+from trm_ray.text import REGIONS
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "tests" / "data" / "smollm3_chat_template.jinja"
 D_VALUES = [32, 64, 128]
@@ -91,7 +91,7 @@ def first_token_rows(shards_dir: str, cfg: Config) -> tuple[torch.Tensor, torch.
     for t in split_tables(shards_dir, cfg.val_fraction, cfg.seed):
         x, pos, region = decode_hidden(t["hidden"]), t["position"].to_numpy(), t["region"].to_numpy()
         first.append(x[torch.from_numpy(pos == 0)])
-        rest.append(x[torch.from_numpy((pos > 0) & (region == 0))])
+        rest.append(x[torch.from_numpy((pos > 0) & (region == REGIONS.index("context")))])
     return torch.cat(first), torch.cat(rest)
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             os.makedirs(out / f"d{d}", exist_ok=True)
             shutil.copy(path, out / f"d{d}" / "stage1a_best.pt")
         trained[f"1b {mode}"] = sweep(stage1b | dict(keep_tokens=mode, output_dir=str(out), exclude_first_token=False,
-                                                     shards_dir=str(work / f"shards-1b-{mode}")))
+                                                     shards_dir=str(work / f"shards-1b-{mode}")))  # phase 2 reads the first token
     cfg = make_config(stage1b)
     held_out = str(work / "shards-1b-phase2")
     pca_mse = {r: spectrum.load_or_compute(held_out, cfg.val_fraction, cfg.seed, region=r)["pca_mse"] for r in ("context", "close")}
@@ -156,24 +156,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(machine(load))
     print(f"{'D_prime':>8} {'trained on':>12} {'ctx_mse':>10} {'ctx_cos':>8} {'ctx_pca_eff':>11} {'close_cos':>9} "
           f"{'close_KL':>9} {'pca_KL':>9} {'top1':>6} {'pca_top1':>8} {'first_cos':>9}")
-    figures = {}
+    figures, first = {}, {(name, d): score(DimensionCompressor.from_checkpoint(path), x0)
+                          for name, ckpts in trained.items() for d, path in ckpts.items()}
     for d in D_VALUES:
         for name, s in scores.items():
             m = s[d]
-            first = score(DimensionCompressor.from_checkpoint(trained[name][d]), x0)
             print(f"{d:>8} {name:>12} {m['context_mse']:>10.4g} {m['context_cosine_similarity']:>8.4f} "
                   f"{m['context_pca_efficiency']:>11.4f} {m['close_cosine_similarity']:>9.4f} {m['close_downstream_kl']:>9.4g} "
                   f"{m['close_pca_downstream_kl']:>9.4g} {m['close_top1_agreement']:>6.3f} {m['close_pca_top1_agreement']:>8.3f} "
-                  f"{first['cos']:>9.4f}")
-            figures.update({f"{name}/d{d}/{k}": v for k, v in m.items()} | {f"{name}/d{d}/first_cos": first["cos"]})
+                  f"{first[name, d]['cos']:>9.4f}")
+            figures.update({f"{name}/d{d}/{k}": v for k, v in m.items()} | {f"{name}/d{d}/first_cos": first[name, d]["cos"]})
     norms = torch.linalg.vector_norm(rest, dim=-1)
     print(f"\nfirst token: {len(x0)} held-out states, spread {float((x0 - x0[0]).norm(dim=-1).max()):.3g} "
           f"(one state: position 0 sees only itself), norm {float(x0[0].norm()):.4g} vs median context norm "
           f"{float(norms.median()):.4g}; mse / cosine of the exported compressors on it:")
     for d in D_VALUES:
-        print(f"{d:>8} " + "  ".join(f"{name}: {score(DimensionCompressor.from_checkpoint(trained[name][d]), x0)['mse']:.4g} / "
-                                      f"{score(DimensionCompressor.from_checkpoint(trained[name][d]), x0)['cos']:.4f}"
-                                      for name in trained))
+        print(f"{d:>8} " + "  ".join(f"{name}: {first[name, d]['mse']:.4g} / {first[name, d]['cos']:.4f}" for name in trained))
     print("\nPCA of phase 2's training rows, with or without the first tokens among them "
           "(the MSE optimum the 1b trainer approaches):")
     print(f"{'first':>8} {'D_prime':>8} {'first_mse':>11} {'first_cos':>9} {'ctx_mse':>11} {'ctx_cos':>9}   (context: positions > 0)")

@@ -67,15 +67,16 @@ def test_phase2_shards_record_each_rows_region(stage1b):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
     manifest = read_manifest(cfg.shards_path)
     assert manifest["keep_tokens"] == "phase2" and manifest["regions"] == list(REGIONS)
+    assert manifest["exclude_first_token"] is False  # phase2's default: the first token is kept
     table = pq.read_table(shard_paths(cfg.shards_path, manifest)[0])
     docs = read_documents(cfg)
     close_id = tokenizer.convert_tokens_to_ids("</think>")
     for doc in (0, 5, 39):
         rows = table.filter(pa.compute.equal(table["doc_id"], doc))
         region, tokens = rows["region"].to_numpy(), rows["token_id"].to_numpy()
-        # The rendered conversation up to the assistant's <think>, less the first token (--exclude_first_token).
+        # The rendered conversation up to the assistant's <think>, its first token too (phase 2 compresses it).
         render = tokenizer.apply_chat_template(docs[doc], tokenize=False, enable_thinking=True)
-        context = tokenizer(render.split("<think>")[0], add_special_tokens=False)["input_ids"][1:]
+        context = tokenizer(render.split("<think>")[0], add_special_tokens=False)["input_ids"]
         assert tokens[region == REGIONS.index("context")].tolist() == context
         assert tokens[region == REGIONS.index("close")].tolist() == [close_id]
         full = tokenizer(render, add_special_tokens=False)["input_ids"]

@@ -53,14 +53,16 @@ class Config:
     dataset_split: str = _f("train", "Hub dataset split to stream.")
     text_field: str = _f("text", "Column or JSON key that holds the text (stage 1a).")
     messages_field: str = _f("messages", "Column or JSON key that holds the conversation (stage 1b): a list of {role, content}, or ShareGPT {from, value} with human/gpt/system (converted).")
-    keep_tokens: str = _f("thinking", "Stage 1b: which tokens of each conversation reach the shards: phase2 (what LLM-TRM's phase 2 compresses: "
+    keep_tokens: str = _f("phase2", "Stage 1b: which tokens of each conversation reach the shards: phase2 (what LLM-TRM's phase 2 compresses: "
                              "every token before the opening marker of the first assistant turn that thinks, and the state at the end of its "
                              "closing marker), thinking (the thinking spans of assistant turns, between --think_markers), or all.")
     think_markers: list[str] = _f(["<think>", "</think>"], "Stage 1b: the two strings that open and close a thinking span in an assistant turn's content, e.g. <|begin_of_thought|> <|end_of_thought|>.")
     chat_date: str = _f("2025-07-08", "Stage 1b: the date (YYYY-MM-DD) a chat template reading strftime_now writes (SmolLM3's 'Today Date'), pinned so that the rendered prompt, and so the hidden states, do not change with the day extraction runs.")
     num_samples: int = _f(50000, "Number of documents to extract.")
     max_seq_length: int = _f(512, "Tokens per document kept (longer ones are truncated).")
-    exclude_first_token: bool = _f(True, "Leave each sequence's first token (an attention sink with an outsized norm) out of the shards.", negative="keep_first_token")
+    exclude_first_token: bool | None = _f(None, "Leave each sequence's first token (an attention sink with an outsized norm) out of the shards; "
+                                               "default: left out, except with --stage 1b --keep_tokens phase2 (phase 2 compresses it too, "
+                                               "and compressors that never saw it reconstruct it poorly: benchmarks/RESULTS.md).", negative="keep_first_token")
     outlier_norm_factor: float = _f(0.0, "Drop tokens whose hidden-state norm exceeds this multiple of the shard's median norm (0: keep all).")
     # --- extraction -----------------------------------------------------------------------
     shards_dir: str | None = _f(None, "Where the hidden-state shards live; default <output_dir>/shards/stage<stage>.")
@@ -139,6 +141,8 @@ class Config:
                             f"it needs --layer -1, not {self.layer}")
         if self.keep_tokens not in ("phase2", "thinking", "all"):
             raise UserError(f"keep_tokens must be phase2, thinking or all, got {self.keep_tokens!r}")
+        if self.exclude_first_token is None:
+            self.exclude_first_token = self.kept_tokens != "phase2"
         if len(self.think_markers) != 2 or not all(self.think_markers) or self.think_markers[0] == self.think_markers[1]:
             raise UserError(f"think_markers must be two different non-empty strings (open, close), got {self.think_markers!r}")
         try:

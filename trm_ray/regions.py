@@ -44,7 +44,7 @@ def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed:
     close = []
     for table in split_tables(shards_dir, val_fraction, seed):
         x = decode_hidden(table["hidden"]).to(device)
-        region = torch.from_numpy(table["region"].to_numpy()).to(device)
+        region = torch.tensor(table["region"].to_numpy(), device=device)
         for d, model in models.items():
             x_hat = model(x)
             for r, code in codes.items():
@@ -97,7 +97,7 @@ def print_regions(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
     print("\nvalidation by region (pca_eff against the region's own PCA limit; KL and top1 at the closing state):\n"
           + head + "\n" + "-" * len(head))
     for r in done:
-        for g in regions:
+        for g in (g for g in regions if f"{g}_mse" in r):  # a region may have no validation rows
             kl = (f"{r['close_downstream_kl']:>9.3g} {r['close_pca_downstream_kl']:>9.3g} {r['close_top1_agreement']:>6.3f}"
                   if g == "close" and "close_downstream_kl" in r else "")
             print(f"{r['d_compressed']:>8} {g:>10} {r[f'{g}_tokens']:>8,} {r[f'{g}_mse']:>11.4g} "
