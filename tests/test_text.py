@@ -169,3 +169,19 @@ def test_a_template_that_drops_the_thinking_is_named_in_the_error():
 def test_an_unquoted_chat_date_in_yaml_is_read_as_the_date(tmp_path):
     (tmp_path / "run.yaml").write_text("stage: 1b\nchat_date: 2024-01-02\n")  # YAML reads it as a datetime.date
     assert make_config(load_yaml(tmp_path / "run.yaml")).chat_date == "2024-01-02"
+
+
+def test_stage_1b_summary_tokenizes_one_shard_of_conversations_at_a_time(smollm3_tokenizer, monkeypatch):
+    import trm_ray.extract as extract_mod
+
+    convs = make_conversations(50)
+    cfg = stage1b(docs_per_shard=8, max_seq_length=48)
+    sizes = []
+
+    def recording(tokenizer, docs, cfg):
+        sizes.append(len(docs))
+        return tokenize(tokenizer, docs, cfg)
+
+    monkeypatch.setattr(extract_mod, "tokenize", recording)
+    assert extract_mod.summarize(smollm3_tokenizer, convs, cfg) == thinking_summary(tokenize(smollm3_tokenizer, convs, cfg), cfg)
+    assert sizes == [8] * 6 + [2]  # never every conversation's tokens and offsets at once

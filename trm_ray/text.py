@@ -273,15 +273,18 @@ def tokenize(tokenizer: Any, docs: list[Any], cfg: Config) -> Tokenized:
     return out
 
 
-def thinking_summary(tok: Tokenized, cfg: Config) -> str:
-    """One line on what stage 1b keeps; a UserError when no conversation has thinking to keep."""
-    n, found = len(tok.ids), sum(tok.has_thinking)
+def thinking_summary(tok: Tokenized | Iterable[Tokenized], cfg: Config) -> str:
+    """One line on what stage 1b keeps; a UserError when no conversation has thinking to keep.
+    Given the conversations' tokens in parts (`extract.summarize`), it holds one part at a time."""
+    n = found = cut = dropped = kept = 0
+    for part in [tok] if isinstance(tok, Tokenized) else tok:
+        n, found, cut, dropped = n + len(part.ids), found + sum(part.has_thinking), cut + sum(part.cut), dropped + sum(part.dropped)
+        kept += sum(int(k.sum()) for k, t in zip(part.keeps, part.has_thinking) if t)
     where = f"{' ... '.join(cfg.think_markers)} in the assistant turns of the {cfg.messages_field!r} field"
-    dropped = f"; the chat template leaves out the thinking of {sum(tok.dropped)}" if any(tok.dropped) else ""
+    dropped_text = f"; the chat template leaves out the thinking of {dropped}" if dropped else ""
     if found == 0 and cfg.kept_tokens == "thinking":
-        raise UserError(f"none of the {n} conversations has a thinking span ({where}){dropped}: "
+        raise UserError(f"none of the {n} conversations has a thinking span ({where}){dropped_text}: "
                         "set --think_markers or --messages_field, or pass --keep_tokens all")
-    kept = sum(int(k.sum()) for k, t in zip(tok.keeps, tok.has_thinking) if t)
     return (f"{n} conversations read, {found} with a thinking span ({where}), "
-            f"{sum(tok.cut)} with it cut by max_seq_length {cfg.max_seq_length}, "
-            f"{kept / max(found, 1):,.1f} kept tokens per conversation with a span{dropped}")
+            f"{cut} with it cut by max_seq_length {cfg.max_seq_length}, "
+            f"{kept / max(found, 1):,.1f} kept tokens per conversation with a span{dropped_text}")
