@@ -43,7 +43,9 @@ def smollm3_tokenizer():
 
 
 def stage1b(**values):
-    return make_config({"stage": "1b", "model_name": "smollm3-template", "max_seq_length": 1024, **values})
+    """Stage 1b in the reasoning-span mode unless told otherwise (most of what is checked here is its spans)."""
+    return make_config({"stage": "1b", "model_name": "smollm3-template", "max_seq_length": 1024, "keep_tokens": "thinking",
+                        **values})
 
 
 def span_ids(tokenizer, conversation, markers=("<think>", "</think>")):
@@ -197,3 +199,48 @@ def test_phase2_mode_keeps_the_context_before_the_assistants_think_and_the_state
     thinking = tokenize(tok, [TWO_ROUNDS], stage1b())
     assert set(thinking.regions[0][thinking.keeps[0]].tolist()) == {REGIONS.index("reasoning")}
     assert np.asarray(thinking.ids[0])[thinking.keeps[0]].tolist() == span_ids(tok, TWO_ROUNDS)
+
+
+def byte_level_bpe(chat_template: str, texts: list[str]):
+    """A GPT-2-style byte-level BPE (SmolLM3's kind: tokens are bytes merged, so a character can be split across
+    tokens), trained here on `texts`; the chat markers are single special tokens, as in SmolLM3's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", chat_template=chat_template,
+                                   additional_special_tokens=specials[:4])
+
+
+def test_a_byte_level_bpe_keeps_exactly_the_reasoning_tokens_also_of_characters_split_across_bytes():
+    # Multi-byte characters (×, →, é, an emoji) become several byte tokens that share one character offset.
+    convs = [PLAIN, TWO_ROUNDS, [
+        {"role": "user", "content": "combien font 3 × 4 ?"},
+        {"role": "assistant", "content": "<think>\n3 × 4 → 12, déjà vu 😀 .\n</think>\nla réponse est 12 ."}]]
+    texts = [SMOLLM3_TEMPLATE] + [m["content"] for c in convs for m in c]
+    tok = byte_level_bpe(SMOLLM3_TEMPLATE, texts)
+    out = tokenize(tok, convs, stage1b())
+    assert any(len(tok(ch, add_special_tokens=False)["input_ids"]) > 1 for ch in "×→é😀")  # really split
+    for conv, ids, keep in zip(convs, out.ids, out.keeps):
+        assert np.asarray(ids)[keep].tolist() == span_ids(tok, conv)
+
+
+def test_stage_1b_summary_tokenizes_one_shard_of_conversations_at_a_time(smollm3_tokenizer, monkeypatch):
+    import trm_ray.extract as extract_mod
+
+    convs = make_conversations(50)
+    cfg = stage1b(docs_per_shard=8, max_seq_length=48)
+    sizes = []
+
+    def recording(tokenizer, docs, cfg):
+        sizes.append(len(docs))
+        return tokenize(tokenizer, docs, cfg)
+
+    monkeypatch.setattr(extract_mod, "tokenize", recording)
+    assert extract_mod.summarize(smollm3_tokenizer, convs, cfg) == thinking_summary(tokenize(smollm3_tokenizer, convs, cfg), cfg)
+    assert sizes == [8] * 6 + [2]  # never every conversation's tokens and offsets at once

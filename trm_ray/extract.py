@@ -422,6 +422,13 @@ def check_disk(cfg: Config, shards_dir: str, need: int) -> None:
     print(f"extract: shards will take at most {need / 2**30:,.3f} GiB ({where})", flush=True)
 
 
+def summarize(tokenizer: Any, docs: list[Any], cfg: Config) -> str:
+    """Stage 1b's `thinking_summary`, tokenizing one shard's conversations at a time: every conversation's
+    tokens and offsets at once would hold ~3 GB in the driver at 4,000 conversations of 8k tokens."""
+    n = cfg.docs_per_shard
+    return thinking_summary((tokenize(tokenizer, docs[i:i + n], cfg) for i in range(0, len(docs), n)), cfg)
+
+
 def extract(cfg: Config) -> dict[str, Any]:
     """Make sure complete shards for `cfg` exist; returns their manifest."""
     import ray
@@ -448,7 +455,7 @@ def extract(cfg: Config) -> dict[str, Any]:
 
     docs = read_documents(cfg)
     if tokenizer is not None:  # before any model is loaded: a corpus without thinking fails here
-        print(f"extract: {thinking_summary(tokenize(tokenizer, docs, cfg), cfg)}", flush=True)
+        print(f"extract: {summarize(tokenizer, docs, cfg)}", flush=True)
     check_writable(shards_dir, "shards_dir")  # an unwritable one would read as a disk with 0 GiB free
     check_disk(cfg, shards_dir, len(docs) * cfg.max_seq_length * hidden_size * value_bytes(storage_dtype))
     write_json(posixpath.join(shards_dir, "extraction.json"), settings)

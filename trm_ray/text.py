@@ -346,18 +346,21 @@ def tokenize(tokenizer: Any, docs: list[Any], cfg: Config) -> Tokenized:
     return out
 
 
-def thinking_summary(tok: Tokenized, cfg: Config) -> str:
-    """One line on what stage 1b keeps; a UserError when no conversation has thinking to keep."""
-    n, found = len(tok.ids), sum(tok.has_thinking)
+def thinking_summary(tok: Tokenized | Iterable[Tokenized], cfg: Config) -> str:
+    """One line on what stage 1b keeps; a UserError when no conversation has thinking to keep.
+    Given the conversations' tokens in parts (`extract.summarize`), it holds one part at a time."""
+    n = found = cut = dropped = kept = closes = 0
+    for part in [tok] if isinstance(tok, Tokenized) else tok:
+        n, found, cut, dropped = n + len(part.ids), found + sum(part.has_thinking), cut + sum(part.cut), dropped + sum(part.dropped)
+        kept += sum(int(k.sum()) for k, t in zip(part.keeps, part.has_thinking) if t)
+        closes += sum(bool((r == REGIONS.index("close")).any()) for r in part.regions or [])
     where = f"{' ... '.join(cfg.think_markers)} in the assistant turns of the {cfg.messages_field!r} field"
-    dropped = f"; the chat template leaves out the thinking of {sum(tok.dropped)}" if any(tok.dropped) else ""
+    dropped_text = f"; the chat template leaves out the thinking of {dropped}" if dropped else ""
     if found == 0 and cfg.kept_tokens != "all":
-        raise UserError(f"none of the {n} conversations has a thinking span ({where}){dropped}: "
+        raise UserError(f"none of the {n} conversations has a thinking span ({where}){dropped_text}: "
                         "set --think_markers or --messages_field, or pass --keep_tokens all")
-    kept = sum(int(k.sum()) for k, t in zip(tok.keeps, tok.has_thinking) if t)
     what = "phase 2's regions" if cfg.kept_tokens == "phase2" else "it"
-    closes = sum(bool((r == REGIONS.index("close")).any()) for r in tok.regions or [])
     closed = f", {closes} with the closing marker's state (phase 2's target)" if cfg.kept_tokens == "phase2" else ""
     return (f"{n} conversations read, {found} with a thinking span ({where}), "
-            f"{sum(tok.cut)} with {what} cut by max_seq_length {cfg.max_seq_length}{closed}, "
-            f"{kept / max(found, 1):,.1f} kept tokens per conversation with a span{dropped}")
+            f"{cut} with {what} cut by max_seq_length {cfg.max_seq_length}{closed}, "
+            f"{kept / max(found, 1):,.1f} kept tokens per conversation with a span{dropped_text}")
