@@ -43,7 +43,8 @@ def smollm3_tokenizer():
 
 
 def stage1b(**values):
-    return make_config({"stage": "1b", "model_name": "smollm3-template", "max_seq_length": 1024, **values})
+    """Stage 1b keeping the reasoning spans, unless `values` say otherwise."""
+    return make_config({"stage": "1b", "model_name": "smollm3-template", "max_seq_length": 1024, "keep_tokens": "thinking", **values})
 
 
 def span_ids(tokenizer, conversation, markers=("<think>", "</think>")):
