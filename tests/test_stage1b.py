@@ -92,7 +92,7 @@ def test_stage_1b_rows_carry_per_region_metrics_equal_to_a_direct_computation(st
     x, region = decode_hidden(table["hidden"]).double(), table["region"].to_numpy()
     head = AutoModelForCausalLM.from_pretrained(cfg.model_name).get_output_embeddings().weight.double()
     for row in rows:
-        w = DimensionCompressor.from_checkpoint(row["checkpoint"]).weight.double()
+        w = DimensionCompressor.from_checkpoint(row["checkpoint"]).weight.detach().double()
         for name in ("context", "close"):
             train, held_out = x[~val & (region == REGIONS.index(name))], x[val & (region == REGIONS.index(name))]
             rec = held_out @ w.T @ w
