@@ -32,7 +32,7 @@ from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
 from trm_ray.extract import extract, hidden_size_of, model_id
 from trm_ray.report import exclusions, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
-from trm_ray.shards import absolute, exists, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
+from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
 from trm_ray.train import CHECKPOINT_FILE, make_trainer, run_label, trial_config
 
