@@ -31,7 +31,7 @@ from benchmarks.common import bare_trainer, machine, print_ratio, read_train_row
 from trm_ray.cli import connect
 from trm_ray.compressor import orthonormality_error
 from trm_ray.config import Config, make_config
-from trm_ray.downstream import load_lm_head, next_token_damage, validation_rows
+from trm_ray.downstream import load_lm_head, next_token_damage, start_basis, validation_rows
 from trm_ray.extract import extract
 from trm_ray.quickstart import write_assets
 from trm_ray.spectrum import eigenvectors, training_mean
@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         val, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed)
         lm_head = load_lm_head(cfg.model_name, torch.device("cpu"))
         vecs = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed).float()
-        fisher = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher").float()  # the KL trials' start
         with one_thread():
             for d in cfg.sweep_d_values:
                 model, kl_s, mse_s = train_and_time(cfg, d, x, lm_head)
                 with torch.no_grad():
                     trained = next_token_damage(lm_head, val, targets, model)
                     pca = next_token_damage(lm_head, val, targets, lambda h: h @ vecs[:, :d] @ vecs[:, :d].T)
-                    fisher_kl = next_token_damage(lm_head, val, targets, lambda h: h @ fisher[:, :d] @ fisher[:, :d].T)["kl"]
+                    start = start_basis(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher", d).float()  # the KL trials' start
+                    fisher_kl = next_token_damage(lm_head, val, targets, lambda h: h @ start @ start.T)["kl"]
                     mse = evaluate(model, [val], training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))["mse"]
                 rows.append((d, limit["pca_downstream_kl"][str(d)], pca, trained, limit["pca_mse"][d], mse,
                              orthonormality_error(model.weight), fisher_kl))

@@ -1,16 +1,19 @@
 """--objective kl / mse+kl: the compressor trained on what phase 2 reads, the LM head's next-token distribution."""
 
 import dataclasses
+import io
+import shutil
 
 import pytest
 import torch
 
-from trm_ray import downstream
+from trm_ray import downstream, spectrum, sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
-from trm_ray.downstream import load_lm_head, mean_fisher, next_token_damage, next_token_kl, validation_rows
-from trm_ray.shards import load_splits
-from trm_ray.spectrum import eigenvectors, training_mean
+from trm_ray.downstream import (fisher_basis, load_lm_head, mean_fisher, next_token_damage, next_token_kl, quadratic_kl,
+                                start_basis, store_fisher_start, validation_rows)
+from trm_ray.shards import MANIFEST, load_splits, read_json, write_bytes, write_json
+from trm_ray.spectrum import eigenvectors, manifest_key, spectrum_files, training_mean
 from trm_ray.sweep import limits
 from trm_ray.train import evaluate, hidden_batches, initial_model, objective_loss
 
@@ -90,7 +93,13 @@ def test_the_mean_fisher_information_gives_the_kl_of_a_small_step_to_second_orde
         assert kl == pytest.approx(0.5 * float(v @ fisher @ v), rel=1e-3)
 
 
-def test_a_kl_sweep_starts_from_the_fisher_basis_it_stores_beside_the_spectrum(shards, head_and_rows):
+def quadratic_model(fisher, sigma, top):
+    """½ tr(F (I - P) Σ (I - P)) for P the projection onto the columns of `top`, written out."""
+    rest = torch.eye(fisher.shape[0], dtype=torch.float64) - top.double() @ top.double().T
+    return 0.5 * float(torch.trace(fisher @ rest @ sigma @ rest))
+
+
+def test_a_kl_sweep_starts_from_the_fisher_basis_and_beats_pca_on_the_quadratic_kl_of_the_training_rows(shards, head_and_rows):
     lm_head, hidden, targets = head_and_rows
     cfg = make_config({"objective": "kl", "shards_dir": shards.shards_path, "model_name": shards.model_name,
                        "val_fraction": shards.val_fraction, "seed": shards.seed, "d_compressed": 16})
@@ -98,13 +107,45 @@ def test_a_kl_sweep_starts_from_the_fisher_basis_it_stores_beside_the_spectrum(s
     reference = limits(cfg)["pca_downstream_kl"]
     basis = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher")
     torch.testing.assert_close(basis.T @ basis, torch.eye(64, dtype=basis.dtype), atol=1e-10, rtol=0)
+    # The quadratic model on the training rows, rebuilt here: F from the head, Σ = E[xxᵀ].
+    train, _ = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    x = torch.cat(list(hidden_batches(train, 4096, torch.device("cpu")))).double()
+    fisher, _ = mean_fisher(lm_head, [x.float()])
+    sigma = x.T @ x / len(x)
+    pca = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    for d in (4, 8, 16, 32):
+        model = initial_model(dataclasses.replace(cfg, d_compressed=d), {"d_model": 64})
+        assert quadratic_model(fisher, sigma, model.weight.T) <= quadratic_model(fisher, sigma, pca[:, :d]) * (1 + 1e-3), d
     model = initial_model(cfg, {"d_model": 64})
-    torch.testing.assert_close(model.weight, basis[:, :16].T.float())
-    # Not PCA's subspace: it keeps what moves the logits, and the head reading it tells the difference.
-    fisher_kl = next_token_damage(lm_head, hidden, targets, model)["kl"]
-    pca = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :16].float()
-    assert fisher_kl != pytest.approx(next_token_damage(lm_head, hidden, targets, lambda h: h @ pca @ pca.T)["kl"], rel=1e-3)
+    torch.testing.assert_close(model.weight, basis[:, :16].T.float())  # at D'=16 the Fisher basis is the better start
+    assert quadratic_model(fisher, sigma, model.weight.T) < quadratic_model(fisher, sigma, pca[:, :16])
+    fisher_kl = next_token_damage(lm_head, hidden, targets, model)["kl"]  # and the head reading it agrees
+    pca16 = pca[:, :16].float()
+    assert fisher_kl < next_token_damage(lm_head, hidden, targets, lambda h: h @ pca16 @ pca16.T)["kl"]
     assert reference["16"] > 0
+
+
+def test_the_fisher_start_is_never_worse_than_pcas_under_the_quadratic_kl(tmp_path):
+    d, gen, raw_worse = 10, torch.Generator().manual_seed(0), 0
+    write_json(str(tmp_path / MANIFEST), {"hidden_size": d})
+    for _ in range(40):
+        a = torch.randn(d, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+        sigma = a @ a.T
+        b = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        fisher = b @ b.T / d
+        pca = torch.linalg.eigh(sigma)[1].flip(1)
+        buf = io.BytesIO()
+        torch.save({"eigenvectors": pca, "split": {"val_fraction": 0.1, "seed": 42}, "manifest": manifest_key(str(tmp_path))}, buf)
+        write_bytes(spectrum_files(str(tmp_path), 0.1, 42)[1], buf.getvalue())
+        store_fisher_start(str(tmp_path), 0.1, 42, fisher, sigma, pca, 1)
+        raw = fisher_basis(fisher, sigma)
+        curve = quadratic_kl(fisher, sigma, raw)
+        for k in range(1, d):
+            assert float(curve[k]) == pytest.approx(quadratic_model(fisher, sigma, raw[:, :k]), rel=1e-9)
+            raw_worse += quadratic_model(fisher, sigma, raw[:, :k]) > quadratic_model(fisher, sigma, pca[:, :k])
+            start = start_basis(str(tmp_path), 0.1, 42, "fisher", k)
+            assert quadratic_model(fisher, sigma, start) <= quadratic_model(fisher, sigma, pca[:, :k]) * (1 + 1e-12)
+    assert raw_worse > 0  # the orthonormalised Fisher basis alone is sometimes worse than PCA's
 
 
 @pytest.mark.parametrize("orthonormal", [True, False], ids=["orthonormal-rows", "free-rows"])
@@ -143,3 +184,25 @@ def test_the_kl_through_a_bf16_head_has_no_rounding_floor_and_matches_float64_on
     assert 5e-6 < float(exact) / n < 5e-5  # per token: below what bf16 logits resolve
     assert float(kl) == pytest.approx(float(exact), rel=0.01)
     assert float((x_hat.grad.double() - x_hat64.grad).norm() / x_hat64.grad.norm()) < 0.05
+
+
+def test_the_pca_kl_and_the_fisher_start_are_stored_once_per_shard_set_and_recomputed_for_new_shards(shards, tmp_path,
+                                                                                                     monkeypatch):
+    shards_dir = str(tmp_path / "shards")
+    shutil.copytree(shards.shards_path, shards_dir, ignore=shutil.ignore_patterns("spectrum*", "fisher*", "pca_kl*"))
+    cfg = dataclasses.replace(make_config({"objective": "kl", "model_name": shards.model_name}), shards_dir=shards_dir,
+                              val_fraction=shards.val_fraction, seed=shards.seed, sweep=True, sweep_d_values=[8, 16])
+    calls = []
+    monkeypatch.setattr(sweep, "on_a_gpu", lambda use_gpu, fn, *args: calls.append((fn.__name__, args[-1])) or fn(*args))
+    first = limits(cfg)["pca_downstream_kl"]
+    assert [name for name, _ in calls] == ["fisher_start", "pca_kl"]
+    assert limits(cfg)["pca_downstream_kl"] == first and len(calls) == 2  # a second sweep, or a resumed one
+    wider = limits(dataclasses.replace(cfg, sweep_d_values=[8, 16, 32]))["pca_downstream_kl"]
+    assert calls[2:] == [("pca_kl", [32])] and {k: wider[k] for k in first} == first
+    # Shards extracted again (here: from another revision of the model, as the manifest says) reuse none of it.
+    before = spectrum.manifest_key(shards_dir)
+    write_json(f"{shards_dir}/{MANIFEST}", {**read_json(f"{shards_dir}/{MANIFEST}"), "revision": "another"})
+    assert spectrum.stored(shards_dir, cfg.val_fraction, cfg.seed) is None
+    limits(cfg)
+    assert [name for name, _ in calls[3:]] == ["fisher_start", "pca_kl"]
+    assert spectrum.stored(shards_dir, cfg.val_fraction, cfg.seed)["manifest"] == spectrum.manifest_key(shards_dir) != before

@@ -213,13 +213,55 @@ def test_ddp_with_two_workers_matches_one_worker_at_the_same_global_batch(shards
     assert one.metrics["cosine_similarity"] > 0.95
 
 
+def ddp_steps(rank: int, world: int, port: int, batches: torch.Tensor, out: str) -> None:
+    """Train a DDP-wrapped compressor (what prepare_model makes) with trm_ray's step, each rank on its
+    share of every batch; rank 0 saves W after every step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = make_config({"init": "orthogonal", "learning_rate": 0.02})
+    torch.manual_seed(0)
+    model = DimensionCompressor(batches.shape[-1], 8)
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    optimizer = make_optimizer(model, cfg)
+    loss = objective_loss(cfg, ddp, None)
+    weights = []
+    for batch in batches:
+        optimizer_step(model, optimizer, loss, batch.chunk(world)[rank], cfg)
+        weights.append(model.weight.detach().clone())
+    if rank == 0:
+        torch.save(torch.stack(weights), out)
+    dist.destroy_process_group()
+
+
+def test_ddp_steps_equal_one_process_on_the_whole_batch_at_every_step(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    batches = torch.randn(12, 64, 32, generator=torch.Generator().manual_seed(1)) * torch.logspace(0.5, -0.5, 32)
+    runs = {}
+    for world in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(ddp_steps, args=(world, port, batches, str(tmp_path / f"w{world}.pt")), nprocs=world)
+        runs[world] = torch.load(tmp_path / f"w{world}.pt")
+    assert float((runs[1][-1] - runs[1][0]).norm()) > 0.1  # an orthogonal start: the steps move W
+    for step, (one, two) in enumerate(zip(runs[1], runs[2])):
+        torch.testing.assert_close(two, one, atol=1e-5, rtol=0, msg=f"step {step}")
+
+
 def test_the_defaults_reach_the_pca_limit_at_the_widest_d_prime_with_orthonormal_rows(shards, tmp_path):
     defaults = Config()
     result = fit(shards, tmp_path, num_workers=1, batch_size=defaults.batch_size, d_compressed=32,
                  learning_rate=defaults.learning_rate, num_epochs=defaults.num_epochs)
     best = read_checkpoint(f"{result.checkpoint.path}/compressor.pt")
-    assert result.metrics["pca_mse"] / best["best_metrics"]["mse"] >= 0.995
-    assert result.metrics["orthonormality_error"] < 1e-5
+    # The last trained epoch's own metrics: the best candidates include the PCA start itself.
+    assert result.metrics["epoch"] == defaults.num_epochs or "early stopping" in result.metrics["stop_reason"]
+    assert result.metrics["pca_mse"] / result.metrics["mse"] >= 0.995
+    assert result.metrics["orthonormality_error"] <= 1e-6
     assert best["best_metrics"]["orthonormality_error"] == pytest.approx(orthonormality_error(best["compressor"]["compress.weight"]), abs=1e-9)
 
 

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from trm_ray.compressor import DimensionCompressor
+from trm_ray.config import UserError
 from trm_ray.shards import decode_hidden, read_json, read_manifest, rows_per_block, shard_paths, side_tables, write_bytes
-from trm_ray.spectrum import eigenvectors, spectrum_files
+from trm_ray.spectrum import eigenvectors, manifest_key, spectrum_files, stored
 
 
 def split_tables(shards_dir: str, val_fraction: float, seed: int, val_side: bool = True) -> Iterator[pa.Table]:
@@ -253,13 +254,34 @@ def mean_fisher(lm_head: nn.Linear, batches: Iterable[torch.Tensor]) -> tuple[to
     return ((u.T * p_sum) @ u - pu2) / n, n
 
 
-def fisher_start(model_name: str, shards_dir: str, val_fraction: float, seed: int) -> None:
-    """Store `--init fisher`'s start beside the spectrum: orthonormal columns whose first k span, for
-    every k, PCA's subspace in the metric of the head's mean Fisher information F (`mean_fisher`).
+def fisher_basis(fisher: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns whose first k span, for every k, PCA's subspace in the metric F: F^-½
+    times the top eigenvectors of F^½ Σ F^½, orthonormalised (phase 2 needs a projection)."""
+    evals, evecs = torch.linalg.eigh((fisher + fisher.T) / 2)
+    evals = evals.clamp_min(1e-6 * float(evals.max()))  # a direction no logit reads would make F^-½ blow up
+    half, inv_half = ((evecs * evals ** e) @ evecs.T for e in (0.5, -0.5))
+    g_evals, g_vecs = torch.linalg.eigh(half @ sigma @ half)
+    return torch.linalg.qr(inv_half @ g_vecs[:, g_evals.argsort(descending=True)])[0]
 
-    Where PCA keeps the directions of most energy (Σ = E[hhᵀ], from the spectrum), this keeps those
-    that move the logits most: F^-½ times the top eigenvectors of F^½ Σ F^½, orthonormalised (phase 2
-    needs a projection). F is estimated on the first FISHER_TOKENS training rows."""
+
+def quadratic_kl(fisher: torch.Tensor, sigma: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """[D + 1]: for every k, ½ tr(F (I - P_k) Σ (I - P_k)), P_k the projection onto basis[:, :k]
+    (orthonormal columns): the mean KL of the reconstruction P_k x to second order, E[½ δᵀ F δ] with
+    δ = (I - P_k) x, F the mean Fisher information and Σ = E[xxᵀ]. In the basis's coordinates it is
+    half the sum of (F̃ ∘ Σ̃)_ij over i, j >= k, every k at once from one reversed 2-D cumulative sum."""
+    m = (basis.T @ fisher @ basis) * (basis.T @ sigma @ basis)
+    tail = m.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1).diagonal()
+    return 0.5 * torch.cat([tail, tail.new_zeros(1)])
+
+
+def fisher_start(model_name: str, shards_dir: str, val_fraction: float, seed: int) -> None:
+    """Store `--init fisher`'s start beside the spectrum: `fisher_basis` of the head's mean Fisher
+    information F (`mean_fisher`, on the first FISHER_TOKENS training rows) and the spectrum's Σ, with
+    the quadratic KL of it and of PCA at every D' (`start_basis` starts from the better of the two).
+
+    Where PCA keeps the directions of most energy, this keeps those that move the logits most. But
+    after the QR it is the orthogonal projection onto the Fisher optimum's subspace, not the optimum
+    itself, and PCA's subspace can score better."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device, torch.float32)
 
@@ -272,17 +294,35 @@ def fisher_start(model_name: str, shards_dir: str, val_fraction: float, seed: in
                 return
 
     fisher, n = mean_fisher(lm_head, training_rows())
-    evals, evecs = torch.linalg.eigh((fisher + fisher.T) / 2)
-    evals = evals.clamp_min(1e-6 * float(evals.max()))  # a direction no logit reads would make F^-½ blow up
-    half, inv_half = ((evecs * evals ** e) @ evecs.T for e in (0.5, -0.5))
     summary = read_json(spectrum_files(shards_dir, val_fraction, seed)[0])
     vecs = eigenvectors(shards_dir, val_fraction, seed).to(device)
     sigma = (vecs * torch.tensor(summary["eigenvalues"], dtype=torch.float64, device=device)) @ vecs.T
-    g_evals, g_vecs = torch.linalg.eigh(half @ sigma @ half)
-    basis = torch.linalg.qr(inv_half @ g_vecs[:, g_evals.argsort(descending=True)])[0]
+    store_fisher_start(shards_dir, val_fraction, seed, fisher, sigma, vecs, n)
+
+
+def store_fisher_start(shards_dir: str, val_fraction: float, seed: int, fisher: torch.Tensor, sigma: torch.Tensor,
+                       pca: torch.Tensor, tokens: int) -> None:
+    """Write `fisher_basis(fisher, sigma)` and the quadratic KL of it and of `pca` at every D'."""
+    basis = fisher_basis(fisher, sigma)
+    scores = {"fisher": quadratic_kl(fisher, sigma, basis).cpu(), "pca": quadratic_kl(fisher, sigma, pca).cpu()}
     buf = io.BytesIO()
-    torch.save({"eigenvectors": basis.cpu(), "split": summary["split"], "tokens": n}, buf)
+    torch.save({"eigenvectors": basis.cpu(), "quadratic_kl": scores, "split": {"val_fraction": val_fraction, "seed": seed},
+                "tokens": tokens, "manifest": manifest_key(shards_dir)}, buf)
     write_bytes(spectrum_files(shards_dir, val_fraction, seed, "fisher")[1], buf.getvalue())
+
+
+def start_basis(shards_dir: str, val_fraction: float, seed: int, init: str, d: int) -> torch.Tensor:
+    """[D, d]: the start of `--init pca` (the top-d eigenvectors), or of `--init fisher`: the Fisher
+    basis's top d where its quadratic KL at this d is at most PCA's, else PCA's, so the Fisher start
+    is never worse than PCA's under the quadratic model of the training rows' KL."""
+    if init == "fisher":
+        found = stored(shards_dir, val_fraction, seed, "fisher")
+        if found is None or "quadratic_kl" not in found:
+            raise UserError(f"{spectrum_files(shards_dir, val_fraction, seed, 'fisher')[1]} is missing or was computed "
+                            "from other shards: a KL sweep with --init fisher computes it again")
+        if found["quadratic_kl"]["fisher"][d] <= found["quadratic_kl"]["pca"][d]:
+            return found["eigenvectors"][:, :d]
+    return eigenvectors(shards_dir, val_fraction, seed)[:, :d]
 
 
 def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:

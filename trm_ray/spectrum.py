@@ -8,7 +8,8 @@ validation documents gives the PCA reconstruction's validation MSE, explained va
 mean cosine (the cosine of the MSE-optimal reconstruction: PCA maximises the energy kept,
 not the mean cosine, so a trained compressor may score a hair above it). Stored
 beside the shards (`spectrum.json`, eigenvectors in `spectrum.pt`), computed once per shard
-set and split, reused by every trial and sweep.
+set and split, reused by every trial and sweep; stored with the manifest's key, so shards
+extracted again (another model, corpus or setting) never reuse a stale limit.
 
     python -m trm_ray.spectrum <shards_dir>
 """
@@ -16,7 +17,9 @@ set and split, reused by every trial and sweep.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import posixpath
 import sys
 from typing import Any, Callable
@@ -27,14 +30,20 @@ import pyarrow.compute as pc
 import torch
 
 from trm_ray.config import UserError
-from trm_ray.shards import (decode_hidden, read_bytes, read_json, read_manifest, rows_per_block, shard_paths, side_tables,
-                            write_bytes, write_json)
+from trm_ray.shards import (decode_hidden, exists, read_bytes, read_json, read_manifest, rows_per_block, shard_paths,
+                            side_tables, write_bytes, write_json)
 
 def spectrum_files(shards_dir: str, val_fraction: float, seed: int, name: str = "spectrum") -> tuple[str, str]:
     """<name>-val<fraction>-seed<seed>.json and .pt: one pair per split, so a spectrum computed for one
     split never stands in for another's (the PCA init and the PCA downstream KL read the .pt)."""
     stem = posixpath.join(shards_dir, f"{name}-val{val_fraction:g}-seed{seed}")
     return f"{stem}.json", f"{stem}.pt"
+
+
+def manifest_key(shards_dir: str) -> str:
+    """A digest of the shards' manifest: what every file derived from the shards (spectrum, Fisher
+    start, PCA KL) records, so that shards extracted again make them be computed again."""
+    return hashlib.sha256(json.dumps(read_manifest(shards_dir), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _moment_sums(batch: pa.Table) -> dict[str, Any]:
@@ -153,30 +162,43 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int, region: st
 
 def load_or_compute(shards_dir: str, val_fraction: float, seed: int, region: str | None = None) -> dict[str, Any]:
     """The stored spectrum of this shard set and split (of one region's rows: `spectrum-<region>-...`),
-    computed (and stored) on first use."""
+    computed (and stored) on first use, and again when the shards changed (another manifest) or it
+    predates the centred PCA references."""
     json_path, pt_path = spectrum_files(shards_dir, val_fraction, seed, f"spectrum-{region}" if region else "spectrum")
-    summary = read_json(json_path)
-    # A spectrum stored before it had the centred PCA references is computed again.
-    if summary is not None and "pca_centred_cosine_similarity" in summary:
+    summary, key = read_json(json_path), manifest_key(shards_dir)
+    if summary is not None and "pca_centred_cosine_similarity" in summary and summary.get("manifest") == key:
         return summary
     print(f"spectrum: one pass over {shards_dir}{f' ({region} rows)' if region else ''} for the second moment and its "
           "eigenvectors", flush=True)
     summary, evecs = compute_spectrum(shards_dir, val_fraction, seed, region)
+    summary["manifest"] = key
     buf = io.BytesIO()
-    torch.save({"eigenvectors": torch.from_numpy(evecs), "split": summary["split"]}, buf)
+    torch.save({"eigenvectors": torch.from_numpy(evecs), "split": summary["split"], "manifest": key}, buf)
     write_bytes(pt_path, buf.getvalue())
     write_json(json_path, summary)  # last: a spectrum's .json always has its eigenvectors beside it
     return summary
 
 
+def stored(shards_dir: str, val_fraction: float, seed: int, name: str = "spectrum") -> dict[str, Any] | None:
+    """The .pt stored for this split under `name` (eigenvectors and what else it holds), or None when
+    there is none or it was computed from other shards than these."""
+    _, pt_path = spectrum_files(shards_dir, val_fraction, seed, name)
+    if not exists(pt_path):
+        return None
+    found = torch.load(io.BytesIO(read_bytes(pt_path)), weights_only=True)
+    if found["split"] != {"val_fraction": val_fraction, "seed": seed}:  # a renamed or copied file
+        raise UserError(f"{pt_path} holds the spectrum of split {found['split']}: delete it to recompute")
+    return found if found.get("manifest") == manifest_key(shards_dir) else None
+
+
 def eigenvectors(shards_dir: str, val_fraction: float, seed: int, name: str = "spectrum") -> torch.Tensor:
     """The eigenvectors of this split's training second moment (columns, largest eigenvalue first);
     name="fisher": those of the same PCA in the LM head's Fisher metric (`downstream.fisher_start`)."""
-    _, pt_path = spectrum_files(shards_dir, val_fraction, seed, name)
-    stored = torch.load(io.BytesIO(read_bytes(pt_path)), weights_only=True)
-    if stored["split"] != {"val_fraction": val_fraction, "seed": seed}:  # a renamed or copied file
-        raise UserError(f"{pt_path} holds the spectrum of split {stored['split']}: delete it to recompute")
-    return stored["eigenvectors"]
+    found = stored(shards_dir, val_fraction, seed, name)
+    if found is None:
+        raise UserError(f"{spectrum_files(shards_dir, val_fraction, seed, name)[1]} is missing or was computed from other "
+                        "shards: a sweep computes it again (and python -m trm_ray.spectrum the spectrum)")
+    return found["eigenvectors"]
 
 
 def training_mean(shards_dir: str, val_fraction: float, seed: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from trm_ray.extract import extract, hidden_size_of, model_id
 from trm_ray.regions import print_regions
 from trm_ray.report import exclusions, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
-from trm_ray.shards import absolute, exists, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
+from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
 from trm_ray.train import CHECKPOINT_FILE, make_trainer, run_label, trial_config
 
@@ -187,18 +187,27 @@ def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]
 
 def limits(cfg: Config) -> dict[str, Any]:
     """The PCA references trials are measured against: the spectrum (mse, cosine, ... for every D'),
-    and for a KL objective the PCA reconstruction's next-token KL over the validation set, per D'."""
+    and for a KL objective the PCA reconstruction's next-token KL over the validation set, per D'.
+    The KL is stored beside the spectrum (`pca_kl-*.json`, with the manifest's key and the model), so
+    a second sweep or a resumed one computes only the D' it has not seen."""
     limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
     if cfg.objective == "mse":
         return limit
-    fisher = spectrum.spectrum_files(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher")[1]
-    if cfg.init == "fisher" and cfg.stage == "1a" and not exists(fisher):
+    if cfg.init == "fisher" and cfg.stage == "1a" and spectrum.stored(cfg.shards_path, cfg.val_fraction, cfg.seed,
+                                                                      "fisher") is None:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",
               flush=True)
         on_a_gpu(cfg.use_gpu, fisher_start, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed)
-    print("sweep: next-token KL of the PCA reconstruction of each D' on the validation set", flush=True)
-    return {**limit, "pca_downstream_kl": on_a_gpu(cfg.use_gpu, pca_kl, cfg.model_name, cfg.shards_path, cfg.val_fraction,
-                                                   cfg.seed, cfg.d_values)}
+    path = spectrum.spectrum_files(cfg.shards_path, cfg.val_fraction, cfg.seed, "pca_kl")[0]
+    key = {"manifest": limit["manifest"], "model_name": cfg.model_name}
+    cached = read_json(path) or {}
+    kl = cached.get("kl", {}) if {k: cached.get(k) for k in key} == key else {}
+    missing = [d for d in cfg.d_values if str(d) not in kl]
+    if missing:
+        print(f"sweep: next-token KL of the PCA reconstruction of D' = {missing} on the validation set", flush=True)
+        kl.update(on_a_gpu(cfg.use_gpu, pca_kl, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, missing))
+        write_json(path, {**key, "kl": kl})
+    return {**limit, "pca_downstream_kl": {str(d): kl[str(d)] for d in cfg.d_values}}
 
 
 def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],

@@ -25,9 +25,9 @@ from torch import nn
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
                                 orthonormalize_, plain_state, reconstruction_sums, save_checkpoint, tangent_part)
 from trm_ray.config import FIELDS, Config, make_config
-from trm_ray.downstream import load_lm_head, next_token_kl
+from trm_ray.downstream import load_lm_head, next_token_kl, start_basis
 from trm_ray.shards import decode_hidden, load_splits
-from trm_ray.spectrum import eigenvectors, training_mean
+from trm_ray.spectrum import training_mean
 from trm_ray.tracking import publish, tracking
 
 CHECKPOINT_FILE = "compressor.pt"  # the best compressor so far, in the seed's checkpoint format
@@ -200,14 +200,15 @@ def compile_or_eager(fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) 
 
 def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
     """Stage 1a: the --init start (orthogonal, PCA, or for a KL objective PCA in the LM head's Fisher
-    metric); stage 1b starts from the stage 1a weights of the same D and D'."""
+    metric, or PCA's where that is better: `start_basis`); stage 1b starts from the stage 1a weights
+    of the same D and D'."""
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(run["d_model"], cfg.d_compressed)
     start = cfg.init_checkpoint(cfg.d_compressed)
     if cfg.init != "orthogonal" and not start:
-        basis = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher" if cfg.init == "fisher" else "spectrum")
+        basis = start_basis(cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.init, cfg.d_compressed)
         with torch.no_grad():  # rows = the top-D' directions (for PCA, the MSE optimum itself, up to a rotation)
-            model.weight.copy_(basis[:, :cfg.d_compressed].T)
+            model.weight.copy_(basis.T)
     if start:
         ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
