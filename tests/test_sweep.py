@@ -157,6 +157,7 @@ print(f"placement groups left: {len(left)}", flush=True)
 
 
 def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shards, tmp_path):
+    import signal
     import subprocess
     import sys
 
@@ -171,12 +172,18 @@ def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shard
         log = open(tmp_path / f"sweep{i}.log", "w")
         runs.append((out, log, subprocess.Popen([sys.executable, "-c", SWEEP_THEN_COUNT_GROUPS, *argv], env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)))
-    for out, log, proc in runs:
-        try:
-            code = proc.wait(timeout=240)
-        finally:
-            proc.kill()
+    try:
+        codes = [proc.wait(timeout=240) for _, _, proc in runs]
+    finally:  # on a timeout, every driver is interrupted, which shuts its local Ray down with it
+        for _, log, proc in runs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             log.close()
+    for (out, log, proc), code in zip(runs, codes):
         text = open(log.name).read()
         assert code == 0, text[-3000:]
         assert "Found multiple active Ray instances" not in text
