@@ -103,6 +103,27 @@ def test_extraction_asks_for_the_cpus_that_are_free_and_fails_in_bounded_time_na
     assert manifest["num_docs"] == shards.num_samples
 
 
+def test_an_extraction_replica_that_keeps_dying_fails_extraction_saying_so(shards, tmp_path, ray_cluster, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray.util.state import list_actors
+
+    monkeypatch.setattr(extract_mod, "REPLICA_RESTARTS", 1)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(extract_mod.extract, dataclasses.replace(shards, shards_dir=str(tmp_path / "s")))
+        killed, deadline = set(), time.time() + 120
+        while len(killed) < 2 and not running.done():  # what a kill for memory does on every retry
+            assert time.time() < deadline, "the replica never started"
+            for actor in list_actors(address=ray_cluster.get_runtime_context().gcs_address,
+                                     filters=[("class_name", "=", "HiddenStateExtractor")]):
+                if actor.pid and actor.pid not in killed and actor.state != "DEAD":
+                    os.kill(actor.pid, signal.SIGKILL)
+                    killed.add(actor.pid)
+            time.sleep(0.05)
+        with pytest.raises(UserError, match="an extraction replica died 2 times .*lower --extract_tokens_per_batch"):
+            running.result(timeout=120)
+
+
 def test_an_interrupted_extraction_resumes_without_redoing_finished_shards(shards, tmp_path, monkeypatch):
     cfg = dataclasses.replace(shards, shards_dir=str(tmp_path / "s"))
     os.makedirs(cfg.shards_dir)
@@ -177,10 +198,11 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: Adam's moments must follow the model onto it on resume")
 
 
-@pytest.mark.parametrize("objective,use_gpu", [("mse", False), ("kl", False), pytest.param("mse", True, marks=GPU)],
-                         ids=["mse", "kl", "mse-gpu"])
+@pytest.mark.parametrize("objective,use_gpu,num_workers",
+                         [("mse", False, 1), ("kl", False, 1), ("mse", False, 2), pytest.param("mse", True, 1, marks=GPU)],
+                         ids=["mse", "kl", "ddp", "mse-gpu"])
 def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster,
-                                                                                      objective, use_gpu):
+                                                                                      objective, use_gpu, num_workers):
     from concurrent.futures import ThreadPoolExecutor
 
     from ray.util.state import list_actors
@@ -188,17 +210,17 @@ def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkp
     # An orthogonal start: weights that move every epoch.
     settings = dict(num_epochs=10, early_stopping=False, objective=objective, use_gpu=use_gpu, init="orthogonal")
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(fit, shards, tmp_path / "killed", 1, 2, **settings)
+        running = pool.submit(fit, shards, tmp_path / "killed", num_workers, 2, **settings)
         deadline = time.time() + 300
         while registered_epoch(tmp_path / "killed") < 2:
             assert time.time() < deadline and not running.done(), "the trial never registered a second checkpoint"
             time.sleep(0.05)
         workers = list_actors(address=ray_cluster.get_runtime_context().gcs_address,
                               filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        assert len(workers) == 1
-        os.kill(workers[0].pid, signal.SIGKILL)
+        assert len(workers) == num_workers
+        os.kill(workers[-1].pid, signal.SIGKILL)  # with DDP, one rank: the whole group restarts from the checkpoint
         killed = running.result(timeout=600)
-    clean = fit(shards, tmp_path / "clean", 1, 2, **settings)
+    clean = fit(shards, tmp_path / "clean", num_workers, 2, **settings)
 
     assert killed.error is None
     assert killed.metrics["epoch"] == 10

@@ -161,6 +161,7 @@ print(f"placement groups left: {len(left)}", flush=True)
 
 
 def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shards, tmp_path):
+    import signal
     import subprocess
     import sys
 
@@ -170,18 +171,23 @@ def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shard
         out = tmp_path / f"sweep{i}"
         argv = ["--model_name", shards.model_name, "--dataset", shards.dataset, "--shards_dir", shards.shards_path,
                 "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20", "--output_dir", str(out),
-                "--sweep", "--sweep_d_values", "8", "--sweep_learning_rates", "0.01", "0.5", "--num_epochs", "2",
-                "--grace_period", "1", "--batch_size", "8", "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0",
-                "--num_cpus", "3"]  # 2 CPUs a trial and 1 for Ray Data: the second learning rate queues
+                "--sweep", "--sweep_d_values", "8", "--num_epochs", "1", "--grace_period", "1", "--batch_size", "16",
+                "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0", "--num_cpus", "3"]
         log = open(tmp_path / f"sweep{i}.log", "w")
         runs.append((out, log, subprocess.Popen([sys.executable, "-c", SWEEP_THEN_COUNT_GROUPS, *argv], env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)))
-    for out, log, proc in runs:
-        try:
-            code = proc.wait(timeout=300)
-        finally:
-            proc.kill()
+    try:
+        codes = [proc.wait(timeout=240) for _, _, proc in runs]
+    finally:  # on a timeout, every driver is interrupted, which shuts its local Ray down with it
+        for _, log, proc in runs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             log.close()
+    for (out, log, proc), code in zip(runs, codes):
         text = open(log.name).read()
         assert code == 0, text[-3000:]
         assert "Found multiple active Ray instances" not in text
