@@ -61,8 +61,10 @@ def connect(cfg: Config) -> None:
         # worker and helpers), two of them on logical CPUs, and a local Ray gets more logical CPUs
         # than cores for them (local_cpus): counted against those, the warning is left for a node
         # that runs more processes than its trials do.
-        start_ray(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                  _system_config={"worker_maximum_startup_concurrency": cpus})
+        # address="local": a Ray of its own, never one that happens to run on this machine already (another
+        # sweep's, or one a RAY_ADDRESS in the environment names), which ray.init() would join instead.
+        start_ray(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                  runtime_env=runtime_env, _system_config={"worker_maximum_startup_concurrency": cpus})
     know_own_cluster()
 
 
@@ -85,8 +87,8 @@ def start_ray(**kwargs: object) -> None:
         raise
     except Exception as e:  # Ray's own start-up timeout is a bare Exception ("timed out during startup")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        where = (f"the Ray cluster at {kwargs['address']} did not answer: is it up (ray status)?" if "address" in kwargs
-                 else "the local Ray did not start in time: the machine is probably loaded, or another Ray holds its "
+        where = (f"the Ray cluster at {kwargs['address']} did not answer: is it up (ray status)?"
+                 if kwargs.get("address") != "local" else "the local Ray did not start in time: the machine is probably loaded, or another Ray holds its "
                       "ports; try again, pass fewer --num_cpus, or join a running one with --address")
         raise UserError(f"{where} ({type(e).__name__}: {first})") from e
 
