@@ -172,7 +172,7 @@ def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shard
         argv = ["--model_name", shards.model_name, "--dataset", shards.dataset, "--shards_dir", shards.shards_path,
                 "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20", "--output_dir", str(out),
                 "--sweep", "--sweep_d_values", "8", "--num_epochs", "1", "--grace_period", "1", "--batch_size", "16",
-                "--no_wandb", "--no_torch_compile", "--downstream_tokens", "0", "--num_cpus", "3"]
+                "--no_wandb", "--no_torch_compile", "--no_downstream", "--num_cpus", "3"]
         log = open(tmp_path / f"sweep{i}.log", "w")
         runs.append((out, log, subprocess.Popen([sys.executable, "-c", SWEEP_THEN_COUNT_GROUPS, *argv], env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)))

@@ -88,7 +88,7 @@ def start_ray(**kwargs: object) -> None:
     except Exception as e:  # Ray's own start-up timeout is a bare Exception ("timed out during startup")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = (f"the Ray cluster at {kwargs['address']} did not answer: is it up (ray status)?"
-                 if kwargs.get("address") != "local" else
+                 if kwargs.get("address") not in (None, "local") else
                  "the local Ray did not start in time: the machine is probably loaded, or another Ray holds its ports; "
                  "try again, pass fewer --num_cpus, or join a running one with --address")
         raise UserError(f"{where} ({type(e).__name__}: {first})") from e

@@ -40,6 +40,7 @@ def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed:
     manifest = read_manifest(shards_dir)
     codes = {r: manifest["regions"].index(r) for r in scored_regions(manifest)}
     models = {d: DimensionCompressor.from_checkpoint(path).to(device).eval() for d, path in checkpoints.items()}
+    mean = spectrum.training_mean(shards_dir, val_fraction, seed).to(device)  # the centred metrics', as the rows'
     sums: dict[tuple[int, str], torch.Tensor] = {}
     close = []
     for table in split_tables(shards_dir, val_fraction, seed):
@@ -50,7 +51,7 @@ def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed:
             for r, code in codes.items():
                 rows = region == code
                 if rows.any():
-                    s = reconstruction_sums(x[rows], x_hat[rows])
+                    s = reconstruction_sums(x[rows], x_hat[rows], mean)
                     sums[d, r] = s + sums[d, r] if (d, r) in sums else s
         if "close" in codes:
             close.append(x[region == codes["close"]])
