@@ -21,10 +21,11 @@ import sys
 from typing import Any
 
 from trm_ray.compressor import load_checkpoint, save_checkpoint
-from trm_ray.config import FIELDS, Config, UserError, make_config
+from trm_ray.config import UserError, make_config
 from trm_ray.report import results_path
 from trm_ray.shards import read_json
 from trm_ray.text import looks_like_path
+from trm_ray.train import trial_config
 
 HUB_FILE = "compressor.pt"  # the name phase 2 downloads
 
@@ -73,13 +74,8 @@ def exported_row(output_dir: str, d_compressed: int, stage: str) -> dict[str, An
     return found[0]
 
 
-def run_config(settings: dict[str, Any]) -> Config:
-    """The Config a checkpoint was trained with (its config also holds facts of the run)."""
-    return make_config({k: v for k, v in settings.items() if k in FIELDS})
-
-
 def model_card(row: dict[str, Any], settings: dict[str, Any], repo: str | None) -> str:
-    cfg = run_config(settings)
+    cfg = trial_config(settings)[0]
     d, d_prime = settings["hidden_size"], settings["d_compressed"]
     hub = not looks_like_path(cfg.dataset) and not os.path.exists(cfg.dataset)
     source = cfg.dataset + (f" ({cfg.dataset_config}, split {cfg.dataset_split})" if hub and cfg.dataset_config else "")
@@ -161,7 +157,7 @@ def write_folder(output_dir: str, d_compressed: int, stage: str, repo: str | Non
     save_checkpoint(os.path.join(folder, HUB_FILE), ckpt["compressor"], settings, ckpt["best_loss"], metrics)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(model_card(row, settings, repo))
-    plot = results_path(run_config(settings), "report", "png")
+    plot = results_path(trial_config(settings)[0], "report", "png")
     if os.path.exists(plot):
         shutil.copyfile(plot, os.path.join(folder, os.path.basename(plot)))
     return folder
