@@ -55,6 +55,35 @@ def test_exported_checkpoints_load_safely_and_reproduce_the_reported_validation_
             assert metrics[k] == pytest.approx(r[k], abs=1e-4)
 
 
+def test_an_mse_sweep_from_pca_exports_the_closed_form_with_the_metrics_its_weights_measure(shards, tmp_path):
+    # The defaults of stage 1a (no --num_epochs): PCA is the optimum, so no trial runs and no epoch is spent.
+    cfg = make_config({**{k: getattr(shards, k) for k in ("model_name", "dataset", "num_samples", "max_seq_length",
+                                                          "docs_per_shard", "sweep", "sweep_d_values", "num_cpus")},
+                       "shards_dir": shards.shards_path, "output_dir": str(tmp_path), "use_wandb": False})
+    assert cfg.closed_form and cfg.num_epochs == 10
+    rows = sweep.run(cfg)
+    assert not os.path.exists(tmp_path / "ray_results")  # no Tune experiment: nothing was trained
+    val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)[1]
+    mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    for r in rows:
+        assert (r["obtained_by"], r["epochs_trained"], r["pca_efficiency"]) == ("closed_form", 0, 1.0)
+        model = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()
+        measured = evaluate(model, hidden_batches(val, 1024, torch.device("cpu")), mean)
+        saved = read_checkpoint(r["checkpoint"])["best_metrics"]
+        for k, v in measured.items():  # computed here from the exported weights, there from the spectrum's sums
+            assert r[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+            assert saved[k] == r[k]
+        assert r["orthonormality_error"] < 1e-6
+        assert r["downstream_kl"] == pytest.approx(r["pca_downstream_kl"], rel=1e-6)
+
+
+def test_the_closed_form_is_refused_where_sgd_has_no_known_optimum():
+    with pytest.raises(UserError, match="closed_form exports PCA"):
+        make_config({"closed_form": True, "objective": "kl"})
+    assert not make_config({"num_epochs": 3}).closed_form  # epochs asked for: they are trained
+    assert not make_config({"init": "orthogonal"}).closed_form
+
+
 def run_cli(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(argv)

@@ -80,7 +80,8 @@ class Config:
                            "last layer only; starts from --init, fisher by default, or in stage 1b from the 1a checkpoint), or mse+kl.")
     kl_weight: float = _f(1.0, "With --objective mse+kl: the loss is mse + kl_weight * KL.")
     batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
-    num_epochs: int = _f(10, "Maximum training epochs.")
+    num_epochs: int | None = _f(None, "Maximum training epochs; default 10. Given explicitly, stage 1a's mse sweep from the PCA start trains "
+                                      "(see --closed_form).")
     learning_rate: float | None = _f(None, "Peak AdamW learning rate; default 1e-4 for --objective mse (small: the PCA start is already the MSE optimum; the seed's 1e-3 suits an orthogonal start), 5e-3 for kl and mse+kl (PCA is only where the search for the LM head's subspace starts).")
     weight_decay: float = _f(0.0, "AdamW weight decay (0: decay would pull the tied matrix off orthonormality).")
     warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before the cosine decay.")
@@ -94,6 +95,10 @@ class Config:
     compressor_checkpoint: str | None = _f(None, "Stage 1b: the stage 1a checkpoint to start from; default <output_dir>[/d<D'>]/stage1a_best.pt.")
     output_dir: str = _f("./checkpoints/phase1", "Checkpoint directory (seed layout).")
     cache_datasets: str = _f("auto", "Hold the shards in Ray's object store for all trials: auto (when they fit in half of it), always, never.")
+    closed_form: bool | None = _f(None, "Stage 1a, --objective mse, --init pca: export the PCA compressors straight from the spectrum pass (they are "
+                                        "the training MSE's optimum, so SGD from them only adds noise) with their validation metrics, no epoch "
+                                        "spent; --no_closed_form trains them with SGD anyway. Default: on for that case unless --num_epochs is given.",
+                                  negative="no_closed_form")
     # --- sweep ----------------------------------------------------------------------------
     sweep: bool = _f(False, "Sweep D' over sweep_d_values instead of training one D'.")
     sweep_d_values: list[int] = _f([64, 128, 256, 512, 1024], "D' values of the sweep.")
@@ -134,6 +139,14 @@ class Config:
                             "use it with --objective kl or mse+kl, or --init pca")
         if self.objective not in ("mse", "kl", "mse+kl"):
             raise UserError(f"objective must be mse, kl or mse+kl, got {self.objective!r}")
+        optimum_known = self.stage == "1a" and self.objective == "mse" and self.init == "pca"
+        if self.closed_form is None:
+            self.closed_form = optimum_known and self.num_epochs is None
+        if self.closed_form and not optimum_known:
+            raise UserError(f"--closed_form exports PCA, the optimum of stage 1a's mse from --init pca; this run is stage {self.stage}, "
+                            f"--objective {self.objective}, --init {self.init}, which SGD trains: drop --closed_form")
+        if self.num_epochs is None:
+            self.num_epochs = 10
         if self.kl_budget <= 0:
             raise UserError(f"kl_budget must be a positive number of nats per token, got {self.kl_budget}")
         if self.objective != "mse" and self.layer != -1:

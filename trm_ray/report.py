@@ -15,13 +15,14 @@ from typing import Any
 import pandas as pd
 import pyarrow.fs as pafs
 
-from trm_ray.compressor import METRICS, load_checkpoint, read_checkpoint
+from trm_ray.compressor import METRICS, WEIGHT_KEY, load_checkpoint, orthonormality_error, read_checkpoint, save_checkpoint
 from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
 from trm_ray.regions import add_region_metrics
 from trm_ray.shards import filesystem, read_bytes, write_json
-from trm_ray.spectrum import curve_points
-from trm_ray.train import KL_METRICS
+from trm_ray.spectrum import curve_points, eigenvectors, pca_metrics
+from trm_ray.tracking import tracking
+from trm_ray.train import KL_METRICS, wandb_name
 
 
 def results_path(cfg: Config, kind: str = "results", ext: str = "json") -> str:
@@ -97,16 +98,14 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
 
     rows = []
     for d in sorted(set(best) | set(errors) | set(unusable)):
-        row: dict[str, Any] = {"d_compressed": d, "d_model": d_model, "compression_ratio": d_model / d,
-                               "num_params": d_model * d, "objective": cfg.objective}
+        row = row_head(d, d_model, cfg)
         if d in best:
             dest = cfg.export_path(d)
             _copy(best[d]["src"], dest)
             # A KL objective's trials were selected on the whole validation set's KL: the row keeps it (the
             # downstream pass below measures the same again, with top-1 agreement and CE beside it).
             row.update({k: best[d][k] for k in (*METRICS, *KL_METRICS) if k in best[d]})
-            row.update({"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / best[d]["mse"],
-                        **{f"pca_{k}": limit[f"pca_{k}"][d] for k in PCA_REFERENCES},
+            row.update({**pca_columns(limit, d, best[d]["mse"]), "obtained_by": "trained",
                         "learning_rate": best[d]["learning_rate"],
                         **{k: best[d][k] for k in ("initial_cosine_similarity", "initial_downstream_kl") if k in best[d]},
                         "best_epoch": best[d]["epoch"], "epochs_trained": best[d]["epochs"],
@@ -116,8 +115,51 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
         if failures:  # with an lr grid, a D' may have an exported trial and failed ones
             row["error"] = "; ".join(failures)
         rows.append(row)
-    # The rows are saved before the downstream pass, so a failure there (no output embeddings, out of
-    # memory) costs only its own columns.
+    return finish_rows(rows, cfg, manifest, limit)
+
+
+def export_closed_form(cfg: Config, manifest: dict[str, Any], limit: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stage 1a's mse sweep from the PCA start, without SGD: the top-D' eigenvectors of the training second
+    moment are the training MSE's optimum, and the spectrum pass already measured them on the validation
+    set (`spectrum.pca_metrics`). Each D' is exported with those metrics (its checkpoint, W&B run and row
+    as a trained one's), so the shards are read once after extraction. `config`: what a trial would get."""
+    vecs = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    rows = []
+    for d in cfg.d_values:
+        weight = vecs[:, :d].T.float().contiguous()
+        metrics = {**pca_metrics(limit, d), "orthonormality_error": orthonormality_error(weight)}
+        dest, width_config = cfg.export_path(d), {**config, "d_compressed": d}
+        save_checkpoint(dest, {WEIGHT_KEY: weight}, width_config, metrics[cfg.score_metric], {**metrics, "epoch": 0})
+        log = tracking(cfg.use_wandb, 0, project=cfg.wandb_project, group=config["group"], name=wandb_name(cfg, d),
+                       config=width_config, directory=cfg.output_dir)
+        log.log(metrics)
+        log.log_checkpoint(dest, metrics)
+        log.finish()
+        rows.append({**row_head(d, manifest["hidden_size"], cfg), **metrics, **pca_columns(limit, d, metrics["mse"]),
+                     "obtained_by": "closed_form", "initial_cosine_similarity": metrics["cosine_similarity"],
+                     "best_epoch": 0, "epochs_trained": 0, "stop_reason": CLOSED_FORM, "checkpoint": os.path.abspath(dest),
+                     "note": None})
+    return finish_rows(rows, cfg, manifest, limit)
+
+
+CLOSED_FORM = "closed form: the top-D' eigenvectors of the training second moment (no SGD epoch)"
+
+
+def row_head(d: int, d_model: int, cfg: Config) -> dict[str, Any]:
+    return {"d_compressed": d, "d_model": d_model, "compression_ratio": d_model / d, "num_params": d_model * d,
+            "objective": cfg.objective}
+
+
+def pca_columns(limit: dict[str, Any], d: int, mse: float) -> dict[str, float]:
+    """The PCA limit's references beside a compressor of validation `mse`, and how close it gets (pca_efficiency)."""
+    return {"pca_mse": limit["pca_mse"][d], "pca_efficiency": limit["pca_mse"][d] / mse,
+            **{f"pca_{k}": limit[f"pca_{k}"][d] for k in PCA_REFERENCES}}
+
+
+def finish_rows(rows: list[dict[str, Any]], cfg: Config, manifest: dict[str, Any], limit: dict[str, Any]) -> list[dict[str, Any]]:
+    """Save the exported rows, then add the LM head's and the regions' columns, save again and plot.
+    The rows are saved before the downstream pass, so a failure there (no output embeddings, out of
+    memory) costs only its own columns."""
     write_results(rows, cfg)
     try:
         add_downstream(rows, cfg, manifest)
@@ -285,8 +327,12 @@ def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
             print(f"{'':>8} other trials of this D' FAILED: {r['error']}")
     for failure in sorted({r["downstream_error"] for r in rows if "downstream_error" in r}):
         print(f"downstream KL FAILED: {failure}")
-    print("\nThe best epoch of each trial and the best learning rate of each D' are picked on the validation set these "
-          "metrics are measured on (held-out documents, never trained on).")
+    if any(r.get("obtained_by") == "closed_form" for r in rows):
+        print(f"\nEvery D' is PCA's {CLOSED_FORM}; its metrics are those of the exported weights on the validation set "
+              "(held-out documents).")
+    else:
+        print("\nThe best epoch of each trial and the best learning rate of each D' are picked on the validation set these "
+              "metrics are measured on (held-out documents, never trained on).")
     verdict = budget_line(rows, cfg.kl_budget)
     if verdict:
         print(verdict)

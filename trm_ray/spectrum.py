@@ -102,7 +102,7 @@ def second_moment(shards_dir: str, val_fraction: float, seed: int, d_model: int,
 
 def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray, mean: np.ndarray) -> dict[str, Any]:
     """Per-D' sums over validation rows: ||x - P_k x||², cos(x, P_k x) = ||P_k x|| / ||x|| and the centred
-    cos(P_k x - μ, x - μ) (μ: the training mean); and Σ||x||², Σ||x - μ||²."""
+    cos(P_k x - μ, x - μ) (μ: the training mean); and Σx, Σ||x||², Σ||x - μ||²."""
     x = decode_hidden(batch["hidden"]).double()
     vecs = torch.tensor(eigenvectors)  # a copy: Ray hands the array over read-only
     z = x @ vecs  # eigenbasis coordinates, largest first
@@ -118,7 +118,7 @@ def _pca_val_sums(batch: pa.Table, eigenvectors: np.ndarray, mean: np.ndarray) -
     beyond_m2 = float((m ** 2).sum()) - torch.cat([torch.zeros(1, dtype=torch.float64), (m ** 2).cumsum(0)])
     centred_norm2 = inside[:, -1:]  # ||x - μ||²
     centred_cos = (inside + beyond_cross) / ((inside + beyond_m2) * centred_norm2).sqrt().clamp_min(1e-30)
-    return {"err": (norm2 - kept).clamp_min(0).sum(0).numpy(),
+    return {"err": (norm2 - kept).clamp_min(0).sum(0).numpy(), "sum": x.sum(0).numpy(),
             "cos": (kept.sqrt() / norm2.sqrt().clamp_min(1e-30)).sum(0).numpy(),
             "centred_cos": centred_cos.sum(0).numpy(),
             "energy": float(norm2.sum()), "centred_energy": float(centred_norm2.sum()), "n": x.shape[0]}
@@ -139,8 +139,15 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int, region: st
 
     mean = m["sum"] / n
     sums = summed(shards_dir, True, val_fraction, seed, _pca_val_sums,
-                  {"err": np.zeros(d + 1), "cos": np.zeros(d + 1), "centred_cos": np.zeros(d + 1), "energy": 0.0,
+                  {"err": np.zeros(d + 1), "sum": np.zeros(d), "cos": np.zeros(d + 1), "centred_cos": np.zeros(d + 1), "energy": 0.0,
                    "centred_energy": 0.0, "n": 0}, np.ascontiguousarray(evecs), mean, region=region)
+    # What metrics_from_sums derives from the reconstructions' sums, for P_k x at every k: Σ||P_k x||² is the
+    # energy kept, and the sum of P_k x's elements is Σ_{j<=k} (1ᵀv_j)(v_jᵀ Σx).
+    elements = sums["n"] * d
+    kept = float(sums["energy"]) - sums["err"]
+    x_sum = evecs.T @ sums["sum"]
+    kept_sum = np.concatenate([[0.0], np.cumsum(evecs.sum(0) * x_sum)])
+    var_x = float(sums["energy"]) / elements - (float(sums["sum"].sum()) / elements) ** 2
     summary = {
         "split": {"val_fraction": val_fraction, "seed": seed}, "region": region, "hidden_size": d,
         "train_tokens": n, "val_tokens": int(sums["n"]),
@@ -152,6 +159,8 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int, region: st
         "pca_explained_variance": (1.0 - sums["err"] / float(sums["energy"])).tolist(),
         "pca_mse": (sums["err"] / (sums["n"] * d)).tolist(),
         "pca_cosine_similarity": (sums["cos"] / sums["n"]).tolist(),
+        "pca_relative_error": np.sqrt(sums["err"] / float(sums["energy"])).tolist(),
+        "pca_variance_ratio": ((kept / elements - (kept_sum / elements) ** 2) / var_x).tolist(),
         # Centred about the training mean (what the trained compressors' centred_* are measured about).
         "pca_centred_explained_variance": (1.0 - sums["err"] / float(sums["centred_energy"])).tolist(),
         "pca_centred_cosine_similarity": (sums["centred_cos"] / sums["n"]).tolist(),
@@ -163,10 +172,10 @@ def compute_spectrum(shards_dir: str, val_fraction: float, seed: int, region: st
 def load_or_compute(shards_dir: str, val_fraction: float, seed: int, region: str | None = None) -> dict[str, Any]:
     """The stored spectrum of this shard set and split (of one region's rows: `spectrum-<region>-...`),
     computed (and stored) on first use, and again when the shards changed (another manifest) or it
-    predates the centred PCA references."""
+    predates the PCA references of every metric."""
     json_path, pt_path = spectrum_files(shards_dir, val_fraction, seed, f"spectrum-{region}" if region else "spectrum")
     summary, key = read_json(json_path), manifest_key(shards_dir)
-    if summary is not None and "pca_centred_cosine_similarity" in summary and summary.get("manifest") == key:
+    if summary is not None and "pca_variance_ratio" in summary and summary.get("manifest") == key:
         return summary
     print(f"spectrum: one pass over {shards_dir}{f' ({region} rows)' if region else ''} for the second moment and its "
           "eigenvectors", flush=True)
@@ -199,6 +208,17 @@ def eigenvectors(shards_dir: str, val_fraction: float, seed: int, name: str = "s
         raise UserError(f"{spectrum_files(shards_dir, val_fraction, seed, name)[1]} is missing or was computed from other "
                         "shards: a sweep computes it again (and python -m trm_ray.spectrum the spectrum)")
     return found["eigenvectors"]
+
+
+# The metrics of trm_ray.compressor.METRICS that the spectrum holds for the PCA reconstruction of every D'.
+PCA_METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance",
+               "centred_explained_variance", "centred_cosine_similarity")
+
+
+def pca_metrics(summary: dict[str, Any], d: int) -> dict[str, float]:
+    """The validation metrics of the PCA compressor of width d (its rows the top-d eigenvectors), from the
+    spectrum pass's sums: what `train.evaluate` measures on the same rows, without reading them again."""
+    return {k: summary[f"pca_{k}"][d] for k in PCA_METRICS}
 
 
 def training_mean(shards_dir: str, val_fraction: float, seed: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_
 from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
 from trm_ray.extract import extract, hidden_size_of, model_id
 from trm_ray.regions import print_regions
-from trm_ray.report import exclusions, export_results, print_table
+from trm_ray.report import exclusions, export_closed_form, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
@@ -238,6 +238,13 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
 
     name = f"stage{cfg.stage}_{'sweep' if cfg.sweep else f'd{cfg.d_compressed}'}"
     storage = os.path.join(cfg.output_dir, "ray_results")
+    if cfg.closed_form:
+        print("sweep: --objective mse from --init pca has its optimum in closed form: exporting the PCA compressors with "
+              "the spectrum pass's validation metrics, no SGD epoch (--no_closed_form or --num_epochs trains them)", flush=True)
+        config = trial_config_for(cfg, manifest, counts, limit, "", f"{name}-{uuid.uuid4().hex[:8]}", command)
+        rows = export_closed_form(cfg, manifest, limit, config)
+        print_table(rows, cfg)
+        return rows
     exp_dir = os.path.join(storage, name)
     resume = should_resume(exp_dir, cfg, overwrite)
     if not resume:

@@ -57,6 +57,11 @@ def run_label(cfg: Config) -> str:
     return f"d{cfg.d_compressed}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
 
 
+def wandb_name(cfg: Config, d: int) -> str:
+    """A D''s W&B run: <prefix>-d256 (-lr0.001 in an lr grid), the prefix --wandb_run_name or stage<stage>."""
+    return f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-{run_label(dataclasses.replace(cfg, d_compressed=d))}"
+
+
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None) -> Iterator[torch.Tensor]:
     """Float32 [rows, D] tensors from a Ray Data iterator of shard rows."""
     shuffle = {"local_shuffle_buffer_size": 4 * rows, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
@@ -271,8 +276,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
-    name = f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-{run_label(cfg)}"
-    log = tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=name, config=config,
+    log = tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=wandb_name(cfg, cfg.d_compressed), config=config,
                    directory=cfg.output_dir)
 
     val_shard = ray.train.get_dataset_shard("val")
