@@ -66,7 +66,7 @@ def bare_trainer(cfg: Config, d_model: int, d_compressed: int, steps_per_epoch: 
     objective (`lm_head` for a KL one), AdamW step (clipped, rows kept orthonormal), get_lr schedule and (compiled
     or eager) loss. `step(x)` makes one optimizer step on the rows `x` and returns its loss."""
     model = initial_model(dataclasses.replace(cfg, d_compressed=d_compressed), {"d_model": d_model})
-    loss_fn = compile_or_eager(objective_loss(cfg, model, lm_head), cfg.torch_compile)
+    loss_fn = compile_or_eager(objective_loss(cfg, lm_head), cfg.torch_compile)
     optimizer = make_optimizer(model, cfg)
     total_steps = steps_per_epoch * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
@@ -75,7 +75,7 @@ def bare_trainer(cfg: Config, d_model: int, d_compressed: int, steps_per_epoch: 
     def step(x: torch.Tensor) -> float:
         for group in optimizer.param_groups:
             group["lr"] = get_lr(next(steps), total_steps, warmup_steps, cfg.learning_rate)
-        return optimizer_step(model, optimizer, loss_fn, x, cfg).item()
+        return optimizer_step([model], optimizer, loss_fn, x, cfg).item()
 
     return model, step
 

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     pca = next_token_damage(lm_head, val, targets, lambda h: h @ vecs[:, :d] @ vecs[:, :d].T)
                     start = start_basis(cfg.shards_path, cfg.val_fraction, cfg.seed, "fisher", d).float()  # the KL trials' start
                     fisher_kl = next_token_damage(lm_head, val, targets, lambda h: h @ start @ start.T)["kl"]
-                    mse = evaluate(model, [val], training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))["mse"]
+                    mse = evaluate([model], [val], training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))[0]["mse"]
                 rows.append((d, limit["pca_downstream_kl"][str(d)], pca, trained, limit["pca_mse"][d], mse,
                              orthonormality_error(model.weight), fisher_kl))
                 costs.append((kl_s, mse_s))

@@ -67,8 +67,8 @@ def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
         for _ in range(cfg.num_epochs):
             for batch in torch.randperm(len(train_docs)).split(cfg.batch_size):
                 step(hidden([train_docs[i] for i in batch]))
-            metrics = evaluate(model, (hidden(val_docs[i:i + cfg.batch_size])
-                                       for i in range(0, len(val_docs), cfg.batch_size)), mean)
+            metrics = evaluate([model], (hidden(val_docs[i:i + cfg.batch_size])
+                                         for i in range(0, len(val_docs), cfg.batch_size)), mean)[0]
             if d not in best or metrics["mse"] < best[d]["mse"]:
                 best[d] = metrics
     return best, forwarded

@@ -29,15 +29,21 @@ LIMIT = {"hidden_size": D, "pca_mse": [0.5] * (D + 1), "pca_cosine_similarity": 
 MANIFEST = {"hidden_size": D, "layer": -1, "exclude_first_token": True}
 
 
-def trial_result(root, d, lr, mse, error=None, epochs=3, start=None):
-    """What Tune hands back for one trial: its metrics, error, and the checkpoint directory it reported
-    last; `start`: the initial_* metrics its first report had."""
-    ckpt_dir = root / f"ckpt-d{d}-lr{lr}"
-    metrics = {k: 0.5 for k in METRICS} | {"mse": mse, "downstream_kl": mse / 10, "epoch": epochs}
-    save_checkpoint(ckpt_dir / CHECKPOINT_FILE, {"compress.weight": torch.linalg.qr(torch.randn(D, d))[0].T.contiguous()},
-                    {"d_compressed": d}, mse, metrics)
-    history = {"epoch": [epochs], "checkpoint_path": [str(ckpt_dir)], **{f"initial_{k}": [v] for k, v in (start or {}).items()}}
-    return Result(metrics={"config": {"d_compressed": d, "learning_rate": lr}, "epoch": epochs},
+def trial_result(root, lr, mses, error=None, epochs=3, start=None):
+    """What Tune hands back for one trial (one learning rate, every D' of `mses`: D' -> validation mse,
+    None for a width with no checkpoint): its metrics, error, and the checkpoint directory it reported
+    last; `start`: the initial_* metrics its first report had for each width."""
+    ckpt_dir = root / f"ckpt-lr{lr}"
+    history = {"epoch": [epochs], "checkpoint_path": [str(ckpt_dir)]}
+    for d, mse in mses.items():
+        history[f"d{d}/epochs_trained"] = [epochs]
+        history.update({f"d{d}/initial_{k}": [v] for k, v in (start or {}).items()})
+        if mse is not None:
+            metrics = {k: 0.5 for k in METRICS} | {"mse": mse, "downstream_kl": mse / 10, "epoch": epochs}
+            save_checkpoint(ckpt_dir / f"d{d}" / CHECKPOINT_FILE,
+                            {"compress.weight": torch.linalg.qr(torch.randn(D, d))[0].T.contiguous()}, {"d_compressed": d},
+                            mse, metrics)
+    return Result(metrics={"config": {"learning_rate": lr}, "epoch": epochs},
                   checkpoint=None, error=error, path=str(root), metrics_dataframe=pd.DataFrame(history))
 
 
@@ -48,19 +54,25 @@ def export_config(out, **overrides):
 
 def test_a_trial_that_errored_after_reporting_checkpoints_is_a_failed_row_not_an_export(tmp_path):
     cfg = export_config(tmp_path / "out")
-    grid = [trial_result(tmp_path, 8, 0.001, 0.1, error=RuntimeError("worker died 4 times\ntraceback...")),
-            trial_result(tmp_path, 16, 0.001, 0.05)]
+    grid = [trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05}, error=RuntimeError("worker died 4 times\ntraceback..."))]
     rows = export_results(grid, cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
     assert rows[0] == {"d_compressed": 8, "d_model": D, "compression_ratio": 8.0, "num_params": 512, "objective": "mse",
                        "error": "RuntimeError: worker died 4 times"}
-    assert not os.path.exists(cfg.export_path(8)) and os.path.exists(cfg.export_path(16))
-    assert rows[1]["stop_reason"] == "completed all epochs" and "error" not in rows[1]
+    assert "checkpoint" not in rows[1] and not os.path.exists(cfg.export_path(8))
     assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
+
+
+def test_a_width_with_nothing_to_export_fails_its_row_alone(tmp_path):
+    cfg = export_config(tmp_path / "out")
+    rows = export_results([trial_result(tmp_path, 0.001, {8: None, 16: 0.05})], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    assert rows[0]["error"] == "no checkpoint was reported" and not os.path.exists(cfg.export_path(8))
+    assert rows[1]["stop_reason"] == "completed all epochs" and "error" not in rows[1]
+    assert os.path.exists(cfg.export_path(16))
 
 
 def test_a_kl_trials_row_carries_the_validation_kl_and_cosine_of_its_start(tmp_path):
     cfg = export_config(tmp_path / "out", objective="kl", sweep_d_values=[8])
-    grid = [trial_result(tmp_path, 8, 0.005, 0.1, start={"downstream_kl": 0.031, "cosine_similarity": 0.97})]
+    grid = [trial_result(tmp_path, 0.005, {8: 0.1}, start={"downstream_kl": 0.031, "cosine_similarity": 0.97})]
     (row,) = export_results(grid, cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
     assert (row["initial_downstream_kl"], row["initial_cosine_similarity"]) == (0.031, 0.97)
     assert "initial_downstream_kl" not in export_results(grid, export_config(tmp_path / "mse", sweep_d_values=[8]),
@@ -69,7 +81,7 @@ def test_a_kl_trials_row_carries_the_validation_kl_and_cosine_of_its_start(tmp_p
 
 def test_a_kl_sweeps_rows_keep_the_kl_its_trials_were_selected_on_without_the_downstream_pass(tmp_path):
     cfg = export_config(tmp_path / "out", objective="kl", sweep_d_values=[8], downstream=False)
-    (row,) = export_results([trial_result(tmp_path, 8, 0.005, 0.1)], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    (row,) = export_results([trial_result(tmp_path, 0.005, {8: 0.1})], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
     assert row["downstream_kl"] == pytest.approx(0.01)  # the checkpoint's best_metrics: its trial's whole validation set
     assert row["within_kl_budget"] is True  # 0.01 <= the default budget, 0.1
 
@@ -94,7 +106,7 @@ def test_the_kl_budget_names_the_smallest_d_prime_within_it_or_the_best_kl_when_
 
 def test_a_nan_trial_never_beats_a_finite_one_of_the_same_d_prime(tmp_path):
     cfg = export_config(tmp_path / "out", sweep_d_values=[8], sweep_learning_rates=[0.5, 0.01])
-    grid = [trial_result(tmp_path, 8, 0.5, float("nan")), trial_result(tmp_path, 8, 0.01, 0.2)]
+    grid = [trial_result(tmp_path, 0.5, {8: float("nan")}), trial_result(tmp_path, 0.01, {8: 0.2})]
     [row] = export_results(grid, cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
     assert (row["learning_rate"], row["mse"]) == (0.01, 0.2)
     assert "error" not in row  # a diverged learning rate beside a good one is not a failed sweep
@@ -112,15 +124,15 @@ def test_a_diverging_trial_stops_after_its_first_epoch_and_exports_its_start_wit
     # The diverged weights never win: what is exported is the start, scored before the first epoch.
     assert row["best_epoch"] == 0 and row["pca_efficiency"] == pytest.approx(1.0, abs=1e-3)
     assert row["note"].startswith("d8: diverged: train loss") and "epoch 0" in row["note"]
-    progress = tmp_path / "ray_results" / "stage1a_d8" / "d8" / "progress.csv"
+    progress = tmp_path / "ray_results" / "stage1a_d8" / "lr1e+30" / "progress.csv"
     assert sum(1 for _ in open(progress)) - 1 == 1  # one epoch reported, then stopped
 
 
 def test_trials_of_one_d_prime_with_different_learning_rates_get_different_run_names():
     cfg = make_config({"sweep": True, "sweep_learning_rates": [0.01, 0.001], "d_compressed": 8})
-    names = {run_label(dataclasses.replace(cfg, learning_rate=lr)) for lr in cfg.sweep_learning_rates}
+    names = {run_label(dataclasses.replace(cfg, learning_rate=lr), 8) for lr in cfg.sweep_learning_rates}
     assert names == {"d8-lr0.01", "d8-lr0.001"}
-    assert run_label(make_config({"d_compressed": 8})) == "d8"  # no lr grid: the name the seed's runs had
+    assert run_label(make_config({"d_compressed": 8}), 8) == "d8"  # no lr grid: the name the seed's runs had
 
 
 @pytest.mark.parametrize("values, message", [
@@ -134,7 +146,7 @@ def test_repeated_grid_values_are_refused(values, message):
 
 def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, tmp_path):
     cfg = export_config(tmp_path / "out", downstream=True, model_name=str(tmp_path / "not-a-model"))
-    rows = export_results([trial_result(tmp_path, 8, 0.001, 0.1)], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    rows = export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
     assert rows[0]["mse"] == 0.1 and rows[0]["downstream_error"].startswith("OSError: ")
     assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
     assert os.path.exists(cfg.export_path(8))
@@ -142,14 +154,14 @@ def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, t
 
 def test_an_output_dir_named_results_gets_its_plot_inside_it(tmp_path):
     out = tmp_path / "results" / "run"
-    export_results([trial_result(tmp_path, 8, 0.001, 0.1)], export_config(out), MANIFEST, CHECKPOINT_FILE, LIMIT)
+    export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], export_config(out), MANIFEST, CHECKPOINT_FILE, LIMIT)
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["sweep_report.png", "sweep_results.csv",
                                                                     "sweep_results.json"]
     assert not (tmp_path / "report").exists()
 
 
 def test_a_bad_copy_never_replaces_a_good_export(tmp_path):
-    good = trial_result(tmp_path, 8, 0.001, 0.1).metrics_dataframe["checkpoint_path"][0] + "/" + CHECKPOINT_FILE
+    good = trial_result(tmp_path, 0.001, {8: 0.1}).metrics_dataframe["checkpoint_path"][0] + "/d8/" + CHECKPOINT_FILE
     dest = tmp_path / "d8" / "stage1a_best.pt"
     _copy(good, str(dest))
     before = dest.read_bytes()

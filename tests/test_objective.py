@@ -32,11 +32,11 @@ def test_the_training_kl_equals_the_downstream_modules_kl_on_the_same_rows(shard
     torch.manual_seed(0)
     comp = DimensionCompressor(64, 8)
     kl_cfg = dataclasses.replace(shards, objective="kl")
-    training = objective_loss(kl_cfg, comp, lm_head)(hidden).item()
+    training = objective_loss(kl_cfg, lm_head)(hidden, [comp]).item()
     measured = next_token_damage(lm_head, hidden, targets, comp)["kl"]
     assert training == pytest.approx(measured, rel=1e-5)
     assert training > 0.01  # a random 8-of-64 compressor hurts the next token
-    mixed = objective_loss(dataclasses.replace(shards, objective="mse+kl", kl_weight=0.5), comp, lm_head)(hidden).item()
+    mixed = objective_loss(dataclasses.replace(shards, objective="mse+kl", kl_weight=0.5), lm_head)(hidden, [comp]).item()
     mse = float(torch.nn.functional.mse_loss(comp(hidden), hidden))
     assert mixed == pytest.approx(mse + 0.5 * measured, rel=1e-5)
 
@@ -73,7 +73,7 @@ def test_a_kl_objective_from_the_pca_start_starts_at_the_reference_validation_kl
     torch.testing.assert_close(model.weight, top.T)
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
     mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed)
-    start = evaluate(model, hidden_batches(val, 512, torch.device("cpu")), mean, lm_head)["downstream_kl"]
+    start = evaluate([model], hidden_batches(val, 512, torch.device("cpu")), mean, lm_head)[0]["downstream_kl"]
     assert start == pytest.approx(reference["16"], rel=1e-4)  # downstream_efficiency starts at 1.0
     assert reference["8"] > reference["16"] > reference["32"] > 0
 

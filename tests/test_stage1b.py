@@ -35,8 +35,8 @@ def test_stage_1b_starts_from_the_stage_1a_weights(stage1b):
     # And the run's first report scored exactly those weights on the 1b validation set.
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
     for r, r_1a in zip(rows, rows_1a):
-        start = evaluate(DimensionCompressor.from_checkpoint(r_1a["checkpoint"]), hidden_batches(val, 512, torch.device("cpu")),
-                         training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))
+        start = evaluate([DimensionCompressor.from_checkpoint(r_1a["checkpoint"])], hidden_batches(val, 512, torch.device("cpu")),
+                         training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))[0]
         assert r["initial_cosine_similarity"] == pytest.approx(start["cosine_similarity"], abs=1e-6)
 
 

@@ -47,8 +47,8 @@ def test_exported_checkpoints_load_safely_and_reproduce_the_reported_validation_
         assert ckpt["config"].d_compressed == r["d_compressed"] and ckpt["config"].hidden_size == 64
         assert ckpt["best_loss"] == pytest.approx(r["mse"])
         model = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()
-        metrics = evaluate(model, hidden_batches(val, 1024, torch.device("cpu")),
-                           training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))
+        metrics = evaluate([model], hidden_batches(val, 1024, torch.device("cpu")),
+                           training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))[0]
         assert metrics["cosine_similarity"] == pytest.approx(r["cosine_similarity"], abs=1e-4)
         assert metrics["mse"] == pytest.approx(r["mse"], rel=1e-4)
         for k in ("centred_cosine_similarity", "centred_explained_variance"):
@@ -68,7 +68,7 @@ def test_an_mse_sweep_from_pca_exports_the_closed_form_with_the_metrics_its_weig
     for r in rows:
         assert (r["obtained_by"], r["epochs_trained"], r["pca_efficiency"]) == ("closed_form", 0, 1.0)
         model = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()
-        measured = evaluate(model, hidden_batches(val, 1024, torch.device("cpu")), mean)
+        measured = evaluate([model], hidden_batches(val, 1024, torch.device("cpu")), mean)[0]
         saved = read_checkpoint(r["checkpoint"])["best_metrics"]
         for k, v in measured.items():  # computed here from the exported weights, there from the spectrum's sums
             assert r[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
@@ -245,26 +245,27 @@ def test_a_trial_stopped_after_train_replaced_its_reported_checkpoint_exports_th
     assert best_checkpoint_path(result) == str(reported[-1])
 
 
-def test_a_resumed_sweep_keeps_the_rungs_asha_recorded_before_the_interruption(tmp_path):
+def test_a_resumed_sweep_keeps_the_rungs_and_cuts_asha_recorded_before_the_interruption(ray_cluster, tmp_path):
     import pickle
     import types
 
     from trm_ray.scheduler import PerWidthASHA
 
-    def trial(name, d=8):
-        return types.SimpleNamespace(trial_id=name, config={"d_compressed": d})
+    def trial(lr):  # a trial: one learning rate, every D' of the grid
+        return types.SimpleNamespace(trial_id=f"t{lr}", config={"learning_rate": lr, "sweep": True, "sweep_d_values": [8, 16]})
 
     asha = dict(time_attr="tokens_seen", metric="mse", mode="min", max_t=400, grace_period=100, reduction_factor=2)
-    scheduler = PerWidthASHA(rungs_path=str(tmp_path / "asha_rungs.json"), **asha)
-    restored = pickle.loads(pickle.dumps(scheduler))  # what Tuner.restore unpickles: the scheduler as first built
-    good, bad = trial("good"), trial("bad")
+    scheduler = PerWidthASHA(rungs_path=str(tmp_path / "asha_rungs.json"), group=f"test-{tmp_path.name}", **asha)
+    saved = pickle.dumps(scheduler)  # what Tuner.restore unpickles: the scheduler as first built
+    good, bad = trial(0.01), trial(0.1)
     for t in (good, bad):
         scheduler.on_trial_add(None, t)
-    assert scheduler.on_trial_result(None, good, {"tokens_seen": 100, "mse": 1.0}) == "CONTINUE"
-    # The sweep is interrupted here; resumed, "bad" reaches the first milestone with a worse mse than "good" had.
+    assert scheduler.on_trial_result(None, good, {"tokens_seen": 100, "d8/mse": 1.0, "d16/mse": 5.0}) == "CONTINUE"
+    # The sweep is interrupted here; resumed, "bad" reaches the first milestone: worse than "good" at D'=8, better at 16.
+    restored = pickle.loads(saved)
     for t in (good, bad):
         restored.on_trial_add(None, t)
-    assert restored.on_trial_result(None, bad, {"tokens_seen": 100, "mse": 2.0}) == "STOP"
-    other = trial("other width", d=16)
-    restored.on_trial_add(None, other)
-    assert restored.on_trial_result(None, other, {"tokens_seen": 100, "mse": 9.0}) == "CONTINUE"
+    assert restored.on_trial_result(None, bad, {"tokens_seen": 100, "d8/mse": 2.0, "d16/mse": 1.0}) == "CONTINUE"
+    assert restored.cut["lr0.1"] == [8]  # that width alone stops: the trial goes on with D'=16
+    assert ray_cluster.get(restored.cuts().of.remote("lr0.1")) == [8]  # what the trial reads after its report
+    assert pickle.loads(pickle.dumps(restored)).cut == {"lr0.01": [], "lr0.1": [8]}  # and a second resume keeps it

@@ -103,16 +103,16 @@ def test_riemannian_adam_feeds_adam_the_tangent_gradient_and_keeps_rows_orthonor
     cfg = make_config({"objective": "kl", "learning_rate": 1e-2, "grad_clip": 1e9})
     model = DimensionCompressor(64, 16)
     optimizer = make_optimizer(model, cfg)
-    loss_fn = objective_loss(cfg, model, lm_head)
+    loss_fn = objective_loss(cfg, lm_head)
     x = 4 * torch.randn(256, 64)
-    (grad,) = torch.autograd.grad(loss_fn(x), model.weight)
+    (grad,) = torch.autograd.grad(loss_fn(x, [model])[0], model.weight)
     tangent = tangent_part(model.weight, grad)
     assert float((grad - tangent).norm()) > 0.1 * float(grad.norm())  # a KL gradient also rescales the rows
-    optimizer_step(model, optimizer, loss_fn, x, cfg)
+    optimizer_step([model], optimizer, loss_fn, x, cfg)
     beta2 = optimizer.param_groups[0]["betas"][1]
     torch.testing.assert_close(optimizer.state[model.weight]["exp_avg_sq"], (1 - beta2) * tangent ** 2)
     for _ in range(30):
-        optimizer_step(model, optimizer, loss_fn, 4 * torch.randn(256, 64), cfg)
+        optimizer_step([model], optimizer, loss_fn, 4 * torch.randn(256, 64), cfg)
         assert orthonormality_error(model.weight) <= 1e-6
     momentum = optimizer.state[model.weight]["exp_avg"]
     torch.testing.assert_close(tangent_part(model.weight, momentum), momentum, atol=1e-6 * float(momentum.abs().max()), rtol=0)
@@ -209,27 +209,25 @@ def test_ddp_with_two_workers_matches_one_worker_at_the_same_global_batch(shards
     assert one.error is None and two.error is None
     assert one.metrics["tokens_seen"] == pytest.approx(two.metrics["tokens_seen"], abs=4)  # equal split drops <= 1 row an epoch
     for key in ("mse", "cosine_similarity", "relative_error", "variance_ratio"):
-        assert one.metrics[key] == pytest.approx(two.metrics[key], rel=0.03), key
-    assert one.metrics["cosine_similarity"] > 0.95
+        assert one.metrics[f"d16/{key}"] == pytest.approx(two.metrics[f"d16/{key}"], rel=0.03), key
+    assert one.metrics["d16/cosine_similarity"] > 0.95
 
 
 def ddp_steps(rank: int, world: int, port: int, batches: torch.Tensor, out: str) -> None:
-    """Train a DDP-wrapped compressor (what prepare_model makes) with trm_ray's step, each rank on its
-    share of every batch; rank 0 saves W after every step."""
+    """Train two compressors with trm_ray's step (which averages their gradients over the ranks), each
+    rank on its share of every batch; rank 0 saves both Ws after every step."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = make_config({"init": "orthogonal", "learning_rate": 0.02})
     torch.manual_seed(0)
-    model = DimensionCompressor(batches.shape[-1], 8)
-    ddp = DistributedDataParallel(model) if world > 1 else model
-    optimizer = make_optimizer(model, cfg)
-    loss = objective_loss(cfg, ddp, None)
+    models = [DimensionCompressor(batches.shape[-1], d) for d in (4, 8)]
+    optimizer = make_optimizer(torch.nn.ModuleList(models), cfg)
+    loss = objective_loss(cfg, None)
     weights = []
     for batch in batches:
-        optimizer_step(model, optimizer, loss, batch.chunk(world)[rank], cfg)
-        weights.append(model.weight.detach().clone())
+        optimizer_step(models, optimizer, loss, batch.chunk(world)[rank], cfg, world)
+        weights.append(torch.cat([m.weight.detach().clone() for m in models]))
     if rank == 0:
         torch.save(torch.stack(weights), out)
     dist.destroy_process_group()
@@ -257,11 +255,12 @@ def test_the_defaults_reach_the_pca_limit_at_the_widest_d_prime_with_orthonormal
     defaults = Config()
     result = fit(shards, tmp_path, num_workers=1, batch_size=defaults.batch_size, d_compressed=32,
                  learning_rate=defaults.learning_rate, num_epochs=defaults.num_epochs)
-    best = read_checkpoint(f"{result.checkpoint.path}/compressor.pt")
+    best = read_checkpoint(f"{result.checkpoint.path}/d32/compressor.pt")
     # The last trained epoch's own metrics: the best candidates include the PCA start itself.
-    assert result.metrics["epoch"] == defaults.num_epochs or "early stopping" in result.metrics["stop_reason"]
-    assert result.metrics["pca_mse"] / result.metrics["mse"] >= 0.995
-    assert result.metrics["orthonormality_error"] <= 1e-6
+    last = {k.removeprefix("d32/"): v for k, v in result.metrics.items()}
+    assert last["epoch"] == defaults.num_epochs or "early stopping" in last["stop_reason"]
+    assert last["pca_mse"] / last["mse"] >= 0.995
+    assert last["orthonormality_error"] <= 1e-6
     assert best["best_metrics"]["orthonormality_error"] == pytest.approx(orthonormality_error(best["compressor"]["compress.weight"]), abs=1e-9)
 
 
@@ -289,15 +288,15 @@ def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why(shards, t
     result = fit(shards, tmp_path, num_workers=1, batch_size=8, learning_rate=0.0, num_epochs=10,
                  early_stopping_patience=2)
     assert result.metrics["epoch"] == 2  # the start (epoch 0) sets the best, epochs 1 and 2 do not beat it
-    assert "early stopping" in result.metrics["stop_reason"]
+    assert "early stopping" in result.metrics["d16/stop_reason"]
 
 
 def test_compiled_and_eager_training_give_the_same_metrics(shards, tmp_path, monkeypatch):
     eager = fit(shards, tmp_path / "eager", num_workers=1, batch_size=8, num_epochs=2, torch_compile=False)
     compiled = fit(shards, tmp_path / "compiled", num_workers=1, batch_size=8, num_epochs=2, torch_compile=True)
-    for key in ("mse", "cosine_similarity", "train_loss"):
+    for key in ("d16/mse", "d16/cosine_similarity", "d16/train_loss"):
         assert compiled.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-3), key  # fused kernels round differently
     # Read as LLM-TRM reads it (its config class bound to __main__.Phase1Config), without trm_ray's loader.
     monkeypatch.setattr(sys.modules["__main__"], "Phase1Config", Phase1Config, raising=False)
-    state = torch.load(f"{compiled.checkpoint.path}/compressor.pt", weights_only=False)["compressor"]
+    state = torch.load(f"{compiled.checkpoint.path}/d16/compressor.pt", weights_only=False)["compressor"]
     assert list(state) == ["compress.weight"]  # LLM-TRM's name, no _orig_mod. / module. prefixes

@@ -19,10 +19,10 @@ from trm_ray.compressor import METRICS, WEIGHT_KEY, load_checkpoint, orthonormal
 from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
 from trm_ray.regions import add_region_metrics
-from trm_ray.shards import filesystem, read_bytes, write_json
+from trm_ray.shards import exists, filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points, eigenvectors, pca_metrics
 from trm_ray.tracking import tracking
-from trm_ray.train import KL_METRICS, wandb_name
+from trm_ray.train import KL_METRICS, wandb_name, width_key
 
 
 def results_path(cfg: Config, kind: str = "results", ext: str = "json") -> str:
@@ -33,11 +33,11 @@ def results_path(cfg: Config, kind: str = "results", ext: str = "json") -> str:
 
 
 def best_checkpoint_path(result: Any) -> str | None:
-    """The trial's latest checkpoint, whose compressor.pt holds the trial's best weights.
+    """The trial's latest checkpoint, whose d<D'>/compressor.pt holds each D''s best weights.
 
     Train keeps one checkpoint and reports to Tune through a queue, so it runs ahead: when ASHA stops
     a trial on report k, Train may have registered k+1 and deleted k. Then the newest checkpoint
-    beside k's is the trial's latest, and its compressor.pt the best through k+1."""
+    beside k's is the trial's latest, and its compressors the best through k+1."""
     df = result.metrics_dataframe
     if df is None or "checkpoint_path" not in df or df["checkpoint_path"].isna().all():
         return None
@@ -51,13 +51,12 @@ def best_checkpoint_path(result: Any) -> str | None:
     return scheme + beside[-1] if beside else None
 
 
-def initial(result: Any, metric: str) -> float | None:
-    """A validation metric of the weights the trial started from (for 1b: the 1a compressor; for a KL
-    objective's downstream_kl: the Fisher or PCA start, so a row tells the start's share from training's)."""
+def reported(result: Any, key: str, which: int = -1) -> Any:
+    """The first (which=0) or last value a trial reported under `key`, None if it never did."""
     df = result.metrics_dataframe
-    if df is None or f"initial_{metric}" not in df:
+    if df is None or key not in df or df[key].isna().all():
         return None
-    return float(df[f"initial_{metric}"].dropna().iloc[0])
+    return df[key].dropna().iloc[which]
 
 
 def exclusions(manifest: dict[str, Any]) -> str:
@@ -74,27 +73,29 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
     d_model = manifest["hidden_size"]
     best: dict[int, dict[str, Any]] = {}
     errors: dict[int, list[str]] = {}  # trials that errored: the sweep failed
-    unusable: dict[int, list[str]] = {}  # trials that ended with nothing to export (e.g. diverged at once)
-    for result in grid:
-        d, lr = int(result.config["d_compressed"]), float(result.config["learning_rate"])
+    unusable: dict[int, list[str]] = {}  # widths that ended with nothing to export (e.g. diverged at once)
+    for result in grid:  # a trial per learning rate, each with every D'
+        lr = float(result.config["learning_rate"])
         label = f"lr {lr:g}: " if cfg.sweep_learning_rates else ""
         src = best_checkpoint_path(result)
-        if result.error is not None:  # e.g. used up max_failures: a failure even after reporting checkpoints
-            errors.setdefault(d, []).append(f"{label}{type(result.error).__name__}: {str(result.error).splitlines()[0]}")
-            continue
-        metrics = _read_best_metrics(posixpath.join(src, checkpoint_file)) if src else {}
-        if not math.isfinite(metrics.get("mse", math.nan)):  # NaN never wins: `x < nan` is always false
-            why = result.metrics.get("stop_reason") or (f"validation mse is {metrics['mse']}" if src else "no checkpoint was reported")
-            unusable.setdefault(d, []).append(label + why)
-            continue
-        src = posixpath.join(src, checkpoint_file)
-        if d not in best or metrics[cfg.score_metric] < best[d][cfg.score_metric]:
-            epochs = int(result.metrics.get("epoch", 0))
-            reason = result.metrics.get("stop_reason") or (
-                "completed all epochs" if epochs >= cfg.num_epochs else "stopped by ASHA")
-            best[d] = {"src": src, **metrics, "epochs": epochs, "stop_reason": reason,
-                       "initial_cosine_similarity": initial(result, "cosine_similarity"), "learning_rate": lr,
-                       **({"initial_downstream_kl": initial(result, "downstream_kl")} if cfg.objective != "mse" else {})}
+        for d in cfg.d_values:
+            if result.error is not None:  # e.g. used up max_failures: a failure even after reporting checkpoints
+                errors.setdefault(d, []).append(f"{label}{type(result.error).__name__}: {str(result.error).splitlines()[0]}")
+                continue
+            path = posixpath.join(src, f"d{d}", checkpoint_file) if src else None
+            metrics = _read_best_metrics(path) if path and exists(path) else {}  # none: it diverged in its first epoch
+            reason = reported(result, width_key(d, "stop_reason"))
+            if not math.isfinite(metrics.get("mse", math.nan)):  # NaN never wins: `x < nan` is always false
+                why = reason or (f"validation mse is {metrics['mse']}" if metrics else "no checkpoint was reported")
+                unusable.setdefault(d, []).append(label + why)
+                continue
+            if d not in best or metrics[cfg.score_metric] < best[d][cfg.score_metric]:
+                epochs = int(reported(result, width_key(d, "epochs_trained")) or 0)
+                reason = reason or ("completed all epochs" if epochs >= cfg.num_epochs else "stopped by ASHA")
+                best[d] = {"src": path, **metrics, "epochs": epochs, "stop_reason": reason, "learning_rate": lr,
+                           "initial_cosine_similarity": reported(result, width_key(d, "initial_cosine_similarity"), 0),
+                           **({"initial_downstream_kl": reported(result, width_key(d, "initial_downstream_kl"), 0)}
+                              if cfg.objective != "mse" else {})}
 
     rows = []
     for d in sorted(set(best) | set(errors) | set(unusable)):

@@ -36,7 +36,7 @@ from trm_ray.report import exclusions, export_closed_form, export_results, print
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
-from trm_ray.train import CHECKPOINT_FILE, make_trainer, run_label, trial_config
+from trm_ray.train import CHECKPOINT_FILE, make_trainer, trial_config, trial_label
 
 
 class ReportToTune(UserCallback):
@@ -145,8 +145,8 @@ def remove_left_placement_groups() -> None:
 
 
 def trial_name(t: Any) -> str:
-    """Readable and deterministic (a timestamp in a name breaks a restore): d256, or d256-lr0.001 in an lr grid."""
-    return run_label(trial_config(t.config)[0])
+    """Readable and deterministic (a timestamp in a name breaks a restore): lr0.005, the trial's learning rate."""
+    return trial_label(trial_config(t.config)[0])
 
 
 def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -254,12 +254,13 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
 
     # The W&B group: unique per sweep, fixed for its lifetime (it is part of the restored Tune state).
     group = f"{name}-{uuid.uuid4().hex[:8]}"
+    # A trial per learning rate, each training every D' (one read of each batch for all of them).
     param_space = {**trial_config_for(cfg, manifest, counts, limit, os.path.join(storage, f"{name}_train"), group, command),
-                   "d_compressed": tune.grid_search(cfg.d_values),
                    "learning_rate": tune.grid_search(cfg.sweep_learning_rates or [cfg.learning_rate])}
     tokens_per_epoch = counts["train_tokens"] - cfg.num_workers  # an equal split across workers drops a row or so
     scheduler = PerWidthASHA(
-        rungs_path=os.path.join(exp_dir, "asha_rungs.json"), time_attr="tokens_seen", metric=cfg.rank_metric, mode="min" if cfg.rank_metric in LOWER_IS_BETTER else "max",
+        rungs_path=os.path.join(exp_dir, "asha_rungs.json"), group=group, time_attr="tokens_seen", metric=cfg.rank_metric,
+        mode="min" if cfg.rank_metric in LOWER_IS_BETTER else "max",
         max_t=cfg.num_epochs * tokens_per_epoch, grace_period=min(cfg.grace_period, cfg.num_epochs) * tokens_per_epoch,
         reduction_factor=2,
         stop_last_trials=False,  # the default kills the survivors at max_t before they finish cleanly

@@ -1,8 +1,11 @@
-"""The per-worker training loop that a Ray `TorchTrainer` runs for one D'.
+"""The per-worker training loop that a Ray `TorchTrainer` runs for one learning rate and every D' of the grid.
 
-Reads top to bottom: setup, data, model, optimizer, loop, validation, checkpoint.
-Batches are token rows from `ray.train.get_dataset_shard("train")`; validation runs on
-rank 0 over the whole held-out set, so the metrics do not depend on the number of workers.
+Reads top to bottom: setup, data, models, optimizer, loop, validation, checkpoint. Every D' trains
+on the same batches: each batch is read (and, for a KL objective, its teacher logits computed) once
+for all of them, not once per D'. Each D' keeps its own early stopping, best weights, checkpoint and
+W&B run, and stops on its own (early stopping, divergence, or ASHA among the learning rates of the
+same width). Validation runs on rank 0 over the whole held-out set, so the metrics do not depend on
+the number of workers.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,7 +28,7 @@ from torch import nn
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
                                 orthonormalize_, plain_state, reconstruction_sums, save_checkpoint, tangent_part)
 from trm_ray.config import FIELDS, Config, make_config
-from trm_ray.downstream import load_lm_head, next_token_kl, start_basis
+from trm_ray.downstream import damage_sums, grid_kl, load_lm_head, start_basis
 from trm_ray.shards import decode_hidden, load_splits
 from trm_ray.spectrum import training_mean
 from trm_ray.tracking import publish, tracking
@@ -52,14 +55,24 @@ def trial_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     return cfg, {k: v for k, v in config.items() if k not in FIELDS}
 
 
-def run_label(cfg: Config) -> str:
-    """A trial's name in Tune, W&B and its artifacts: d256, or d256-lr0.001 when the sweep grids learning rates."""
-    return f"d{cfg.d_compressed}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
+def run_label(cfg: Config, d: int) -> str:
+    """One D''s name in W&B, its artifacts and the dashboard: d256, or d256-lr0.001 when the sweep grids learning rates."""
+    return f"d{d}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
+
+
+def trial_label(cfg: Config) -> str:
+    """A trial's name in Tune and Train: its learning rate (it trains every D' of the grid)."""
+    return f"lr{cfg.learning_rate:g}"
 
 
 def wandb_name(cfg: Config, d: int) -> str:
     """A D''s W&B run: <prefix>-d256 (-lr0.001 in an lr grid), the prefix --wandb_run_name or stage<stage>."""
-    return f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-{run_label(dataclasses.replace(cfg, d_compressed=d))}"
+    return f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-{run_label(cfg, d)}"
+
+
+def width_key(d: int, metric: str) -> str:
+    """A D''s metric in a trial's report: d256/mse (Tune and ASHA read it under this name)."""
+    return f"d{d}/{metric}"
 
 
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None) -> Iterator[torch.Tensor]:
@@ -94,58 +107,73 @@ def rank_share(dataset: Any, rank: int, world: int) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], mean: torch.Tensor,
-             lm_head: nn.Linear | None = None) -> dict[str, float]:
-    """Token-weighted metrics over every batch (the whole validation set), not a mean of batch means,
-    the centred ones about `mean` (the training rows'); with `lm_head`, also the mean next-token KL of
-    the head reading the reconstruction."""
-    sums, kl = None, 0.0
+def evaluate(models: Sequence[nn.Module], batches: Iterable[torch.Tensor], mean: torch.Tensor,
+             lm_head: nn.Linear | None = None) -> list[dict[str, float]]:
+    """For each model, token-weighted metrics over every batch (the whole validation set), not a mean of
+    batch means, the centred ones about `mean` (the training rows'); with `lm_head`, also the mean
+    next-token KL of the head reading the reconstruction. One read of the batches, and one teacher
+    pass through the head, serves every model."""
+    sums, kl = [None] * len(models), torch.zeros(len(models), dtype=torch.float64)
     for x in batches:
-        x_hat = model(x)
-        s = reconstruction_sums(x, x_hat, mean)
-        sums = s if sums is None else sums + s
-        if lm_head is not None:
-            kl += float(next_token_kl(lm_head, x, x_hat))
-    metrics = metrics_from_sums(sums)
+        for i, model in enumerate(models):
+            s = reconstruction_sums(x, model(x), mean)
+            sums[i] = s if sums[i] is None else sums[i] + s
+        if lm_head is not None:  # no next tokens needed (-1: unknown): only the KL is taken
+            found = damage_sums(lm_head, x, torch.full((x.shape[0],), -1), dict(enumerate(models)))
+            kl += torch.stack([found[i][0] for i in range(len(models))])
+    metrics = [metrics_from_sums(s) for s in sums]
     if lm_head is not None:
-        metrics["downstream_kl"] = kl / float(sums[6])  # sums[6]: tokens
+        for m, k, s in zip(metrics, kl.tolist(), sums):
+            m["downstream_kl"] = k / float(s[6])  # s[6]: tokens
     return metrics
 
 
-def objective_loss(cfg: Config, model: nn.Module, lm_head: nn.Linear | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training loss of `--objective`, per token: reconstruction mse, next-token KL, or mse + kl_weight * KL."""
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        x_hat = model(x)
-        if cfg.objective == "mse":
-            return nn.functional.mse_loss(x_hat, x)
-        kl = next_token_kl(lm_head, x, x_hat) / x.shape[0]
-        return kl if cfg.objective == "kl" else nn.functional.mse_loss(x_hat, x) + cfg.kl_weight * kl
+def objective_loss(cfg: Config, lm_head: nn.Linear | None) -> Callable[[torch.Tensor, Sequence[nn.Module]], torch.Tensor]:
+    """The training loss of `--objective` for each of the compressors, per token [k]: reconstruction mse,
+    next-token KL, or mse + kl_weight * KL; for the KL one teacher pass through the head serves them all."""
+    def loss(x: torch.Tensor, models: Sequence[nn.Module]) -> torch.Tensor:
+        if cfg.objective != "mse":
+            kl = grid_kl(lm_head, x, [m.weight for m in models]) / x.shape[0]
+            if cfg.objective == "kl":
+                return kl
+        mse = torch.stack([nn.functional.mse_loss(m(x), x) for m in models])
+        return mse if cfg.objective == "mse" else mse + cfg.kl_weight * kl
 
     return loss
 
 
-def optimizer_step(model: DimensionCompressor, optimizer: torch.optim.Optimizer,
-                   loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """One step on the rows `x`: loss, backward, clipped AdamW update. With --orthonormal, Riemannian
-    Adam on the manifold of orthonormal rows (so WᵀW stays a projection, what phase 2 needs): the
-    gradient projected onto the tangent space before the update, the rows put back onto an
-    orthonormal set after it (the retraction), and Adam's momentum carried to the new point's tangent
-    space (vector transport by projection). Adam's moments then never accumulate the part of a
-    gradient that only rescales the rows, which the retraction throws away: a KL objective's
+def optimizer_step(models: Sequence[DimensionCompressor], optimizer: torch.optim.Optimizer,
+                   loss_fn: Callable[[torch.Tensor, Sequence[nn.Module]], torch.Tensor], x: torch.Tensor, cfg: Config,
+                   world: int = 1) -> torch.Tensor:
+    """One step of every compressor in `models` on the rows `x`: their losses [k], backward, and for each
+    its gradient averaged over the `world` ranks (as DDP would), clipped, and an AdamW update. The
+    compressors share no parameter, so the sum's gradient in each W is that W's own loss's.
+
+    With --orthonormal, Riemannian Adam on the manifold of orthonormal rows (so WᵀW stays a projection,
+    what phase 2 needs): the gradient projected onto the tangent space before the update, the rows put
+    back onto an orthonormal set after it (the retraction), and Adam's momentum carried to the new
+    point's tangent space (vector transport by projection). Adam's moments then never accumulate the
+    part of a gradient that only rescales the rows, which the retraction throws away: a KL objective's
     gradient has one, which plain Adam fed back into every later step."""
-    loss = loss_fn(x)
+    losses = loss_fn(x, models)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    w = model.weight
+    losses.sum().backward()
+    for model in models:
+        w = model.weight
+        if world > 1:
+            dist.all_reduce(w.grad)
+            w.grad /= world
+        if cfg.orthonormal:
+            w.grad = tangent_part(w, w.grad)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()  # a compressor left out of `models` has no gradient: AdamW leaves it as it is
     if cfg.orthonormal:
-        w.grad = tangent_part(w, w.grad)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    if cfg.orthonormal:
-        orthonormalize_(w)
-        momentum = optimizer.state[w]["exp_avg"]
-        momentum.copy_(tangent_part(w, momentum))
-    return loss
+        for model in models:
+            w = model.weight
+            orthonormalize_(w)
+            momentum = optimizer.state[w]["exp_avg"]
+            momentum.copy_(tangent_part(w, momentum))
+    return losses.detach()
 
 
 @dataclass
@@ -179,24 +207,24 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def compile_or_eager(fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def compile_or_eager(fn: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor]:
     """`torch.compile(fn)` where compilation works; where the first call fails, eager `fn` (said once)."""
     if not enabled:
         return fn
     compiled = torch.compile(fn)
     state = {"compiled_ok": None}
 
-    def step(x: torch.Tensor) -> torch.Tensor:
+    def step(*args: Any) -> torch.Tensor:
         if state["compiled_ok"] is False:
-            return fn(x)
+            return fn(*args)
         try:
-            out = compiled(x)
+            out = compiled(*args)
         except Exception as e:
             if state["compiled_ok"]:
                 raise
             print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training eagerly", flush=True)
             state["compiled_ok"] = False
-            return fn(x)
+            return fn(*args)
         state["compiled_ok"] = True
         return out
 
@@ -240,9 +268,47 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+@dataclass
+class Width:
+    """One D' of a trial: its compressor, its early stopping, its best weights so far and their metrics,
+    and why it stopped training (None while it trains)."""
+
+    cfg: Config  # the trial's settings with this D' as d_compressed
+    config: dict[str, Any]  # the same with the run's facts: what its checkpoint and W&B run record
+    model: DimensionCompressor
+    stopper: EarlyStopping
+    best: dict[str, Any] | None = None
+    stopped: str | None = None
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d_compressed
+
+    def state(self) -> dict[str, Any]:
+        """What resumes it: weights, early stopping, best so far, stop reason."""
+        return {"model": plain_state(self.model), "stopper": dataclasses.asdict(self.stopper), "best": self.best,
+                "stopped": self.stopped}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.stopper, self.best, self.stopped = EarlyStopping(**state["stopper"]), state["best"], state["stopped"]
+
+
+def asha_cuts(group: str) -> Any:
+    """The sweep's record of the widths ASHA stopped (`scheduler.WidthCuts`), None outside a sweep."""
+    import ray
+
+    from trm_ray.scheduler import cuts_name
+
+    try:
+        return ray.get_actor(cuts_name(group))
+    except ValueError:
+        return None
+
+
 def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
-    """One worker's training of one D'; `train` is the training split's Ray Dataset (each epoch reads
-    its own block order of it, see epoch_rows)."""
+    """One worker's training of every D' of `config`'s grid at one learning rate; `train` is the training
+    split's Ray Dataset (each epoch reads its own block order of it, see epoch_rows)."""
     import ray.train
     import ray.train.torch
 
@@ -252,19 +318,23 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
 
-    model = initial_model(cfg, run)
-    stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    start_epoch, step, tokens_seen, best, state = 0, 0, 0, None, None
+    widths = []
+    for d in cfg.d_values:
+        width_cfg = dataclasses.replace(cfg, d_compressed=d)
+        widths.append(Width(width_cfg, {**config, "d_compressed": d}, initial_model(width_cfg, run),
+                            EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)))
+    start_epoch, step, tokens_seen, state = 0, 0, 0, None
     resumed = ray.train.get_checkpoint()
     if resumed:  # a replaced worker, or a restored sweep: continue where the last report left off
         with resumed.as_directory() as d:
             state = torch.load(f"{d}/{RESUME_FILE}", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        stopper = EarlyStopping(**state["stopper"])
-        start_epoch, step, tokens_seen, best = state["epoch"], state["step"], state["tokens_seen"], state["best"]
-        print(f"d{cfg.d_compressed}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
-    ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the worker's device
-    optimizer = make_optimizer(model, cfg, state["optimizer"] if state else None)
+        for w in widths:
+            w.load(state["widths"][str(w.d)])
+        start_epoch, step, tokens_seen = state["epoch"], state["step"], state["tokens_seen"]
+        print(f"{trial_label(cfg)}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
+    # On the worker's device; each step averages the gradients over the ranks itself (optimizer_step).
+    ray.train.torch.prepare_model(nn.ModuleList([w.model for w in widths]), parallel_strategy=None)
+    optimizer = make_optimizer(nn.ModuleList([w.model for w in widths]), cfg, state["optimizer"] if state else None)
     # Loaded once per worker: what phase 2 decompresses into, so what a KL objective trains against.
     lm_head = load_lm_head(cfg.model_name, device) if cfg.objective != "mse" else None
     # Validation scores in float32 like the export and the PCA reference: bf16 logits (what a GPU trains
@@ -272,106 +342,128 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     score_head = lm_head
     if rank == 0 and lm_head is not None and lm_head.weight.dtype != torch.float32:
         score_head = copy.deepcopy(lm_head).float()
-    loss_fn = compile_or_eager(objective_loss(cfg, ddp, lm_head), cfg.torch_compile)
+    loss_fn = compile_or_eager(objective_loss(cfg, lm_head), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
-    log = tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=wandb_name(cfg, cfg.d_compressed), config=config,
-                   directory=cfg.output_dir)
+    logs = {w.d: tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=wandb_name(cfg, w.d),
+                          config=w.config, directory=cfg.output_dir) for w in widths}
+    cuts = asha_cuts(run["group"]) if rank == 0 else None
 
     val_shard = ray.train.get_dataset_shard("val")
-    pca_mse = run["pca_mse"][str(cfg.d_compressed)]
     mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed).to(device)
     score = cfg.score_metric
     best_keys = METRICS if lm_head is None else (*METRICS, *KL_METRICS)
 
-    def validate() -> dict[str, float]:
-        m = evaluate(model.eval(), hidden_batches(val_shard, rows, device), mean, score_head)
-        # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
-        m.update({"pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"],
-                  "orthonormality_error": orthonormality_error(model.weight)})
-        if lm_head is not None:  # the same ratio for what the LM head reads (> 1: better than PCA)
-            pca_kl = run["pca_downstream_kl"][str(cfg.d_compressed)]
-            m.update({"pca_downstream_kl": pca_kl, "downstream_efficiency": pca_kl / m["downstream_kl"]})
-        return m
+    def validate(active: list[Width]) -> list[dict[str, float]]:
+        """Every active D' on one read of the validation set."""
+        found = evaluate([w.model.eval() for w in active], hidden_batches(val_shard, rows, device), mean, score_head)
+        for w, m in zip(active, found):
+            # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
+            pca_mse = run["pca_mse"][str(w.d)]
+            m.update({"pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"],
+                      "orthonormality_error": orthonormality_error(w.model.weight)})
+            if lm_head is not None:  # the same ratio for what the LM head reads (> 1: better than PCA)
+                pca_kl = run["pca_downstream_kl"][str(w.d)]
+                m.update({"pca_downstream_kl": pca_kl, "downstream_efficiency": pca_kl / m["downstream_kl"]})
+        return found
 
-    metrics: dict[str, Any] = {}
+    initial: dict[int, dict[str, float]] = {}
     if rank == 0 and not resumed:
         # Where training starts from (1a: PCA or orthogonal, 1b: the 1a weights), scored on this run's
         # validation set. It is the first candidate for the best checkpoint, so a trial never exports
         # anything worse than its start (epoch 0), and epochs must beat it to count as improvements.
-        start = validate()
-        metrics = {f"initial_{k}": v for k, v in start.items() if k not in ("pca_mse", "pca_downstream_kl")}
-        best = {"state": plain_state(model), **{k: start[k] for k in best_keys}, "epoch": 0}
-        stopper.update(start[score])
+        for w, start in zip(widths, validate(widths)):
+            initial[w.d] = {f"initial_{k}": v for k, v in start.items() if k not in ("pca_mse", "pca_downstream_kl")}
+            w.best = {"state": plain_state(w.model), **{k: start[k] for k in best_keys}, "epoch": 0}
+            w.stopper.update(start[score])
     for epoch in range(start_epoch, cfg.num_epochs):
-        model.train()
-        t0, epoch_tokens, loss_sum = time.perf_counter(), 0, 0.0
+        active = [w for w in widths if w.stopped is None]
+        for w in active:
+            w.model.train()
+        t0, epoch_tokens, loss_sums = time.perf_counter(), 0, torch.zeros(len(active), dtype=torch.float64)
         train_shard = rank_share(epoch_rows(train, cfg, epoch), rank, world)
         for x in hidden_batches(train_shard, rows, device, shuffle_seed=cfg.seed * 1000 + epoch):
             lr = get_lr(step, total_steps, warmup_steps, cfg.learning_rate)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = optimizer_step(model, optimizer, loss_fn, x, cfg)
+            losses = optimizer_step([w.model for w in active], optimizer, loss_fn, x, cfg, world)
             step += 1
             epoch_tokens += x.shape[0]
-            loss_sum += loss.item() * x.shape[0]
-        counts = torch.tensor([epoch_tokens, loss_sum], dtype=torch.float64, device=device)
+            loss_sums += losses.double().cpu() * x.shape[0]
+        counts = torch.cat([torch.tensor([float(epoch_tokens)], dtype=torch.float64), loss_sums]).to(device)
         if world > 1:
             dist.all_reduce(counts)
         elapsed = time.perf_counter() - t0
         tokens_seen += int(counts[0])
-        metrics.update({"epoch": epoch + 1, "resumed_after_epoch": start_epoch, "d_compressed": cfg.d_compressed,
-                        "tokens_seen": tokens_seen, "train_loss": float(counts[1] / counts[0]),
-                        "tokens_per_s": float(counts[0]) / elapsed, "lr": lr})
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "resumed_after_epoch": start_epoch, "tokens_seen": tokens_seen,
+                                   "tokens_per_s": float(counts[0]) / elapsed, "lr": lr, "d_values_training": len(active)}
 
-        checkpoint, stop = None, False
+        checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                metrics.update(validate())
-                # NaN compares false with everything: a NaN epoch must neither become the best nor count as one.
-                finite = all(math.isfinite(metrics[k]) for k in ("mse", score, "train_loss"))
-                if finite and (best is None or metrics[score] < best[score]):
-                    best = {"state": plain_state(model), **{k: metrics[k] for k in best_keys}, "epoch": epoch + 1}
-                stop = not finite or (cfg.early_stopping and stopper.update(metrics[score]))
-                if not finite:
-                    metrics["stop_reason"] = (f"diverged: train loss {metrics['train_loss']}, validation {score} {metrics[score]}; "
-                                              "lower --learning_rate")
-                elif stop:
-                    metrics["stop_reason"] = (f"early stopping: validation {score} did not improve by {cfg.early_stopping_min_delta:g} "
-                                              f"(relative) for {cfg.early_stopping_patience} epochs")
-                if stop:
-                    print(f"d{cfg.d_compressed}: {metrics['stop_reason']}; stopped after epoch {epoch + 1}", flush=True)
-                if best is not None:  # none only when the first epoch already diverged: nothing worth keeping
-                    metrics["best_mse"] = best["mse"]
-                    metrics[f"best_{score}"] = best[score]
-                    # Every report carries the whole resumable state; its compressor.pt is the best so far.
-                    save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
-                    torch.save({"model": plain_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                "step": step, "tokens_seen": tokens_seen, "best": best,
-                                "stopper": dataclasses.asdict(stopper)}, f"{tmp}/{RESUME_FILE}")
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                log.log(metrics)
-                publish(metrics, trial=ctx.get_experiment_name(), sweep=run["group"], stage=cfg.stage)
+                for w, m, loss_sum in zip(active, validate(active), counts[1:].tolist()):
+                    m = {**initial.pop(w.d, {}), **m, "train_loss": loss_sum / float(counts[0]), "epochs_trained": epoch + 1}
+                    w.stopped = epoch_verdict(w, m, epoch, cfg, best_keys)
+                    metrics.update({width_key(w.d, k): v for k, v in m.items()})
+                    logs[w.d].log({**m, "epoch": epoch + 1, "tokens_seen": tokens_seen, "lr": lr})
+                    publish(m, trial=run_label(cfg, w.d), sweep=run["group"], stage=cfg.stage)
+                publish(metrics, trial=trial_label(cfg), sweep=run["group"], stage=cfg.stage)
+                # Every report carries the whole resumable state; each d<D'>/compressor.pt is that D''s best so far.
+                for w in widths:
+                    if w.best is not None:  # none only when the first epoch already diverged: nothing worth keeping
+                        save_best(f"{tmp}/d{w.d}/{CHECKPOINT_FILE}", w)
+                torch.save({"widths": {str(w.d): w.state() for w in widths}, "optimizer": optimizer.state_dict(),
+                            "epoch": epoch + 1, "step": step, "tokens_seen": tokens_seen}, f"{tmp}/{RESUME_FILE}")
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-            metrics = {}
-        if world > 1:  # every rank stops together
-            flag = torch.tensor([float(stop)], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        if stop:
+        if cuts is not None:  # ASHA's decisions on earlier reports, among this width's trials of other learning rates
+            cut = ray.get(cuts.of.remote(trial_label(cfg)))
+            for w in widths:
+                if w.stopped is None and w.d in cut:
+                    w.stopped = "stopped by ASHA"
+                    print(f"d{w.d}: stopped by ASHA after epoch {epoch + 1}", flush=True)
+        if world > 1:  # every rank stops the same widths
+            flags = torch.tensor([float(w.stopped is not None) for w in widths], device=device)
+            dist.broadcast(flags, 0)
+            for w, flag in zip(widths, flags.tolist()):
+                w.stopped = w.stopped or ("stopped on rank 0" if flag else None)
+        if all(w.stopped is not None for w in widths):
             break
-    if rank == 0 and best is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_best(f"{tmp}/{CHECKPOINT_FILE}", best, config)
-            log.log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: v for k, v in best.items() if k != "state"})
     if rank == 0:
-        log.finish()
+        for w in widths:
+            if w.best is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_best(f"{tmp}/{CHECKPOINT_FILE}", w)
+                    logs[w.d].log_checkpoint(f"{tmp}/{CHECKPOINT_FILE}", {k: v for k, v in w.best.items() if k != "state"})
+            logs[w.d].finish()
 
 
-def save_best(path: str, best: dict[str, Any], config: dict[str, Any]) -> None:
-    score = trial_config(config)[0].score_metric
-    save_checkpoint(path, best["state"], config, best[score], {k: v for k, v in best.items() if k != "state"})
+def epoch_verdict(w: Width, m: dict[str, Any], epoch: int, cfg: Config, best_keys: tuple[str, ...]) -> str | None:
+    """Keep the epoch's weights of `w` if they are its best, and say whether it stops now: diverged, or early
+    stopping (`m` gains the reason, `stop_reason`); None when it trains on."""
+    score = cfg.score_metric
+    # NaN compares false with everything: a NaN epoch must neither become the best nor count as one.
+    finite = all(math.isfinite(m[k]) for k in ("mse", score, "train_loss"))
+    if finite and (w.best is None or m[score] < w.best[score]):
+        w.best = {"state": plain_state(w.model), **{k: m[k] for k in best_keys}, "epoch": epoch + 1}
+    if w.best is not None:
+        m.update({"best_mse": w.best["mse"], f"best_{score}": w.best[score]})
+    reason = None
+    if not finite:
+        reason = f"diverged: train loss {m['train_loss']}, validation {score} {m[score]}; lower --learning_rate"
+    elif cfg.early_stopping and w.stopper.update(m[score]):
+        reason = (f"early stopping: validation {score} did not improve by {cfg.early_stopping_min_delta:g} "
+                  f"(relative) for {cfg.early_stopping_patience} epochs")
+    if reason:
+        m["stop_reason"] = reason
+        print(f"d{w.d}: {reason}; stopped after epoch {epoch + 1}", flush=True)
+    return reason
+
+
+def save_best(path: str, w: Width) -> None:
+    """`w`'s best weights so far in the seed's checkpoint format, with its own D' in the config."""
+    save_checkpoint(path, w.best["state"], w.config, w.best[w.cfg.score_metric], {k: v for k, v in w.best.items() if k != "state"})
 
 
 def scaling_config(cfg: Config) -> Any:
@@ -382,7 +474,7 @@ def scaling_config(cfg: Config) -> Any:
 
 
 def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[Any] | None = None) -> Any:
-    """The TorchTrainer for one D': scaling, data, checkpointing, all in one visible place."""
+    """The TorchTrainer for one learning rate (every D'): scaling, data, checkpointing, all in one visible place."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -402,7 +494,7 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
         datasets={"val": val},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=ray.train.RunConfig(
-            name=f"d{cfg.d_compressed}-lr{cfg.learning_rate:g}",
+            name=trial_label(cfg),
             storage_path=run["train_storage"],
             # The one checkpoint kept is the latest: it resumes the trial and its compressor.pt is the trial's best.
             checkpoint_config=ray.train.CheckpointConfig(
