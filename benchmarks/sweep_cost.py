@@ -12,6 +12,17 @@ documents each sent through the LLM, and each D's best validation cosine.
 
     python -m benchmarks.sweep_cost            # the quickstart: 400 documents, its D' values and epochs
     python -m benchmarks.sweep_cost --smoke    # 60 documents, 2 D', 1 epoch: checks the script
+
+With --scale it runs nothing: for a configuration (any sweep flag, --config a YAML) it prints what
+each stage costs before it is spent: passes over the shards, bytes read, and the LLM's and the LM
+head's FLOPs, for trm_ray's design next to the one before it (a trial per D' and learning rate, each
+reading the shards and computing the teacher's logits for itself; SGD epochs for the MSE sweep from
+PCA too). The bytes a row are measured here, on shards of the configuration's hidden size and
+dtype written by trm_ray's own shard code; the rest is counted, for the configuration's upper
+bound of tokens (num_samples x max_seq_length).
+
+    HF_HUB_OFFLINE=1 python -m benchmarks.sweep_cost --scale --config tune_configs/smollm3_stage1a.yaml --model_type smollm3
+    HF_HUB_OFFLINE=1 python -m benchmarks.sweep_cost --scale --config tune_configs/smollm3_stage1a.yaml --model_type smollm3 --objective kl
 """
 
 from __future__ import annotations
@@ -20,21 +31,26 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.common import bare_trainer, machine, print_ratio
+from transformers import AutoConfig
+
+from benchmarks.common import bare_trainer, machine, print_ratio, write_synthetic_shards
 from trm_ray import sweep
 from trm_ray.cli import connect
-from trm_ray.config import Config, load_yaml, make_config
-from trm_ray.extract import extract, hidden_rows, load_model
+from trm_ray.config import Config, UserError, build_parser, config_from_args, load_yaml, make_config
+from trm_ray.downstream import FISHER_TOKENS
+from trm_ray.extract import extract, flops_per_token, hidden_rows, load_model, load_model_config, resolve_storage_dtype
 from trm_ray.text import read_documents, tokenize
 from trm_ray.quickstart import write_assets
-from trm_ray.shards import is_validation_doc
+from trm_ray.shards import is_validation_doc, shard_paths
 from trm_ray.spectrum import training_mean
 from trm_ray.train import evaluate, one_thread
 
@@ -74,7 +90,91 @@ def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
     return best, forwarded
 
 
+def bytes_per_row(cfg: Config, hidden_size: int) -> float:
+    """Parquet bytes a token row takes in shards of `cfg`'s dtype at `hidden_size`, measured on 4 documents written here."""
+    with tempfile.TemporaryDirectory() as work_dir:
+        small = dataclasses.replace(cfg, num_samples=4, docs_per_shard=4, shards_dir=work_dir,
+                                    storage_dtype=resolve_storage_dtype(cfg))
+        manifest = write_synthetic_shards(small, hidden_size)
+        return sum(os.path.getsize(p) for p in shard_paths(work_dir, manifest)) / manifest["num_tokens"]
+
+
+def head_flop_per_row(d: int, width: int, rows: int, vocab: int) -> float:
+    """LM-head FLOP a training row of one width costs beside the shared teacher: the cheaper of the factored
+    student (A = U Wᵀ once a step) and the residual through the full D (`downstream.grid_kl`)."""
+    return min(6 * vocab * width + 4 * vocab * d * width / rows, 4 * vocab * d)
+
+
+def stage_costs(cfg: Config, model_config: Any, row_bytes: float) -> dict[str, list[tuple[str, float, float, float]]]:
+    """For the design before and trm_ray's: (stage, passes over the shards, bytes read, head FLOP) per stage,
+    and the extraction's LLM FLOP in the first row's place of the head's."""
+    d, vocab = int(model_config.hidden_size), int(model_config.vocab_size)
+    tokens = cfg.num_samples * cfg.max_seq_length
+    train, val = tokens * (1 - cfg.val_fraction), tokens * cfg.val_fraction
+    widths, lrs, epochs = cfg.d_values, len(cfg.sweep_learning_rates) or 1, cfg.num_epochs
+    rows = cfg.batch_size * cfg.max_seq_length
+    kl = cfg.objective != "mse"
+    extraction = ("extraction (writes; LLM FLOP)", 0.0, 0.0, tokens * flops_per_token(model_config, cfg.layer))
+    spectrum = ("spectrum: second moments", 1.0, tokens * row_bytes, 0.0)
+    references = [("Fisher start + PCA's KL", FISHER_TOKENS / tokens + cfg.val_fraction,
+                   (FISHER_TOKENS + val) * row_bytes, FISHER_TOKENS * 4 * vocab * d + val * len(widths) * 4 * vocab * d)] if kl else []
+    downstream = [("export: downstream KL", cfg.val_fraction, val * row_bytes,
+                   val * (2 + 4 * len(widths)) * vocab * d)] if cfg.layer == -1 and cfg.downstream else []
+    trials_before = len(widths) * lrs
+    before = [("training: a trial per D' and lr", trials_before * epochs, trials_before * epochs * tokens * row_bytes,
+               trials_before * epochs * (train * 6 + val * 4) * vocab * d if kl else 0.0)]
+    if cfg.closed_form:
+        now = [("training: none (closed form)", 0.0, 0.0, 0.0)]
+    else:
+        grid = 2 * vocab * d + sum(head_flop_per_row(d, w, rows, vocab) for w in widths)
+        now = [("training: a trial per lr, every D'", lrs * epochs, lrs * epochs * tokens * row_bytes,
+                lrs * epochs * (train * grid + val * (2 + 2 * len(widths)) * vocab * d) if kl else 0.0)]
+    shared = [extraction, spectrum, *references]
+    return {"before": [*shared, *before, *downstream], "trm_ray": [*shared, *now, *downstream]}
+
+
+def print_scale(cfg: Config, model_config: Any) -> dict[str, float]:
+    row_bytes = bytes_per_row(cfg, int(model_config.hidden_size))
+    tokens = cfg.num_samples * cfg.max_seq_length
+    print(f"sweep_cost --scale: {cfg.model_name} ({model_config.model_type}, D={model_config.hidden_size}, "
+          f"V={model_config.vocab_size:,}), layer {cfg.layer}, stage {cfg.stage}, --objective {cfg.objective}, "
+          f"init {cfg.init}; up to {tokens:,} token rows; D' in {cfg.d_values}, {len(cfg.sweep_learning_rates) or 1} "
+          f"learning rate(s), up to {cfg.num_epochs} epochs; {row_bytes:,.0f} bytes a row ({resolve_storage_dtype(cfg)}, "
+          f"measured on shards written here)")
+    totals = {}
+    for design, stages in stage_costs(cfg, model_config, row_bytes).items():
+        print(f"\n{design}:\n{'stage':<36} {'passes':>8} {'GB read':>10} {'TFLOP':>12}")
+        for name, passes, read, flop in stages:
+            print(f"{name:<36} {passes:>8.3g} {read / 1e9:>10,.1f} {flop / 1e12:>12,.4g}")
+        totals[design] = (sum(s[2] for s in stages), sum(s[3] for s in stages[1:]))
+        print(f"{'after extraction, in all':<36} {'':>8} {totals[design][0] / 1e9:>10,.1f} {totals[design][1] / 1e12:>12,.4g}"
+              "  (LM head)")
+    (read_before, head_before), (read_now, head_now) = totals["before"], totals["trm_ray"]
+    ratios = {"bytes_read_trm_ray/before": print_ratio("bytes_read_trm_ray/before", read_now, read_before, "bytes")}
+    if head_before:
+        ratios["head_flop_trm_ray/before"] = print_ratio("head_flop_trm_ray/before", head_now, head_before, "FLOP")
+    return ratios
+
+
+def scale_main(argv: list[str]) -> dict[str, float]:
+    parser = build_parser("python -m benchmarks.sweep_cost --scale", "What a sweep of this configuration reads and computes")
+    parser.add_argument("--model_type", help="Count for transformers' default config of this architecture when the model "
+                                             "itself is not on this machine (smollm3: SmolLM3-3B's).")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        model_config = load_model_config(cfg.model_name)
+    except UserError:
+        if not args.model_type:
+            raise
+        model_config = AutoConfig.for_model(args.model_type)
+    return print_scale(cfg, model_config)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scale" in argv:
+        return scale_main([a for a in argv if a != "--scale"])
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="60 documents, 2 D', 1 epoch: checks the script, not the cost")
     smoke = parser.parse_args(argv).smoke

@@ -17,7 +17,7 @@ from trm_ray.spectrum import eigenvectors, manifest_key, spectrum_files, trainin
 from trm_ray.sweep import limits
 from trm_ray.train import evaluate, hidden_batches, initial_model, objective_loss
 
-from test_train import fit
+from test_train import fit, width_metrics
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +153,11 @@ def test_a_kl_trial_with_the_kl_defaults_lowers_validation_kl_below_pcas(shards,
     defaults = make_config({"objective": "kl"})  # the Fisher start, the KL learning rate
     result = fit(shards, tmp_path, num_workers=1, batch_size=1, objective="kl", num_epochs=3, init=defaults.init,
                  learning_rate=defaults.learning_rate, orthonormal=orthonormal)
-    m = result.metrics
+    m = width_metrics(result)
     assert result.error is None
     assert m["best_downstream_kl"] < 0.8 * m["pca_downstream_kl"]
     assert m["downstream_efficiency"] == pytest.approx(m["pca_downstream_kl"] / m["downstream_kl"])
-    best = read_checkpoint(f"{result.checkpoint.path}/compressor.pt")
+    best = read_checkpoint(f"{result.checkpoint.path}/d16/compressor.pt")
     assert best["best_loss"] == pytest.approx(m["best_downstream_kl"])  # the trial's best is chosen on KL
     assert best["best_metrics"]["epoch"] > 0  # and is a trained epoch's: the start (epoch 0) was beaten
     if orthonormal:  # only the subspace is learnt: WᵀW stays an orthogonal projection for phase 2

@@ -2,6 +2,7 @@ import dataclasses
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -12,7 +13,7 @@ from trm_ray.downstream import validation_rows
 from trm_ray.shards import decode_hidden, load_splits, read_json, write_json
 from trm_ray.train import initial_model, trial_config
 
-from test_train import fit
+from test_train import fit, width_metrics
 
 
 def rows_of(ds) -> np.ndarray:
@@ -99,9 +100,10 @@ def test_pca_init_starts_from_the_top_eigenvectors(shards, limit):
 def test_pca_init_reaches_pca_efficiency_099_in_its_first_epoch(shards, tmp_path):
     # The start is already optimal: a small learning rate keeps Adam from wandering off it.
     result = fit(shards, tmp_path, num_workers=1, batch_size=4, init="pca", num_epochs=1, learning_rate=0.001)
-    assert result.metrics["epoch"] == 1
-    assert result.metrics["pca_efficiency"] >= 0.99
-    assert result.metrics["initial_pca_efficiency"] == pytest.approx(1.0, abs=1e-6)
+    m = width_metrics(result)
+    assert m["epoch"] == 1
+    assert m["pca_efficiency"] >= 0.99
+    assert m["initial_pca_efficiency"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_downstream_kl_and_top1_agreement_match_a_direct_computation_on_the_whole_validation_set(swept):
@@ -151,6 +153,10 @@ def test_asha_keeps_every_d_prime_and_stops_the_slow_learning_rates(shards, tmp_
                               max_concurrent_trials=1, use_wandb=False, torch_compile=False, downstream=False)
     rows = sweep.run(cfg)
     assert [(r["d_compressed"], r["learning_rate"], r["epochs_trained"]) for r in rows] == [(8, 0.05, 4), (32, 0.05, 4)]
-    progress = sorted((tmp_path / "ray_results" / "stage1a_sweep").glob("d*-lr*/progress.csv"))
-    epochs = {p.parent.name: sum(1 for _ in open(p)) - 1 for p in progress}
-    assert epochs == {"d8-lr0.05": 4, "d8-lr0.0001": 1, "d32-lr0.05": 4, "d32-lr0.0001": 1}
+    # A trial per learning rate, with both widths: lr 0.0001's two were each stopped at the first milestone (after
+    # one epoch), where lr 0.05 had done better, and the trial ended there.
+    trials = {p.parent.name: pd.read_csv(p) for p in (tmp_path / "ray_results" / "stage1a_sweep").glob("lr*/progress.csv")}
+    assert sorted(trials) == ["lr0.0001", "lr0.05"]
+    assert [trials["lr0.05"][f"d{d}/epochs_trained"].max() for d in (8, 32)] == [4, 4]
+    assert [trials["lr0.0001"][f"d{d}/epochs_trained"].max() for d in (8, 32)] == [1, 1]
+    assert len(trials["lr0.0001"]) == 1

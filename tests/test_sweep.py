@@ -267,5 +267,6 @@ def test_a_resumed_sweep_keeps_the_rungs_and_cuts_asha_recorded_before_the_inter
         restored.on_trial_add(None, t)
     assert restored.on_trial_result(None, bad, {"tokens_seen": 100, "d8/mse": 2.0, "d16/mse": 1.0}) == "CONTINUE"
     assert restored.cut["lr0.1"] == [8]  # that width alone stops: the trial goes on with D'=16
-    assert ray_cluster.get(restored.cuts().of.remote("lr0.1")) == [8]  # what the trial reads after its report
+    assert ray_cluster.get(restored.cuts().of.remote("lr0.1", 100)) == [8]  # what the trial reads after its report
+    assert ray_cluster.get(restored.cuts().of.remote("lr0.1", 200)) is None  # a report ASHA has not read yet
     assert pickle.loads(pickle.dumps(restored)).cut == {"lr0.01": [], "lr0.1": [8]}  # and a second resume keeps it

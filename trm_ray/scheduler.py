@@ -5,8 +5,8 @@ widths first and destroys the very curve a D' sweep exists to draw. A trial trai
 of the grid at one learning rate (one read of each batch serves them all), and reports each
 width's metrics under its own name (`d256/pca_efficiency`); here each D' gets its own ASHA,
 in which the trials' learning rates compete on that width's metric. A width ASHA stops in a
-trial is written to `WidthCuts`, which the trial reads after each report and stops training
-that width (Tune can stop a trial, not one width of it); the trial ends by itself when all its
+trial is written to `WidthCuts`, which the trial reads after each report, once ASHA has
+decided on it, and stops training that width (Tune can stop a trial, not one width of it); the trial ends by itself when all its
 widths have stopped, its checkpoints and W&B runs closed (a trial Tune stopped would be killed
 mid-write). A D' with a single learning rate is never stopped. Rungs are on `tokens_seen`, a
 monotone counter that survives a restore, so decisions stay valid when a sweep is resumed.
@@ -27,16 +27,21 @@ from trm_ray.train import trial_config, trial_label, width_key
 
 
 class WidthCuts:
-    """A Ray actor: the widths ASHA stopped in each trial (trial label -> D' values)."""
+    """A Ray actor: the widths ASHA stopped in each trial (trial label -> D' values), and how far
+    (tokens_seen) the scheduler has read each trial's reports."""
 
     def __init__(self, cut: dict[str, list[int]]):
-        self.cut = cut
+        self.cut, self.read = cut, {}
 
     def add(self, trial: str, d: int) -> None:
         self.cut.setdefault(trial, []).append(d)
 
-    def of(self, trial: str) -> list[int]:
-        return self.cut.get(trial, [])
+    def decided(self, trial: str, tokens_seen: int) -> None:
+        self.read[trial] = max(self.read.get(trial, 0), tokens_seen)
+
+    def of(self, trial: str, tokens_seen: int) -> list[int] | None:
+        """The trial's widths ASHA stopped, once it has decided on the report at `tokens_seen` (None before)."""
+        return self.cut.get(trial, []) if self.read.get(trial, 0) >= tokens_seen else None
 
 
 def cuts_name(group: str) -> str:
@@ -114,6 +119,7 @@ class PerWidthASHA(FIFOScheduler):
                                                             self.width_result(result, d)) == TrialScheduler.STOP:
                 cut.append(d)
                 self.cuts().add.remote(label, d)
+        self.cuts().decided.remote(label, result["tokens_seen"])  # after the adds: an actor runs one caller's calls in order
         self.save()
         return TrialScheduler.CONTINUE
 

@@ -175,7 +175,7 @@ def load_or_compute(shards_dir: str, val_fraction: float, seed: int, region: str
     predates the PCA references of every metric."""
     json_path, pt_path = spectrum_files(shards_dir, val_fraction, seed, f"spectrum-{region}" if region else "spectrum")
     summary, key = read_json(json_path), manifest_key(shards_dir)
-    if summary is not None and "pca_variance_ratio" in summary and summary.get("manifest") == key:
+    if summary is not None and all(f"pca_{k}" in summary for k in PCA_METRICS) and summary.get("manifest") == key:
         return summary
     print(f"spectrum: one pass over {shards_dir}{f' ({region} rows)' if region else ''} for the second moment and its "
           "eigenvectors", flush=True)

@@ -306,6 +306,25 @@ def asha_cuts(group: str) -> Any:
         return None
 
 
+ASHA_WAIT_S = 120.0  # how long a trial waits for ASHA to decide on its report before it trains on without
+
+
+def asha_decision(cuts: Any, trial: str, tokens_seen: int) -> list[int]:
+    """The widths of `trial` ASHA has stopped, once it has read the report at `tokens_seen`: waiting for it
+    (the report's way through Train's controller and Tune takes about a second) means that a width
+    stopped at a milestone trains no epoch past it, however short the epochs."""
+    import ray
+
+    deadline = time.monotonic() + ASHA_WAIT_S
+    while (cut := ray.get(cuts.of.remote(trial, tokens_seen))) is None:
+        if time.monotonic() > deadline:
+            print(f"{trial}: ASHA has not decided on the report at {tokens_seen:,} tokens after {ASHA_WAIT_S:g} s; "
+                  "training on, its decision applies after the next report", flush=True)
+            return []
+        time.sleep(0.05)
+    return cut
+
+
 def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     """One worker's training of every D' of `config`'s grid at one learning rate; `train` is the training
     split's Ray Dataset (each epoch reads its own block order of it, see epoch_rows)."""
@@ -407,8 +426,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
                     w.stopped = epoch_verdict(w, m, epoch, cfg, best_keys)
                     metrics.update({width_key(w.d, k): v for k, v in m.items()})
                     logs[w.d].log({**m, "epoch": epoch + 1, "tokens_seen": tokens_seen, "lr": lr})
-                    publish(m, trial=run_label(cfg, w.d), sweep=run["group"], stage=cfg.stage)
-                publish(metrics, trial=trial_label(cfg), sweep=run["group"], stage=cfg.stage)
+                    publish({**metrics, **m}, trial=f"d{w.d}-{trial_label(cfg)}", sweep=run["group"], stage=cfg.stage)
                 # Every report carries the whole resumable state; each d<D'>/compressor.pt is that D''s best so far.
                 for w in widths:
                     if w.best is not None:  # none only when the first epoch already diverged: nothing worth keeping
@@ -417,8 +435,8 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
                             "epoch": epoch + 1, "step": step, "tokens_seen": tokens_seen}, f"{tmp}/{RESUME_FILE}")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if cuts is not None:  # ASHA's decisions on earlier reports, among this width's trials of other learning rates
-            cut = ray.get(cuts.of.remote(trial_label(cfg)))
+        if cuts is not None:  # ASHA's decision on this report: each width against its other learning rates
+            cut = asha_decision(cuts, trial_label(cfg), tokens_seen)
             for w in widths:
                 if w.stopped is None and w.d in cut:
                     w.stopped = "stopped by ASHA"
