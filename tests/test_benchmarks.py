@@ -14,13 +14,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
 
-from benchmarks import data_feed, extract, kl_objective, quality, row_groups, step_cost, sweep_cost, train_loop  # noqa: E402
+from benchmarks import (data_feed, extract, kl_grid_step, kl_objective, quality, row_groups, step_cost, sweep_cost,  # noqa: E402
+                        train_loop)
 
 # Not anchored at a line start: Ray's log forwarding may write into the same stdout without a newline.
 RATIO_LINE = re.compile(r"ratio (\S+): (\S+)x \(")
 
 
-@pytest.mark.parametrize("bench", [train_loop, data_feed, sweep_cost, quality, extract, kl_objective, row_groups, step_cost],
+@pytest.mark.parametrize("bench", [train_loop, data_feed, sweep_cost, quality, extract, kl_objective, row_groups, step_cost,
+                                   kl_grid_step],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_smoke_mode_prints_a_finite_positive_ratio_for_each_figure(bench, ray_cluster, capsys):
     returned = bench.main(["--smoke"])

@@ -16,7 +16,7 @@ teacher's logits are recomputed from the cached hidden state on the fly, chunked
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -149,6 +149,98 @@ def next_token_kl(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> t
     the head, which stays frozen). Chunked over tokens so that [rows, V] logits never exist at once:
     memory stays at one chunk's logits whatever the batch."""
     return _FusedKL.apply(x_hat, x, lm_head)
+
+
+def factored(lm_head: nn.Linear, d_compressed: int, rows: int) -> bool:
+    """Whether `grid_kl` takes a width's student logits as (x Wᵀ)(U Wᵀ)ᵀ: where that costs no more FLOPs than the
+    residual through the full D, 6 V D' + 4 V D D' / N a token (the three [V, D'] matmuls, and A = U Wᵀ with
+    its gradient once a call) against 4 V D. Only for a float32 head: the student's logits minus the teacher's
+    is then a difference of two logits of ~20, which bf16 could not resolve. Only for an affine head: a
+    soft-capped head's logits are not linear in h."""
+    d = lm_head.in_features
+    return (getattr(lm_head, "affine", True) and lm_head.weight.dtype == torch.float32
+            and 6 * d_compressed + 4 * d * d_compressed / rows <= 4 * d)
+
+
+def _student(logp: torch.Tensor, p: torch.Tensor, r: torch.Tensor, e: torch.Tensor,
+             grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(KL(p || q) [rows], q - p [rows, V] or None) of a student whose logits are the teacher's plus `r`:
+    `logit_shift`'s KL and `q_minus_p`'s gradient, the same formulas, computed in place in `r` and `e`
+    (buffers of the chunk's shape; q - p is left in `e`). On a CPU each pass that allocates its [rows, V]
+    costs as much as a narrow width's matmul, ten times an in-place one."""
+    r -= torch.mul(p, r, out=e).sum(-1, keepdim=True)  # a sum, not a batched dot product: MKL's loses 1e-4 over V
+    low, high = r.aminmax(dim=-1)
+    kl = torch.log1p(torch.expm1(r, out=e).sub_(r).mul_(p).sum(-1))  # KL to float32 precision where every |r| < 1
+    large = torch.maximum(-low, high) >= 1
+    if large.any():
+        kl = torch.where(large, torch.logsumexp(torch.add(logp, r, out=e), -1), kl)
+    if not grad:
+        return kl, None
+    shift = r.sub_(kl[:, None])  # log q - log p
+    g = torch.expm1(shift, out=e).mul_(p)  # q - p without cancellation where |shift| < 1
+    if bool(((high - kl >= 1) | (low - kl <= -1)).any()):
+        near = shift.gt(-1).logical_and_(shift.lt(1))
+        torch.where(near, g, shift.add_(logp).exp_().sub_(p), out=g)
+    return kl, g
+
+
+class _GridKL(torch.autograd.Function):
+    """[k]: Σ KL(p(x) || p(W_iᵀ W_i x)) over rows for each W_i, with every gradient in W_i taken in the same
+    pass over the logits as the values, as `_FusedKL` does, and only [D'_i, D] kept for the backward.
+
+    Per chunk the teacher's logits once; then each width's student, either factored (`factored`: A_i = U W_iᵀ
+    formed once a call, student logits z_i A_iᵀ with z_i = x W_iᵀ, gradients dA_i = Σ gᵀ z_i and dz_i = g A_i
+    for g = q - p, so dW_i = dA_iᵀ U + dz_iᵀ x) or through the residual (`logit_shift` with the shared log p,
+    gradient (q - p) U through x̂ = Wᵀ W x)."""
+
+    @staticmethod
+    def forward(ctx: Any, lm_head: nn.Linear, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        u, b = lm_head.weight, lm_head.bias
+        grad = any(ctx.needs_input_grad[2:])
+        paths = [factored(lm_head, w.shape[0], x.shape[0]) for w in weights]
+        z = [x @ w.T for w in weights]
+        a = [w @ u.T if f else None for w, f in zip(weights, paths)]  # A_iᵀ [D'_i, V]
+        da = [torch.zeros_like(ai) if ai is not None and grad else None for ai in a]
+        dz: list[list[torch.Tensor]] = [[] for _ in weights]
+        dw = [torch.zeros_like(w) if grad and not f else None for w, f in zip(weights, paths)]
+        total = x.new_zeros(len(weights))
+        for xc, *zc in token_chunks(lm_head, x, *z):
+            if any(paths):  # float32: the teacher's logits without the bias, which cancels in r
+                t = xc @ u.T
+                logp = torch.log_softmax(t if b is None else t + b, -1)
+                r, e = torch.empty_like(t), torch.empty_like(t)  # every factored width's scratch
+            else:
+                logp = log_probs(lm_head, xc)
+            p = logp.exp()
+            for i, w in enumerate(weights):
+                if paths[i]:
+                    kl, g = _student(logp, p, torch.addmm(t, zc[i], a[i], beta=-1, out=r), e, grad)
+                    if grad:
+                        da[i].addmm_(zc[i].T, g)
+                        dz[i].append(g @ a[i].T)
+                else:
+                    _, r_i, kl = logit_shift(lm_head, xc, zc[i] @ w, logp)
+                    if grad:
+                        g = (q_minus_p(logp, r_i, kl).to(u.dtype) @ u).to(w.dtype)  # dKL/dx̂
+                        dw[i] += zc[i].T @ g + (g @ w.T).T @ xc
+                total[i] += kl.sum()
+        if grad:
+            for i in range(len(weights)):
+                if paths[i]:
+                    dw[i] = da[i] @ u + torch.cat(dz[i]).T @ x
+            ctx.save_for_backward(*dw)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (None, None, *(g * dw for g, dw in zip(grad_total, ctx.saved_tensors)))
+
+
+def grid_kl(lm_head: nn.Linear, x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[k]: for each W_i [D'_i, D] of `weights`, Σ over rows of KL(p(x) || p(W_iᵀ W_i x)), differentiable in
+    every W_i: `next_token_kl` of each width's reconstruction, with one teacher pass for all of them, so that
+    one read of a batch trains every D' of a sweep's grid."""
+    return _GridKL.apply(lm_head, x, *weights)
 
 
 @torch.no_grad()

@@ -1,0 +1,76 @@
+"""One LM-head pass for every D' of a KL grid: `grid_kl` equals each width's own `next_token_kl`, values and gradients."""
+
+import pytest
+import torch
+
+from trm_ray import downstream
+from trm_ray.downstream import factored, grid_kl, next_token_kl
+
+D, VOCAB, WIDTHS = 48, 500, (4, 8, 24)
+
+
+def head(bias: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Linear:
+    """A random frozen head whose largest logits are ~18, as a real head's are."""
+    gen = torch.Generator().manual_seed(0)
+    lm_head = torch.nn.Linear(D, VOCAB, bias=bias).requires_grad_(False)
+    lm_head.weight.copy_(torch.randn(VOCAB, D, generator=gen) * 5 * D ** -0.5)
+    if bias:
+        lm_head.bias.copy_(torch.randn(VOCAB, generator=gen))
+    return lm_head.to(dtype)
+
+
+def rows_and_weights(n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Rows with a decaying spectrum, and for each width its top coordinates rotated and perturbed: KLs a token from ~1e-3 (D'=24) to ~0.5 (D'=4)."""
+    gen = torch.Generator().manual_seed(1)
+    rotation = torch.linalg.qr(torch.randn(D, D, generator=gen))[0]
+    x = (torch.randn(n, D, generator=gen) * torch.logspace(0.3, -4, D)) @ rotation.T
+    weights = [(rotation[:, :d].T + 0.002 * torch.randn(d, D, generator=gen)).requires_grad_(True) for d in WIDTHS]
+    return x, weights
+
+
+def per_width(lm_head: torch.nn.Linear, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Today's step, one width at a time: the KLs and their gradients in each W."""
+    kls = torch.stack([next_token_kl(lm_head, x, (x @ w.T) @ w) for w in weights])
+    return kls.detach(), list(torch.autograd.grad(kls.sum(), weights))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("rows, paths", [(37, (True, True, False)), (400, (True, True, True)), (4, (False, False, False))],
+                         ids=["mixed", "all-factored", "all-residual"])
+def test_grid_kl_and_its_gradients_equal_each_widths_own_next_token_kl(monkeypatch, bias, rows, paths):
+    lm_head = head(bias)
+    assert tuple(factored(lm_head, d, rows) for d in WIDTHS) == paths
+    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 rows, the last one short
+    x, weights = rows_and_weights(rows)
+    expected, expected_grads = per_width(lm_head, x, weights)
+    kls = grid_kl(lm_head, x, weights)
+    grads = torch.autograd.grad((kls * torch.tensor([1.0, 2.0, 3.0])).sum(), weights)
+    assert 1e-4 < float(expected.min()) / rows < 2e-3 and float(expected.max()) / rows > 0.2  # small KLs and large
+    # Float32's rounding of logits of ~18 is ~1e-6, and the factored path's r = z Aᵀ - t carries it: against
+    # the widest width's r of ~0.03 that is ~3e-5 of its gradient's largest element (float64 puts the
+    # factored path at 1.0e-5 of it, the residual at 2.8e-6); each KL agrees to 1e-6 relative.
+    torch.testing.assert_close(kls, expected, rtol=1e-5, atol=0)
+    for scale, grad, want in zip((1, 2, 3), grads, expected_grads):
+        torch.testing.assert_close(grad, scale * want, rtol=1e-4, atol=3e-5 * scale * float(want.abs().max()))
+
+
+def test_a_bf16_head_takes_the_residual_path_for_every_width_and_matches_each_widths_kl(monkeypatch):
+    lm_head = head(True, torch.bfloat16)
+    assert not any(factored(lm_head, d, 10 ** 6) for d in WIDTHS)
+    assert all(factored(head(True), d, 10 ** 6) for d in WIDTHS)  # which a float32 head of that shape would not
+    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)
+    x, weights = rows_and_weights(37)
+    expected, expected_grads = per_width(lm_head, x, weights)
+    kls = grid_kl(lm_head, x, weights)
+    grads = torch.autograd.grad(kls.sum(), weights)
+    # The same bf16 matmuls as each width's own step (the residual, the teacher's log p), so they agree far
+    # below bf16's resolution: what differs is only float32's order of summation.
+    torch.testing.assert_close(kls, expected, rtol=1e-5, atol=0)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_a_head_that_is_not_affine_takes_the_residual_path():
+    lm_head = head(False)
+    lm_head.affine = False  # a soft-capped head's logits are not linear in h
+    assert not any(factored(lm_head, d, 10 ** 6) for d in WIDTHS)
