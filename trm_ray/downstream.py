@@ -433,8 +433,3 @@ def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any
     found = on_a_gpu(cfg.use_gpu, measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, checkpoints)
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))
-
-
-def grid_kl(lm_head: nn.Linear, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """[k]: next_token_kl of each compressor W_i (x -> W_iᵀ W_i x) on the rows x."""
-    return torch.stack([next_token_kl(lm_head, x, (x @ w.T) @ w) for w in weights])
