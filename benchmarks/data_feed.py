@@ -10,6 +10,12 @@ The baseline reads the same files with pyarrow.parquet.read_table, applies the s
 filter and decodes them to one float32 tensor. Every figure is the best of a few passes,
 taken round robin.
 
+What the feed leaves to the training device: the batches leave it in the shards' dtype
+(trm_ray.shards.stored_hidden, bf16 here: 2 bytes a value to move) and are converted to float32 on
+the device; before, the feed converted them on the CPU (decode_hidden) and moved 4 bytes a value.
+`feed_cpu_side_*` time the CPU side of each on the materialized shards; on this CPU-only machine
+the device is the CPU, so there the conversion only moves, it is not saved.
+
     python -m benchmarks.data_feed            # 2 shards of 131,072 rows x 2048 bf16 (512 MiB)
     python -m benchmarks.data_feed --smoke    # tiny sizes, seconds: checks the script, not the speed
 """
@@ -27,7 +33,7 @@ import torch
 from benchmarks.common import machine, print_ratio, read_train_rows, write_synthetic_shards
 from trm_ray.cli import connect
 from trm_ray.config import make_config
-from trm_ray.shards import load_splits, split_counts
+from trm_ray.shards import decode_hidden, load_splits, split_counts, stored_hidden
 from trm_ray.train import epoch_rows, hidden_batches
 
 FULL = dict(d_model=2048, num_samples=512, max_seq_length=512, docs_per_shard=256, batch_size=8, passes=3)
@@ -49,6 +55,11 @@ def best_rates(readers: dict[str, Callable[[], int]], passes: int) -> dict[str, 
 def feed(dataset: Any, rows: int, shuffle_seed: int | None = None) -> Callable[[], int]:
     """One pass over `dataset` as the training loop takes it: decoded float32 batches of `rows` rows."""
     return lambda: sum(len(x) for x in hidden_batches(dataset, rows, torch.device("cpu"), shuffle_seed))
+
+
+def cpu_side(dataset: Any, rows: int, convert: Callable[[Any], torch.Tensor]) -> Callable[[], int]:
+    """One pass over `dataset` doing only what the worker's CPU does before a batch goes to its device."""
+    return lambda: sum(len(convert(b["hidden"])) for b in dataset.iter_batches(batch_size=rows, batch_format="pyarrow"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -74,14 +85,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "ray_materialized_shuffled": feed(cached, rows, shuffle_seed=cfg.seed),
             "ray_streamed_epoch_order": feed(epoch_rows(train, cfg, 1), rows),
             "ray_materialized_epoch_order_shuffled": feed(epoch_rows(cached, cfg, 1), rows, shuffle_seed=cfg.seed),
+            "feed_cpu_side_float32": cpu_side(cached, rows, decode_hidden),
+            "feed_cpu_side_stored_dtype": cpu_side(cached, rows, stored_hidden),
         }, passes)
     print(f"data_feed: {manifest['num_tokens']:,} rows x {manifest['hidden_size']} bf16 in {len(manifest['shards'])} "
           f"shards ({train_rows:,} train rows), read in batches of {rows:,}; best of {passes} passes; "
           f"materialize() took {materialize_s:.1f}s")
     print(machine(load))
     print("rows/s: " + " | ".join(f"{name} {rate:,.0f}" for name, rate in rates.items()))
+    before, after = rates.pop("feed_cpu_side_float32"), rates.pop("feed_cpu_side_stored_dtype")
     raw = rates.pop("pyarrow")
-    return {f"{k}/pyarrow": print_ratio(f"{k}/pyarrow", v, raw, "rows/s") for k, v in rates.items()}
+    ratios = {f"{k}/pyarrow": print_ratio(f"{k}/pyarrow", v, raw, "rows/s") for k, v in rates.items()}
+    d = manifest["hidden_size"]
+    print(f"bytes a row sent to the device: {2 * d:,} (bf16, converted there) against {4 * d:,} (float32, converted on the CPU)")
+    ratios["feed_cpu_side_stored_dtype/float32"] = print_ratio("feed_cpu_side_stored_dtype/float32", after, before, "rows/s")
+    return ratios
 
 
 if __name__ == "__main__":

@@ -199,16 +199,23 @@ def encode_hidden(hidden: torch.Tensor, storage_dtype: str) -> pa.FixedSizeListA
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), hidden.shape[1])
 
 
-def decode_hidden(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
-    """An Arrow `hidden` column -> float32 [N, D] tensor, without a per-row Python loop."""
+def stored_hidden(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
+    """An Arrow `hidden` column -> [N, D] tensor in the shards' own dtype (bfloat16 or float32), without a
+    per-row Python loop: what a training worker sends to its device, half the bytes of float32 for bf16
+    shards, and converts there (`hidden_batches`), so the conversion is not on the CPU feed's path."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     width = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)
     # A copy either way: Arrow's buffers are read-only, torch tensors are not.
     if values.dtype == np.uint16:
-        return torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float().reshape(-1, width)
+        return torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).reshape(-1, width)
     return torch.from_numpy(values.copy()).reshape(-1, width)
+
+
+def decode_hidden(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
+    """An Arrow `hidden` column -> float32 [N, D] tensor (bf16 values are exact in float32)."""
+    return stored_hidden(column).float()
 
 
 def verify_shards(shards_dir: str, manifest: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, m
                                 orthonormalize_, plain_state, reconstruction_sums, save_checkpoint, tangent_part)
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.downstream import damage_sums, grid_kl, load_lm_head, start_basis
-from trm_ray.shards import decode_hidden, load_splits
+from trm_ray.shards import load_splits, stored_hidden
 from trm_ray.spectrum import training_mean
 from trm_ray.tracking import publish, tracking
 
@@ -76,10 +76,11 @@ def width_key(d: int, metric: str) -> str:
 
 
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None) -> Iterator[torch.Tensor]:
-    """Float32 [rows, D] tensors from a Ray Data iterator of shard rows."""
+    """Float32 [rows, D] tensors on `device` from a Ray Data iterator of shard rows: sent in the shards' dtype
+    (bf16: half the bytes) and converted to float32 there."""
     shuffle = {"local_shuffle_buffer_size": 4 * rows, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
     for batch in iterator.iter_batches(batch_size=rows, batch_format="pyarrow", **shuffle):
-        yield decode_hidden(batch["hidden"]).to(device, non_blocking=True)
+        yield stored_hidden(batch["hidden"]).to(device, non_blocking=True).float()
 
 
 def epoch_rows(train: Any, cfg: Config, epoch: int) -> Any:
