@@ -7,7 +7,7 @@ rest, and heavy-tailed values. These shards have all three: latent values drawn 
 Student t (4 degrees of freedom, so kurtosis far above a Gaussian's), per-direction
 scales falling as i^-0.6 (variances as i^-1.2) along a random rotation, and two outlier
 dimensions with 4x the largest scale. Each D' is trained by trm_ray's own TorchTrainer
-(`make_trainer`, the sweep's trial), and compared with the PCA limit trm_ray.spectrum computes.
+(`make_trainer`, the sweep's trial, all D' in one), and compared with the PCA limit trm_ray.spectrum computes.
 
 With `--real`, the same on real hidden states: the last layer of a pretrained causal LM
 (SmolLM2-135M-Instruct, D=576, see benchmarks.real_model) over ~100k tokens of real English,
@@ -37,7 +37,7 @@ from trm_ray.compressor import read_checkpoint
 from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
 from trm_ray.sweep import datasets, trial_config_for
-from trm_ray.train import make_trainer
+from trm_ray.train import CHECKPOINT_FILE, make_trainer, width_key
 
 FULL = dict(d_model=512, sweep_d_values=[16, 64, 128, 256], num_samples=384, max_seq_length=256, docs_per_shard=64,
             batch_size=4)
@@ -63,20 +63,22 @@ SEED_SETTINGS = dict(init="orthogonal", orthonormal=False, learning_rate=1e-3)
 
 
 def train_each(cfg: Config, manifest: dict[str, Any], storage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Each D' of `cfg.sweep_d_values` trained by trm_ray's own TorchTrainer; (the PCA limit, one row per D')."""
+    """Every D' of `cfg.sweep_d_values` trained by trm_ray's own TorchTrainer (one trial, the sweep's); (the PCA
+    limit, one row per D', each with its best checkpoint's metrics and the last epoch's)."""
     limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
     counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
     train, val = datasets(cfg, manifest)
+    t0 = time.perf_counter()
+    result = make_trainer(trial_config_for(cfg, manifest, counts, limit, storage), train, val).fit()
+    if result.error is not None:
+        raise result.error
+    wall = time.perf_counter() - t0
     rows = []
     for d in cfg.sweep_d_values:
-        t0 = time.perf_counter()
-        config = trial_config_for(dataclasses.replace(cfg, d_compressed=d), manifest, counts, limit, storage)
-        result = make_trainer(config, train, val).fit()
-        if result.error is not None:
-            raise result.error
-        best = read_checkpoint(f"{result.checkpoint.path}/compressor.pt")["best_metrics"]
-        rows.append({"d": d, "train_tokens": counts["train_tokens"], "best": best, "last": result.metrics,
-                     "wall_s": time.perf_counter() - t0})
+        best = read_checkpoint(f"{result.checkpoint.path}/d{d}/{CHECKPOINT_FILE}")["best_metrics"]
+        last = {k: result.metrics_dataframe[width_key(d, k)].dropna().iloc[-1] for k in ("pca_mse", "mse", "cosine_similarity",
+                                                                                         "epochs_trained")}
+        rows.append({"d": d, "train_tokens": counts["train_tokens"], "best": best, "last": last, "wall_s": wall})
     return limit, rows
 
 
@@ -103,7 +105,7 @@ def real(seed_settings: bool) -> dict[str, float]:
     for r in rows:
         print(f"{r['d']:>8} {r['last']['pca_mse'] / r['best']['mse']:>15.4f} {r['best']['orthonormality_error']:>9.2g} "
               f"{r['best']['cosine_similarity']:>8.4f} {limit['pca_cosine_similarity'][r['d']]:>11.4f} "
-              f"{int(r['best']['epoch']):>11} {r['last']['epoch']:>7} {r['wall_s']:>7.0f}")
+              f"{int(r['best']['epoch']):>11} {int(r['last']['epochs_trained']):>7} {r['wall_s']:>7.0f}")
     return {f"pca_efficiency_d{r['d']}": print_ratio(f"pca_efficiency_d{r['d']}", r["last"]["pca_mse"], r["best"]["mse"],
                                                      "mse, PCA limit / best checkpoint") for r in rows}
 

@@ -277,18 +277,21 @@ def next_token_damage(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.T
 
 
 def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int,
-            checkpoints: dict[int, str]) -> dict[int, dict[str, float]]:
+            checkpoints: dict[int, str | None]) -> dict[int, dict[str, float]]:
     """For each D': KL, CE increase and top-1 agreement of the exported compressor and of the PCA
     reconstruction over the whole validation set, the set trials were selected on (one shard's
-    validation rows at a time, chunked; the original's logits serve every reconstruction)."""
+    validation rows at a time, chunked; the original's logits serve every reconstruction). A D'
+    without a checkpoint path is the closed form, whose weights are the PCA reconstruction's own
+    float32 eigenvectors: it is scored once, as PCA."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Logits in float32 on GPU too: bf16 logits put a noise floor under the small KLs of a wide D'.
     lm_head = load_lm_head(model_name, device, torch.float32)
     vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
     reconstructions: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {}
     for d, path in checkpoints.items():
-        reconstructions["trained", d] = DimensionCompressor.from_checkpoint(path).to(device).eval()
         reconstructions["pca", d] = lambda x, top=vecs[:, :d]: (x @ top) @ top.T
+        if path:
+            reconstructions["trained", d] = DimensionCompressor.from_checkpoint(path).to(device).eval()
     sums = {k: torch.zeros(3, dtype=torch.float64) for k in reconstructions}
     tokens = known = 0
     for table in split_tables(shards_dir, val_fraction, seed):
@@ -297,8 +300,8 @@ def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int,
         sums = {k: sums[k] + part[k] for k in sums}
         tokens, known = tokens + len(targets), known + int((targets >= 0).sum())
     out = {}
-    for d in checkpoints:
-        trained, pca = (damage_metrics(sums[kind, d], tokens, known) for kind in ("trained", "pca"))
+    for d, path in checkpoints.items():
+        trained, pca = (damage_metrics(sums[kind, d], tokens, known) for kind in ("trained" if path else "pca", "pca"))
         out[d] = {"downstream_kl": trained["kl"], "ce_increase": trained["ce_increase"],
                   "top1_agreement": trained["top1_agreement"],
                   "pca_downstream_kl": pca["kl"], "pca_ce_increase": pca["ce_increase"],
@@ -429,7 +432,8 @@ def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any
     """Fill the downstream columns of the exported rows (last-layer sweeps only)."""
     if manifest["layer"] != -1 or not cfg.downstream:
         return
-    checkpoints = {r["d_compressed"]: r["checkpoint"] for r in rows if "checkpoint" in r}
+    checkpoints = {r["d_compressed"]: None if r["obtained_by"] == "closed_form" else r["checkpoint"]
+                   for r in rows if "checkpoint" in r}
     found = on_a_gpu(cfg.use_gpu, measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, checkpoints)
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))
