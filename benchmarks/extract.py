@@ -28,7 +28,8 @@ import torch
 from benchmarks.common import machine, print_ratio
 from trm_ray.cli import connect
 from trm_ray.config import Config, make_config
-from trm_ray.extract import extract, flops_per_token, load_model_config
+from trm_ray.extract import extract
+from trm_ray.model import flops_per_token, load_model_config
 from trm_ray.shards import read_manifest, shard_paths
 
 FULL = dict(num_samples=128, max_seq_length=256, docs_per_shard=16)

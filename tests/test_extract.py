@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trm_ray import extract as extract_mod
 from trm_ray.config import UserError, make_config
-from trm_ray.extract import Placement, extract, hidden_rows, length_batches, load_model, placement, resolve_storage_dtype, shard_table
+from trm_ray.extract import Placement, extract, hidden_rows, length_batches, placement, resolve_storage_dtype, shard_table
+from trm_ray.model import load_model
 from trm_ray.text import read_documents
 from trm_ray.shards import decode_hidden, read_manifest, shard_paths
 
@@ -42,7 +43,7 @@ def test_extracted_hidden_states_equal_a_direct_model_call(shards):
 
 
 def test_pad_positions_never_reach_the_shards(assets):
-    tokenizer, model = load_model(assets["model"], torch.device("cpu"), -1)
+    tokenizer, model, _ = load_model(assets["model"], torch.device("cpu"), -1)
     token_lists = [tokenizer("the river")["input_ids"], tokenizer("the old teacher finds a cold cell near the school.")["input_ids"]]
     hidden, docs, positions = hidden_rows(model, token_lists, tokenizer.pad_token_id, tokens_per_batch=1000, max_batch=2)
     assert hidden.shape[0] == sum(len(t) for t in token_lists)  # one row per real token, none for the 9 pads
@@ -55,9 +56,9 @@ def test_pad_positions_never_reach_the_shards(assets):
 @pytest.mark.parametrize("layer", [-1, 2, -2, 0])
 def test_model_cut_at_a_layer_gives_that_layer_of_the_full_models_hidden_states(assets, layer):
     full = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
-    tokenizer, cut = load_model(assets["model"], torch.device("cpu"), layer)
+    tokenizer, cut, how = load_model(assets["model"], torch.device("cpu"), layer)
     num_layers = full.config.num_hidden_layers
-    assert len(cut.layers) == layer % (num_layers + 1) and not hasattr(cut, "lm_head")
+    assert how == "blocks" and len(cut.layers) == layer % (num_layers + 1) and not hasattr(cut, "lm_head")
     texts = ["the river", "the old teacher finds a cold cell near the school.", "a quiet green garden"]
     token_lists = [tokenizer(t)["input_ids"] for t in texts]
     hidden, docs, positions = hidden_rows(cut, token_lists, tokenizer.pad_token_id, tokens_per_batch=24, max_batch=8)

@@ -25,7 +25,8 @@ from torch import nn
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
                                 orthonormalize_, plain_state, reconstruction_sums, save_checkpoint, tangent_part)
 from trm_ray.config import FIELDS, Config, make_config
-from trm_ray.downstream import load_lm_head, next_token_kl, start_basis
+from trm_ray.downstream import next_token_kl, start_basis
+from trm_ray.model import load_lm_head
 from trm_ray.shards import decode_hidden, load_splits
 from trm_ray.spectrum import training_mean
 from trm_ray.tracking import publish, tracking
