@@ -15,8 +15,9 @@ weight files: building a 3B model in every worker to take its [V, D] matrix woul
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -176,31 +177,33 @@ def flops_per_token(model_config: Any, layer: int) -> float:
 
 # --- the LM head ------------------------------------------------------------------------
 
-# Config fields that change the final logits, by what the model's ForCausalLM does with them.
-SOFTCAP = "final_logit_softcapping"  # cap * tanh(logits / cap): Gemma 2 and 3, ...
-MULTIPLY = ("logit_scale",)  # logits * value: Cohere, Cohere 2
-DIVIDE = ("logits_scaling",)  # logits / value: Granite (HyperCLOVA X multiplies by it: MULTIPLY_BY_TYPE)
-MULTIPLY_BY_TYPE = {"hyperclovax": "logits_scaling"}
-# Other fields that would transform the logits in a way trm_ray does not reproduce.
-UNSUPPORTED = ("output_logit_soft_cap", "logits_soft_cap", "softcap", "logits_mup_width_multiplier", "output_multiplier")
+# Config fields that change the final logits, by what the model's ForCausalLM does with them
+# (read off transformers' modeling files): soft-capping cap * tanh(logits / cap) (Gemma 2/3,
+# RecurrentGemma, xLSTM, nanochat, ...), a factor (Cohere, MuseGlimmer) or a divisor (Granite;
+# Inkling divides the hidden state, the same for a head without bias), applied before the cap.
+SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+MULTIPLY = ("logit_scale", "output_multiplier")
+DIVIDE = ("logits_scaling", "logits_mup_width_multiplier")
+MULTIPLY_BY_TYPE = {"hyperclovax": "logits_scaling"}  # HyperCLOVA X multiplies by what Granite divides by
+# Fields that change the logits in a way trm_ray does not reproduce: the logits cut to a smaller vocabulary.
+UNSUPPORTED = ("unpadded_vocab_size",)
 
 
 def logit_transform(config: Any) -> tuple[float, float | None]:
     """(scale, softcap) with which the model turns its head's raw logits into its final logits:
     softcap * tanh(scale * raw / softcap), or scale * raw when softcap is None."""
-    found = {k: getattr(config, k) for k in UNSUPPORTED if getattr(config, k, None) not in (None, 0, 1, 1.0)}
-    if found:
-        name, value = next(iter(found.items()))
-        raise UserError(f"the {config.model_type!r} model transforms its logits by {name}={value}, which trm_ray "
-                        "does not reproduce: its KL and downstream scores would be wrong; use --objective mse --no_downstream")
-    scale = 1.0
-    for name in MULTIPLY + tuple(v for k, v in MULTIPLY_BY_TYPE.items() if config.model_type == k):
-        scale *= float(getattr(config, name, None) or 1.0)
-    if config.model_type not in MULTIPLY_BY_TYPE:
-        for name in DIVIDE:
-            scale /= float(getattr(config, name, None) or 1.0)
-    softcap = getattr(config, SOFTCAP, None)
-    return scale, float(softcap) if softcap else None
+    for name in UNSUPPORTED:
+        if getattr(config, name, None) is not None:
+            raise UserError(f"the {config.model_type!r} model changes its logits by {name}={getattr(config, name)}, which "
+                            "trm_ray does not reproduce: its KL would be wrong; use --objective mse --no_downstream")
+    def value(name: str) -> float:
+        return float(getattr(config, name, None) or 1.0)
+
+    multiply = MULTIPLY + ((MULTIPLY_BY_TYPE[config.model_type],) if config.model_type in MULTIPLY_BY_TYPE else ())
+    divide = tuple(n for n in DIVIDE if n not in multiply)
+    scale = math.prod(value(n) for n in multiply) / math.prod(value(n) for n in divide)
+    softcap = next((float(getattr(config, n)) for n in SOFTCAPS if getattr(config, n, None)), None)
+    return scale, softcap
 
 
 class LMHead(nn.Module):
@@ -245,10 +248,14 @@ class LMHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:g}, softcap={self.softcap}"
 
 
-def head_parameter_names(config: Any) -> tuple[list[str], list[str]]:
-    """(names the output embedding's weight goes by in the causal LM's state dict, its bias's names): for
-    tied embeddings the input embedding's name too. Learnt from the model built on the meta device."""
+def head_parameters(config: Any) -> tuple[list[str], list[str], Callable[[str], str]]:
+    """(the names the output embedding's weight goes by in the causal LM, those of its bias, the model's
+    name for a checkpoint key). Tied embeddings: the input embedding's name too. Learnt from the model
+    built on the meta device, and the renaming transformers' loader applies to checkpoint keys (older
+    names such as GPT-NeoX's `embed_out`, a base-model prefix added or dropped)."""
     from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -258,24 +265,17 @@ def head_parameter_names(config: Any) -> tuple[list[str], list[str]]:
     params = list(model.named_parameters(remove_duplicate=False))
     weights = [n for n, p in params if p is out.weight]
     biases = [n for n, p in params if getattr(out, "bias", None) is not None and p is out.bias]
-    return weights, biases
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    meta = dict(params)
+    return weights, biases, lambda key: rename_source_key(key, renamings, [], model.base_model_prefix, meta)[0]
 
 
-def checkpoint_key(names: list[str], keys: list[str]) -> str | None:
-    """The checkpoint's key for one of `names`, allowing for a prefix the checkpoint adds or lacks
-    (`model.`, `language_model.`, ...): the exact name, else a key ending in the name with its leading
-    parts dropped one at a time, where exactly one key does."""
-    for name in names:
-        parts = name.split(".")
-        for i in range(len(parts) - 1):
-            tail = ".".join(parts[i:])
-            hits = [k for k in keys if k == tail or k.endswith("." + tail)]
-            if len(hits) == 1:
-                return hits[0]
-    return None
+def checkpoint_key(names: list[str], keys: list[str], model_name_of: Callable[[str], str]) -> str | None:
+    """The checkpoint key that loads into one of `names` (`head_parameters`), None when there is none."""
+    return next((k for k in keys if k in names or model_name_of(k) in names), None)
 
 
-def checkpoint_tensor(model_name: str, names: list[str]) -> torch.Tensor | None:
+def checkpoint_tensor(model_name: str, names: list[str], model_name_of: Callable[[str], str]) -> torch.Tensor | None:
     """The tensor that goes by one of `names`, read alone from the checkpoint's weight files (local or
     hub; safetensors, sharded or not, else .bin memory-mapped); None when the checkpoint holds none of them."""
     from transformers.utils import cached_file
@@ -287,24 +287,24 @@ def checkpoint_tensor(model_name: str, names: list[str]) -> torch.Tensor | None:
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if path := find(index):
             weight_map = json.load(open(path))["weight_map"]
-            key = checkpoint_key(names, list(weight_map))
-            return None if key is None else file_tensor(find(weight_map[key]), key)
+            key = checkpoint_key(names, list(weight_map), model_name_of)
+            return None if key is None else file_tensor(find(weight_map[key]), lambda keys: key)
         if path := find(single):
-            return file_tensor(path, None, names)
+            return file_tensor(path, lambda keys: checkpoint_key(names, keys, model_name_of))
     raise UserError(f"{model_name} has no model.safetensors or pytorch_model.bin (nor an index of them): "
                     "give a model saved with save_pretrained")
 
 
-def file_tensor(path: str, key: str | None, names: list[str] = ()) -> torch.Tensor | None:
-    """Tensor `key` of one weight file (None: the one `checkpoint_key` finds for `names`), the rest of the file unread."""
+def file_tensor(path: str, pick: Callable[[list[str]], str | None]) -> torch.Tensor | None:
+    """The tensor `pick` chooses among one weight file's keys (None: none), the rest of the file unread."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, "pt") as f:
-            key = key or checkpoint_key(list(names), list(f.keys()))
+            key = pick(list(f.keys()))
             return None if key is None else f.get_tensor(key)
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    key = key or checkpoint_key(list(names), list(state))
+    key = pick(list(state))
     return None if key is None else state[key].clone()
 
 
@@ -317,11 +317,11 @@ def load_lm_head(model_name: str, device: torch.device, dtype: torch.dtype | Non
     config = load_model_config(model_name)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     scale, softcap = logit_transform(config)
-    weight_names, bias_names = head_parameter_names(config)
-    weight = checkpoint_tensor(model_name, weight_names)
+    weight_names, bias_names, model_name_of = head_parameters(config)
+    weight = checkpoint_tensor(model_name, weight_names, model_name_of)
     if weight is None:
         raise UserError(f"{model_name}'s weight files hold no {' or '.join(weight_names)}: the LM head cannot be read")
-    bias = checkpoint_tensor(model_name, bias_names) if bias_names else None
+    bias = checkpoint_tensor(model_name, bias_names, model_name_of) if bias_names else None
     if bias_names and bias is None:
         raise UserError(f"{model_name}'s weight files hold no {bias_names[0]}: the LM head's bias cannot be read")
     return LMHead(weight.to(device, dtype), None if bias is None else bias.to(device, dtype), scale, softcap).eval()
