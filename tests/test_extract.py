@@ -95,6 +95,30 @@ def test_manifest_records_model_layer_sizes_and_counts(shards):
     assert manifest["exclude_first_token"] is True and manifest["outlier_norm_factor"] == 0.0
     assert manifest["outlier_tokens_dropped"] == 0
     assert len(manifest["shards"]) == 6
+    assert manifest["layer_cut"] == "blocks"  # the model cut after its blocks (all of them, for -1)
+
+
+def test_a_middle_layer_of_a_model_that_cannot_be_cut_is_extracted_from_its_hidden_states(ray_cluster, assets, tmp_path):
+    # OPT's project_out follows the final norm: no cut gives a middle layer, the whole model's hidden_states[2] does.
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from trm_ray.quickstart import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                     ffn_dim=64, max_position_embeddings=128, word_embed_proj_dim=16, pad_token_id=0)).eval()
+    model.save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    cfg = make_config({"model_name": str(tmp_path / "opt"), "dataset": assets["corpus"], "num_samples": 12, "max_seq_length": 32,
+                       "docs_per_shard": 6, "layer": 2, "shards_dir": str(tmp_path / "shards"), "output_dir": str(tmp_path)})
+    manifest, table = extract(cfg), read_rows(cfg)[1]
+    assert manifest["layer_cut"] == "hidden_states" and manifest["hidden_size"] == 32
+    ids = tokenizer(read_documents(cfg)[3], truncation=True, max_length=32)["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]
+    rows = torch.from_numpy(table["doc_id"].to_numpy() == 3)
+    torch.testing.assert_close(decode_hidden(table["hidden"])[rows], expected[1:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
