@@ -138,7 +138,7 @@ def cut_or_whole(model: nn.Module, layer: int) -> tuple[nn.Module, str]:
     parent = found[0] if found else model
     before = dict(parent.named_children())
     if cut_at_layer(model, layer):
-        tol = 1e-5 if expected.dtype == next(model.parameters()).dtype else 2e-2  # float32, or bf16 on a GPU
+        tol = 1e-5 if next(model.parameters()).dtype == torch.float32 else 2e-2  # float32, or bf16 on a GPU
         try:
             got = model(**probe).last_hidden_state.float()
             if got.shape == expected.shape and torch.allclose(got, expected, rtol=tol, atol=tol):
