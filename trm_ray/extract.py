@@ -7,7 +7,8 @@ and every trial and epoch afterwards reads the shards.
 Documents are grouped into fixed chunks of `docs_per_shard`; each chunk becomes one shard,
 written to a temporary name and renamed when complete. An interrupted extraction therefore
 resumes by skipping the shards that exist, and `manifest.json` is written last.
-The text side (sources, chat rendering, which tokens are kept) is `trm_ray.text`.
+The text side (sources, chat rendering, which tokens are kept) is `trm_ray.text`; the model side
+(its config, the layer and the cut that gives it, FLOPs per token) is `trm_ray.model`.
 
     python -m trm_ray.extract --config tune_configs/quickstart.yaml
 """
