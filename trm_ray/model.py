@@ -196,6 +196,7 @@ def logit_transform(config: Any) -> tuple[float, float | None]:
         if getattr(config, name, None) is not None:
             raise UserError(f"the {config.model_type!r} model changes its logits by {name}={getattr(config, name)}, which "
                             "trm_ray does not reproduce: its KL would be wrong; use --objective mse --no_downstream")
+
     def value(name: str) -> float:
         return float(getattr(config, name, None) or 1.0)
 
