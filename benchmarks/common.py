@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch import nn
 
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import Config
 from trm_ray.extract import extraction_settings, shard_table, write_shard
+from trm_ray.model import LMHead
 from trm_ray.shards import MANIFEST, decode_hidden, is_validation_doc, shard_name, shard_paths, write_json
 from trm_ray.train import compile_or_eager, get_lr, initial_model, make_optimizer, objective_loss, optimizer_step
 
@@ -61,7 +61,7 @@ def read_train_rows(cfg: Config, manifest: dict[str, Any]) -> torch.Tensor:
 
 
 def bare_trainer(cfg: Config, d_model: int, d_compressed: int, steps_per_epoch: int,
-                 lm_head: nn.Linear | None = None) -> tuple[DimensionCompressor, Callable[[torch.Tensor], float]]:
+                 lm_head: LMHead | None = None) -> tuple[DimensionCompressor, Callable[[torch.Tensor], float]]:
     """trm_ray.train.train_loop_per_worker's optimisation without Ray: the same initialisation,
     objective (`lm_head` for a KL one), AdamW step (clipped, rows kept orthonormal), get_lr schedule and (compiled
     or eager) loss. `step(x)` makes one optimizer step on the rows `x` and returns its loss."""

@@ -34,7 +34,7 @@ from benchmarks.extract import device_peak, trm_ray_run
 from trm_ray import spectrum, sweep
 from trm_ray.cli import connect
 from trm_ray.config import make_config
-from trm_ray.extract import flops_per_token, load_model_config
+from trm_ray.model import flops_per_token, load_model_config
 from trm_ray.quickstart import make_documents, make_tokenizer
 
 SMOLLM3_3B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,

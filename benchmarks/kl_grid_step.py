@@ -25,23 +25,23 @@ import torch
 
 from benchmarks.common import gaussian_rows, machine, print_ratio
 from trm_ray.downstream import factored, grid_kl, next_token_kl
+from trm_ray.model import LMHead
 from trm_ray.train import one_thread
 
 FULL = dict(d_model=2048, vocab=128_256, d_values=(64, 128, 256, 512, 1024), rows=4096)  # batch_size 8 x max_seq_length 512
 SMOKE = dict(d_model=64, vocab=1000, d_values=(8, 16, 32), rows=96)
 
 
-def problem(d_model: int, vocab: int, d_values: tuple[int, ...], rows: int) -> tuple[torch.nn.Linear, torch.Tensor, list[torch.Tensor]]:
+def problem(d_model: int, vocab: int, d_values: tuple[int, ...], rows: int) -> tuple[LMHead, torch.Tensor, list[torch.Tensor]]:
     """(head, rows, one W per width)."""
     gen = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(d_model, d_model, generator=gen))[0]
     x = gaussian_rows(gen, rows, d_model) @ basis.T
-    lm_head = torch.nn.Linear(d_model, vocab, bias=False).requires_grad_(False)
-    lm_head.weight.copy_(torch.randn(vocab, d_model, generator=gen) * 3 / float(x.norm(dim=1).mean()))
+    lm_head = LMHead(torch.randn(vocab, d_model, generator=gen) * 3 / float(x.norm(dim=1).mean()), None)
     return lm_head, x, [basis[:, :d].T.contiguous().requires_grad_(True) for d in d_values]
 
 
-def per_width_step(lm_head: torch.nn.Linear, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+def per_width_step(lm_head: LMHead, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """Today's: each D' its own forward and backward of next_token_kl (as objective_loss's KL)."""
     kls = []
     for w in weights:
@@ -51,14 +51,14 @@ def per_width_step(lm_head: torch.nn.Linear, x: torch.Tensor, weights: list[torc
     return torch.stack(kls)
 
 
-def grid_step(lm_head: torch.nn.Linear, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+def grid_step(lm_head: LMHead, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """The new: one forward and backward of grid_kl for every D'."""
     kls = grid_kl(lm_head, x, weights)
     kls.sum().backward()
     return kls.detach()
 
 
-def timed(step: Callable[[torch.nn.Linear, torch.Tensor, list[torch.Tensor]], torch.Tensor], lm_head: torch.nn.Linear, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
+def timed(step: Callable[[LMHead, torch.Tensor, list[torch.Tensor]], torch.Tensor], lm_head: LMHead, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
     """(seconds, KLs, gradients) of one call of `step`."""
     for w in weights:
         w.grad = None

@@ -31,8 +31,9 @@ from benchmarks.common import bare_trainer, machine, print_ratio, read_train_row
 from trm_ray.cli import connect
 from trm_ray.compressor import orthonormality_error
 from trm_ray.config import Config, make_config
-from trm_ray.downstream import load_lm_head, next_token_damage, start_basis, validation_rows
+from trm_ray.downstream import next_token_damage, start_basis, validation_rows
 from trm_ray.extract import extract
+from trm_ray.model import LMHead, load_lm_head
 from trm_ray.quickstart import write_assets
 from trm_ray.spectrum import eigenvectors, training_mean
 from trm_ray.sweep import limits
@@ -57,7 +58,7 @@ def inputs(args: argparse.Namespace, work_dir: str) -> tuple[str, str, dict[str,
     return assets["model"], assets["corpus"], sizes
 
 
-def train_and_time(cfg: Config, d: int, x: torch.Tensor, lm_head: torch.nn.Linear) -> tuple[Any, float, float]:
+def train_and_time(cfg: Config, d: int, x: torch.Tensor, lm_head: LMHead) -> tuple[Any, float, float]:
     """The KL-trained compressor of width d, and seconds per training token of a KL step and of an MSE step."""
     rows = cfg.batch_size * cfg.max_seq_length
     steps_per_epoch = math.ceil(len(x) / rows)

@@ -22,7 +22,6 @@ extracted by trm_ray.extract, trained with trm_ray's defaults at D' from 8 to D/
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time

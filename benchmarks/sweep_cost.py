@@ -47,7 +47,8 @@ from trm_ray import sweep
 from trm_ray.cli import connect
 from trm_ray.config import Config, UserError, build_parser, config_from_args, load_yaml, make_config
 from trm_ray.downstream import FISHER_TOKENS
-from trm_ray.extract import extract, flops_per_token, hidden_rows, load_model, load_model_config, resolve_storage_dtype
+from trm_ray.extract import extract, hidden_rows, resolve_storage_dtype
+from trm_ray.model import flops_per_token, load_model, load_model_config
 from trm_ray.text import read_documents, tokenize
 from trm_ray.quickstart import write_assets
 from trm_ray.shards import is_validation_doc, shard_paths
@@ -63,7 +64,7 @@ SMOKE = dict(num_samples=60, docs_per_shard=30, sweep_d_values=[8, 16], num_epoc
 def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
     """The seed's loop: each D' trained from scratch on hidden states that the LLM recomputes for
     every batch. Returns each D's best (lowest mse) validation metrics and the documents the LLM processed."""
-    tokenizer, llm = load_model(cfg.model_name, torch.device("cpu"), cfg.layer)
+    tokenizer, llm, _ = load_model(cfg.model_name, torch.device("cpu"), cfg.layer)
     docs = tokenize(tokenizer, read_documents(cfg), cfg).ids
     held_out = is_validation_doc(np.arange(len(docs)), cfg.val_fraction, cfg.seed)
     train_docs = [d for d, v in zip(docs, held_out) if not v]

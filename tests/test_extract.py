@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trm_ray import extract as extract_mod
 from trm_ray.config import UserError, make_config
-from trm_ray.extract import Placement, extract, hidden_rows, length_batches, load_model, placement, resolve_storage_dtype, shard_table
+from trm_ray.extract import Placement, extract, hidden_rows, length_batches, placement, resolve_storage_dtype, shard_table
+from trm_ray.model import load_model
 from trm_ray.text import read_documents
 from trm_ray.shards import decode_hidden, read_manifest, shard_paths
 
@@ -42,7 +43,7 @@ def test_extracted_hidden_states_equal_a_direct_model_call(shards):
 
 
 def test_pad_positions_never_reach_the_shards(assets):
-    tokenizer, model = load_model(assets["model"], torch.device("cpu"), -1)
+    tokenizer, model, _ = load_model(assets["model"], torch.device("cpu"), -1)
     token_lists = [tokenizer("the river")["input_ids"], tokenizer("the old teacher finds a cold cell near the school.")["input_ids"]]
     hidden, docs, positions = hidden_rows(model, token_lists, tokenizer.pad_token_id, tokens_per_batch=1000, max_batch=2)
     assert hidden.shape[0] == sum(len(t) for t in token_lists)  # one row per real token, none for the 9 pads
@@ -55,9 +56,9 @@ def test_pad_positions_never_reach_the_shards(assets):
 @pytest.mark.parametrize("layer", [-1, 2, -2, 0])
 def test_model_cut_at_a_layer_gives_that_layer_of_the_full_models_hidden_states(assets, layer):
     full = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
-    tokenizer, cut = load_model(assets["model"], torch.device("cpu"), layer)
+    tokenizer, cut, how = load_model(assets["model"], torch.device("cpu"), layer)
     num_layers = full.config.num_hidden_layers
-    assert len(cut.layers) == layer % (num_layers + 1) and not hasattr(cut, "lm_head")
+    assert how == "blocks" and len(cut.layers) == layer % (num_layers + 1) and not hasattr(cut, "lm_head")
     texts = ["the river", "the old teacher finds a cold cell near the school.", "a quiet green garden"]
     token_lists = [tokenizer(t)["input_ids"] for t in texts]
     hidden, docs, positions = hidden_rows(cut, token_lists, tokenizer.pad_token_id, tokens_per_batch=24, max_batch=8)
@@ -94,6 +95,30 @@ def test_manifest_records_model_layer_sizes_and_counts(shards):
     assert manifest["exclude_first_token"] is True and manifest["outlier_norm_factor"] == 0.0
     assert manifest["outlier_tokens_dropped"] == 0
     assert len(manifest["shards"]) == 6
+    assert manifest["layer_cut"] == "blocks"  # the model cut after its blocks (all of them, for -1)
+
+
+def test_a_middle_layer_of_a_model_that_cannot_be_cut_is_extracted_from_its_hidden_states(ray_cluster, assets, tmp_path):
+    # OPT's project_out follows the final norm: no cut gives a middle layer, the whole model's hidden_states[2] does.
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from trm_ray.quickstart import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                     ffn_dim=64, max_position_embeddings=128, word_embed_proj_dim=16, pad_token_id=0)).eval()
+    model.save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    cfg = make_config({"model_name": str(tmp_path / "opt"), "dataset": assets["corpus"], "num_samples": 12, "max_seq_length": 32,
+                       "docs_per_shard": 6, "layer": 2, "shards_dir": str(tmp_path / "shards"), "output_dir": str(tmp_path)})
+    manifest, table = extract(cfg), read_rows(cfg)[1]
+    assert manifest["layer_cut"] == "hidden_states" and manifest["hidden_size"] == 32
+    ids = tokenizer(read_documents(cfg)[3], truncation=True, max_length=32)["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]
+    rows = torch.from_numpy(table["doc_id"].to_numpy() == 3)
+    torch.testing.assert_close(decode_hidden(table["hidden"])[rows], expected[1:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])

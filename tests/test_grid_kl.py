@@ -5,18 +5,16 @@ import torch
 
 from trm_ray import downstream
 from trm_ray.downstream import factored, grid_kl, next_token_kl
+from trm_ray.model import LMHead
 
 D, VOCAB, WIDTHS = 48, 500, (4, 8, 24)
 
 
-def head(bias: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Linear:
-    """A random frozen head whose largest logits are ~18, as a real head's are."""
+def head(bias: bool, dtype: torch.dtype = torch.float32, scale: float = 1.0, softcap: float | None = None) -> LMHead:
+    """A random frozen head whose largest logits are ~18, as a real head's are (`scale`: its raw logits' multiplier)."""
     gen = torch.Generator().manual_seed(0)
-    lm_head = torch.nn.Linear(D, VOCAB, bias=bias).requires_grad_(False)
-    lm_head.weight.copy_(torch.randn(VOCAB, D, generator=gen) * 5 * D ** -0.5)
-    if bias:
-        lm_head.bias.copy_(torch.randn(VOCAB, generator=gen))
-    return lm_head.to(dtype)
+    weight = torch.randn(VOCAB, D, generator=gen) * 5 * D ** -0.5 / scale
+    return LMHead(weight.to(dtype), torch.randn(VOCAB, generator=gen).to(dtype) if bias else None, scale, softcap)
 
 
 def rows_and_weights(n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -28,17 +26,17 @@ def rows_and_weights(n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return x, weights
 
 
-def per_width(lm_head: torch.nn.Linear, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def per_width(lm_head: LMHead, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Today's step, one width at a time: the KLs and their gradients in each W."""
     kls = torch.stack([next_token_kl(lm_head, x, (x @ w.T) @ w) for w in weights])
     return kls.detach(), list(torch.autograd.grad(kls.sum(), weights))
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("bias, scale", [(False, 1.0), (True, 1.0), (True, 0.25)], ids=["no-bias", "bias", "bias-scaled"])
 @pytest.mark.parametrize("rows, paths", [(37, (True, True, False)), (400, (True, True, True)), (4, (False, False, False))],
                          ids=["mixed", "all-factored", "all-residual"])
-def test_grid_kl_and_its_gradients_equal_each_widths_own_next_token_kl(monkeypatch, bias, rows, paths):
-    lm_head = head(bias)
+def test_grid_kl_and_its_gradients_equal_each_widths_own_next_token_kl(monkeypatch, bias, scale, rows, paths):
+    lm_head = head(bias, scale=scale)  # scaled: Cohere's and Granite's heads multiply or divide their logits
     assert tuple(factored(lm_head, d, rows) for d in WIDTHS) == paths
     monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 rows, the last one short
     x, weights = rows_and_weights(rows)
@@ -70,7 +68,14 @@ def test_a_bf16_head_takes_the_residual_path_for_every_width_and_matches_each_wi
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
-def test_a_head_that_is_not_affine_takes_the_residual_path():
-    lm_head = head(False)
-    lm_head.affine = False  # a soft-capped head's logits are not linear in h
+def test_a_soft_capped_head_takes_the_residual_path_and_matches_each_widths_kl(monkeypatch):
+    lm_head = head(True, scale=0.5, softcap=10.0)  # Gemma 2's transform: cap * tanh(logits / cap), not linear in h
     assert not any(factored(lm_head, d, 10 ** 6) for d in WIDTHS)
+    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)
+    x, weights = rows_and_weights(37)
+    expected, expected_grads = per_width(lm_head, x, weights)
+    kls = grid_kl(lm_head, x, weights)
+    grads = torch.autograd.grad(kls.sum(), weights)
+    torch.testing.assert_close(kls, expected, rtol=1e-5, atol=0)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))

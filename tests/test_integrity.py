@@ -17,6 +17,7 @@ from trm_ray import spectrum, sweep
 from trm_ray.cli import forwarded_env, local_cpus
 from trm_ray.compressor import METRICS, save_checkpoint
 from trm_ray.config import UserError, build_parser, make_config
+from trm_ray.model import check_layer, hidden_size_of
 from trm_ray.report import _copy, budget_line, export_results, smallest_within_budget
 from trm_ray.shards import write_json
 from trm_ray.text import read_documents
@@ -275,7 +276,7 @@ def test_a_model_without_a_causal_lm_head_is_refused(tmp_path, config):
 
     getattr(transformers, config)().save_pretrained(tmp_path)
     with pytest.raises(UserError, match="without a causal-LM head"):
-        extract_mod.hidden_size_of(str(tmp_path))
+        hidden_size_of(str(tmp_path))
 
 
 @pytest.mark.parametrize("beyond", [1, -1, 90])
@@ -283,9 +284,9 @@ def test_a_layer_outside_the_model_is_refused(assets, beyond):
     layers = json.loads(open(os.path.join(assets["model"], "config.json")).read())["num_hidden_layers"]
     cfg = make_config({"model_name": assets["model"], "layer": layers + beyond if beyond > 0 else -(layers + 1) + beyond})
     with pytest.raises(UserError, match=f"outside .* give -{layers + 1}..{layers}"):
-        extract_mod.check_layer(cfg)
+        check_layer(cfg.model_name, cfg.layer)
     for ok in (-(layers + 1), -1, 0, layers):
-        extract_mod.check_layer(dataclasses.replace(cfg, layer=ok))
+        check_layer(cfg.model_name, ok)
 
 
 def test_secret_names_are_matched_in_any_case():

@@ -10,8 +10,9 @@ import torch
 from trm_ray import downstream, spectrum, sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
-from trm_ray.downstream import (fisher_basis, load_lm_head, mean_fisher, next_token_damage, next_token_kl, quadratic_kl,
+from trm_ray.downstream import (fisher_basis, mean_fisher, next_token_damage, next_token_kl, quadratic_kl,
                                 start_basis, store_fisher_start, validation_rows)
+from trm_ray.model import LMHead, load_lm_head
 from trm_ray.shards import MANIFEST, load_splits, read_json, write_bytes, write_json
 from trm_ray.spectrum import eigenvectors, manifest_key, spectrum_files, training_mean
 from trm_ray.sweep import limits
@@ -169,9 +170,7 @@ def test_a_kl_trial_with_the_kl_defaults_lowers_validation_kl_below_pcas(shards,
 def test_the_kl_through_a_bf16_head_has_no_rounding_floor_and_matches_float64_on_the_same_weights():
     torch.manual_seed(0)
     d, vocab, n = 512, 32_768, 32
-    lm_head = torch.nn.Linear(d, vocab, bias=False).requires_grad_(False)
-    lm_head.weight.normal_(0, d ** -0.5)
-    lm_head = lm_head.bfloat16()
+    lm_head = LMHead((torch.randn(vocab, d) * d ** -0.5).bfloat16(), None)
     x = 8 * torch.randn(n, d)  # logits of std ~8: bf16 rounds those of 16-32 to steps of 0.125
     assert float(next_token_kl(lm_head, x, x.clone())) == 0.0
     x_hat = (x + 8e-3 * torch.randn(n, d)).requires_grad_(True)

@@ -8,7 +8,8 @@ import torch
 from trm_ray import sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, load_yaml, make_config
-from trm_ray.downstream import load_lm_head, next_token_damage, validation_rows
+from trm_ray.downstream import next_token_damage, validation_rows
+from trm_ray.model import load_lm_head
 from trm_ray.shards import load_splits
 from trm_ray.spectrum import training_mean
 from trm_ray.train import evaluate, hidden_batches

@@ -11,6 +11,7 @@ from trm_ray import compressor
 from trm_ray.compressor import (DimensionCompressor, Phase1Config, metrics_from_sums, orthonormality_error, orthonormalize_,
                                 read_checkpoint, reconstruction_sums, tangent_part)
 from trm_ray.config import Config, UserError, make_config
+from trm_ray.model import LMHead
 from trm_ray.report import shortfall_note
 from trm_ray.shards import load_splits, read_manifest, split_counts
 from trm_ray.sweep import datasets, limits, trial_config_for
@@ -98,8 +99,7 @@ def test_the_retraction_runs_in_float32_and_again_in_float64_only_past_the_toler
 
 def test_riemannian_adam_feeds_adam_the_tangent_gradient_and_keeps_rows_orthonormal_every_step():
     torch.manual_seed(0)
-    lm_head = torch.nn.Linear(64, 500, bias=False).requires_grad_(False)
-    lm_head.weight.normal_(0, 64 ** -0.5)
+    lm_head = LMHead(torch.randn(500, 64) * 64 ** -0.5, None)
     cfg = make_config({"objective": "kl", "learning_rate": 1e-2, "grad_clip": 1e9})
     model = DimensionCompressor(64, 16)
     optimizer = make_optimizer(model, cfg)

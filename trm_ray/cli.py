@@ -13,7 +13,7 @@ from trm_ray.config import Config, UserError
 def check_before_ray(cfg: Config) -> None:
     """The mistakes a user can fix, found in seconds: Ray takes a minute to start on a busy machine, and an
     unwritable directory would surface only at its first write, as a disk-space or pyarrow error."""
-    from trm_ray.extract import load_model_config
+    from trm_ray.model import load_model_config
     from trm_ray.shards import MANIFEST, check_writable, exists
     from trm_ray.text import check_dataset
 

@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from torch import nn
 
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
+from trm_ray.model import LMHead, load_lm_head, log_probs
 from trm_ray.shards import decode_hidden, read_json, read_manifest, rows_per_block, shard_paths, side_tables, write_bytes
 from trm_ray.spectrum import eigenvectors, manifest_key, spectrum_files, stored
 
@@ -59,39 +59,27 @@ def validation_rows(shards_dir: str, val_fraction: float, seed: int,
     return decode_hidden(t["hidden"]), next_tokens(t)
 
 
-def load_lm_head(model_name: str, device: torch.device, dtype: torch.dtype | None = None) -> nn.Linear:
-    """The model's LM head alone (for tied embeddings, the input embedding matrix), frozen, on `device`.
-
-    By default bf16 on GPU (as the model is served, for training), float32 on CPU. The rest of the
-    model is dropped: `hidden_states[-1]` already went through the final norm, so the head is all that reads it."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    head = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).get_output_embeddings()
-    lm_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device=device, dtype=dtype)
-    lm_head.load_state_dict(head.state_dict())
-    return lm_head.requires_grad_(False).eval()
-
-
-def log_probs(lm_head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities [N, V]: the matmul in the head's dtype, the softmax in float32."""
-    return torch.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float(), -1)
-
-
-def logit_shift(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor,
+def logit_shift(lm_head: LMHead, x: torch.Tensor, x_hat: torch.Tensor,
                 logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p [N, V], r [N, V], KL(p || q) [N]) for the head reading x (p) and x_hat (q), where r is the
     student's logits minus the teacher's, centred under p: log q = log p + r - KL.
 
-    The student's logits are the teacher's plus U(x_hat - x), the small residual through the head:
-    the KL depends only on that difference, and a bf16 head's rounding of logits of 16-32 (steps of
-    0.125) would otherwise be most of what a small residual's KL measures. The KL is taken as
+    For an affine head the student's logits are the teacher's plus scale * U(x_hat - x), the small
+    residual through the head: the KL depends only on that difference, and a bf16 head's rounding of
+    logits of 16-32 (steps of 0.125) would otherwise be most of what a small residual's KL measures
+    (a soft-capped head: its transform of the teacher's raw logits plus that residual, minus its
+    transform of the teacher's, in float32). The KL is taken as
     log E_p[e^r] = log1p(E_p[expm1(r) - r]) (E_p[r] = 0), a sum of second-order terms that float32
     resolves, not as a difference of two log-partitions that each carry float32's rounding. `logp`: the
     teacher's, when already computed (one teacher pass serves several reconstructions)."""
     logp = log_probs(lm_head, x) if logp is None else logp
     p, u = logp.exp(), lm_head.weight
-    r = ((x_hat - x).to(u.dtype) @ u.T).float()
+    r = ((x_hat - x).to(u.dtype) @ u.T).float()  # raw(x_hat) - raw(x)
+    if lm_head.affine:
+        r = lm_head.scale * r
+    else:
+        raw = lm_head.raw(x).float()
+        r = lm_head.transform(raw + r) - lm_head.transform(raw)
     r = r - (p * r).sum(-1, keepdim=True)
     small = r.abs().amax(-1) < 1  # rows where expm1(r) - r holds the KL to float32 precision
     rc = r.clamp(-1, 1)
@@ -110,7 +98,7 @@ def q_minus_p(logp: torch.Tensor, r: torch.Tensor, kl: torch.Tensor) -> torch.Te
 KL_CHUNK_ELEMENTS = 2 ** 25  # logits per chunk: 128 MiB of float32, ~260 tokens of a 128k vocabulary
 
 
-def token_chunks(lm_head: nn.Linear, *rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+def token_chunks(lm_head: LMHead, *rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
     """The same consecutive slices of each of `rows`, few enough tokens a slice that its [tokens, V]
     logits stay within KL_CHUNK_ELEMENTS floats."""
     step = max(1, KL_CHUNK_ELEMENTS // lm_head.out_features)
@@ -118,22 +106,30 @@ def token_chunks(lm_head: nn.Linear, *rows: torch.Tensor) -> Iterator[tuple[torc
         yield tuple(r[i:i + step] for r in rows)
 
 
+def kl_grad(lm_head: LMHead, logp: torch.Tensor, r: torch.Tensor, kl: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """dKL/dx_hat [rows, D] from `logit_shift`'s (log p, r, KL): ((q - p) t') U, t' the slope of the head's
+    transform at the student's raw logits (the scale, for an affine head)."""
+    slope = lm_head.scale if lm_head.affine else lm_head.slope(lm_head.raw(x_hat).float())
+    return ((q_minus_p(logp, r, kl) * slope).to(lm_head.weight.dtype) @ lm_head.weight).to(x_hat.dtype)
+
+
 class _FusedKL(torch.autograd.Function):
     """Σ KL(p || q) over rows with its gradient in x_hat taken in the same pass over the logits.
 
-    For the student's logits s = U x_hat, dKL/ds = q - p, so dKL/dx_hat = (q - p) U: per chunk, the
+    For the student's logits s = t(U x_hat) (t the head's transform), dKL/ds = q - p, so dKL/dx_hat =
+    ((q - p) t') U, t' the transform's slope (the scale, for an affine head): per chunk, the
     teacher's matmul, the residual's (`logit_shift`) and that one, and only [rows, D] kept for the backward. Autograd
     with checkpointing did five ([rows, V] logits cannot be kept): the teacher and the student again
     in the backward, and the softmax's backward on top."""
 
     @staticmethod
-    def forward(ctx: Any, x_hat: torch.Tensor, x: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+    def forward(ctx: Any, x_hat: torch.Tensor, x: torch.Tensor, lm_head: LMHead) -> torch.Tensor:
         total, grads = torch.zeros((), device=x.device), []
         for xc, xc_hat in token_chunks(lm_head, x, x_hat):
             logp, r, kl = logit_shift(lm_head, xc, xc_hat)
             total += kl.sum()
             if ctx.needs_input_grad[0]:
-                grads.append((q_minus_p(logp, r, kl).to(lm_head.weight.dtype) @ lm_head.weight).to(x_hat.dtype))
+                grads.append(kl_grad(lm_head, logp, r, kl, xc_hat))
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(torch.cat(grads))
         return total
@@ -144,21 +140,21 @@ class _FusedKL(torch.autograd.Function):
         return grad_total * grad, None, None
 
 
-def next_token_kl(lm_head: nn.Linear, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+def next_token_kl(lm_head: LMHead, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Sum over rows of KL(softmax(head(x)) || softmax(head(x_hat))), differentiable in x_hat (not in
     the head, which stays frozen). Chunked over tokens so that [rows, V] logits never exist at once:
     memory stays at one chunk's logits whatever the batch."""
     return _FusedKL.apply(x_hat, x, lm_head)
 
 
-def factored(lm_head: nn.Linear, d_compressed: int, rows: int) -> bool:
+def factored(lm_head: LMHead, d_compressed: int, rows: int) -> bool:
     """Whether `grid_kl` takes a width's student logits as (x Wᵀ)(U Wᵀ)ᵀ: where that costs no more FLOPs than the
     residual through the full D, 6 V D' + 4 V D D' / N a token (the three [V, D'] matmuls, and A = U Wᵀ with
     its gradient once a call) against 4 V D. Only for a float32 head: the student's logits minus the teacher's
     is then a difference of two logits of ~20, which bf16 could not resolve. Only for an affine head: a
     soft-capped head's logits are not linear in h."""
     d = lm_head.in_features
-    return (getattr(lm_head, "affine", True) and lm_head.weight.dtype == torch.float32
+    return (lm_head.affine and lm_head.weight.dtype == torch.float32
             and 6 * d_compressed + 4 * d * d_compressed / rows <= 4 * d)
 
 
@@ -194,8 +190,8 @@ class _GridKL(torch.autograd.Function):
     gradient (q - p) U through x̂ = Wᵀ W x)."""
 
     @staticmethod
-    def forward(ctx: Any, lm_head: nn.Linear, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        u, b = lm_head.weight, lm_head.bias
+    def forward(ctx: Any, lm_head: LMHead, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        u, b, s = lm_head.weight, lm_head.bias, lm_head.scale
         grad = any(ctx.needs_input_grad[2:])
         paths = [factored(lm_head, w.shape[0], x.shape[0]) for w in weights]
         z = [x @ w.T for w in weights]
@@ -205,23 +201,24 @@ class _GridKL(torch.autograd.Function):
         dw = [torch.zeros_like(w) if grad and not f else None for w, f in zip(weights, paths)]
         total = x.new_zeros(len(weights))
         for xc, *zc in token_chunks(lm_head, x, *z):
-            if any(paths):  # float32: the teacher's logits without the bias, which cancels in r
+            if any(paths):  # float32, affine: the teacher's raw logits without the bias, which cancels in r
                 t = xc @ u.T
-                logp = torch.log_softmax(t if b is None else t + b, -1)
+                logp = torch.log_softmax(s * (t if b is None else t + b), -1)
                 r, e = torch.empty_like(t), torch.empty_like(t)  # every factored width's scratch
             else:
                 logp = log_probs(lm_head, xc)
             p = logp.exp()
             for i, w in enumerate(weights):
                 if paths[i]:
-                    kl, g = _student(logp, p, torch.addmm(t, zc[i], a[i], beta=-1, out=r), e, grad)
-                    if grad:
-                        da[i].addmm_(zc[i].T, g)
-                        dz[i].append(g @ a[i].T)
+                    kl, g = _student(logp, p, torch.addmm(t, zc[i], a[i], beta=-s, alpha=s, out=r), e, grad)
+                    if grad:  # the raw logits' gradient is the scale times the logits'
+                        da[i].addmm_(zc[i].T, g, alpha=s)
+                        dz[i].append(s * (g @ a[i].T))
                 else:
-                    _, r_i, kl = logit_shift(lm_head, xc, zc[i] @ w, logp)
+                    x_hat = zc[i] @ w
+                    _, r_i, kl = logit_shift(lm_head, xc, x_hat, logp)
                     if grad:
-                        g = (q_minus_p(logp, r_i, kl).to(u.dtype) @ u).to(w.dtype)  # dKL/dx̂
+                        g = kl_grad(lm_head, logp, r_i, kl, x_hat)
                         dw[i] += zc[i].T @ g + (g @ w.T).T @ xc
                 total[i] += kl.sum()
         if grad:
@@ -236,7 +233,7 @@ class _GridKL(torch.autograd.Function):
         return (None, None, *(g * dw for g, dw in zip(grad_total, ctx.saved_tensors)))
 
 
-def grid_kl(lm_head: nn.Linear, x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+def grid_kl(lm_head: LMHead, x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """[k]: for each W_i [D'_i, D] of `weights`, Σ over rows of KL(p(x) || p(W_iᵀ W_i x)), differentiable in
     every W_i: `next_token_kl` of each width's reconstruction, with one teacher pass for all of them, so that
     one read of a batch trains every D' of a sweep's grid."""
@@ -244,7 +241,7 @@ def grid_kl(lm_head: nn.Linear, x: torch.Tensor, weights: Sequence[torch.Tensor]
 
 
 @torch.no_grad()
-def damage_sums(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+def damage_sums(lm_head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,
                 reconstructions: dict[Any, Callable[[torch.Tensor], torch.Tensor]]) -> dict[Any, torch.Tensor]:
     """For each reconstruction x -> x̂, float64 sums over the rows: KL(p(x) || p(x̂)), CE(x̂) - CE(x) on the
     tokens with a known next token, and top-1 agreement (argmax p(x̂) = argmax p(x)). The original's
@@ -269,7 +266,7 @@ def damage_metrics(sums: torch.Tensor, tokens: int, known: int) -> dict[str, flo
     return {"kl": kl / tokens, "ce_increase": ce / max(known, 1), "top1_agreement": agree / tokens}
 
 
-def next_token_damage(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+def next_token_damage(lm_head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,
                       reconstruct: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
     """Mean KL(p(x) || p(x̂)), CE increase and top-1 agreement of one reconstruction over `hidden`."""
     sums = damage_sums(lm_head, hidden, targets, {0: reconstruct})[0]
@@ -330,19 +327,21 @@ FISHER_TOKENS = 2 ** 16  # training rows the head's mean Fisher information (a D
 
 
 @torch.no_grad()
-def mean_fisher(lm_head: nn.Linear, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """F = E[Uᵀ(diag p - ppᵀ)U] over the rows of `batches` (float64 [D, D]), and how many rows:
+def mean_fisher(lm_head: LMHead, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """F = E[Jᵀ(diag p - ppᵀ)J] over the rows of `batches` (float64 [D, D]), and how many rows:
     the Fisher information of the head's next-token distribution in its input, so that for a small
-    step δ, KL(p(h) || p(h + δ)) ≈ ½ δᵀ F_h δ."""
+    step δ, KL(p(h) || p(h + δ)) ≈ ½ δᵀ F_h δ. J = diag(t') U is the logits' Jacobian in h, t' the
+    slope of the head's transform (its scale for an affine head), so F = Uᵀ diag(E[p t'²]) U - E[vvᵀ], v = Uᵀ(p t')."""
     u = lm_head.weight
     p_sum = torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
     pu2 = torch.zeros(u.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
     n = 0
     for x in batches:
         for (xc,) in token_chunks(lm_head, x):
-            p = log_probs(lm_head, xc).exp()
-            pu = (p.to(u.dtype) @ u).double()
-            p_sum += p.sum(0).double()
+            slope = lm_head.scale if lm_head.affine else lm_head.slope(lm_head.raw(xc).float())
+            pt = log_probs(lm_head, xc).exp() * slope
+            pu = (pt.to(u.dtype) @ u).double()
+            p_sum += (pt * slope).sum(0).double()
             pu2 += pu.T @ pu
         n += len(x)
     u = u.double()

@@ -7,7 +7,8 @@ and every trial and epoch afterwards reads the shards.
 Documents are grouped into fixed chunks of `docs_per_shard`; each chunk becomes one shard,
 written to a temporary name and renamed when complete. An interrupted extraction therefore
 resumes by skipping the shards that exist, and `manifest.json` is written last.
-The text side (sources, chat rendering, which tokens are kept) is `trm_ray.text`.
+The text side (sources, chat rendering, which tokens are kept) is `trm_ray.text`; the model side
+(its config, the layer and the cut that gives it, FLOPs per token) is `trm_ray.model`.
 
     python -m trm_ray.extract --config tune_configs/quickstart.yaml
 """
@@ -31,82 +32,11 @@ import pyarrow.parquet as pq
 import torch
 
 from trm_ray.config import Config, UserError, build_parser, config_from_args
+from trm_ray.model import CPU_FLOPS_PER_CORE, check_layer, flops_per_token, hidden_size_of, load_model, load_model_config, model_id
 from trm_ray.shards import (MANIFEST, check_hidden_size, check_writable, encode_hidden, filesystem, read_json, shard_name,
                             value_bytes, write_json)
-from trm_ray.text import REGIONS, chat_settings, load_tokenizer, looks_like_path, read_documents, thinking_summary, tokenize
+from trm_ray.text import REGIONS, chat_settings, load_tokenizer, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
-
-
-def load_model_config(model_name: str) -> Any:
-    """The model's config, with a one-line error for a path that is not there."""
-    from transformers import AutoConfig
-
-    if not os.path.exists(model_name) and looks_like_path(model_name):
-        raise UserError(f"model path {model_name} does not exist: give a local model directory or a hub id")
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(model_name)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {model_name}: {str(e).splitlines()[0]}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{model_name} is a {config.model_type!r} model without a causal-LM head (an encoder or "
-                        "encoder-decoder): give a causal (decoder-only) LM")
-    return config.get_text_config()
-
-
-def hidden_size_of(model_name: str) -> int:
-    return int(load_model_config(model_name).hidden_size)
-
-
-def check_layer(cfg: Config) -> None:
-    """hidden_states has num_hidden_layers + 1 entries (the embeddings first): --layer must index one."""
-    layer_index(int(load_model_config(cfg.model_name).num_hidden_layers), cfg.layer)
-
-
-def model_id(model_name: str) -> str:
-    """A local model directory made absolute (workers run elsewhere, and the manifest must not depend on the
-    current directory); a hub id as it is. Every entry point names the model this way."""
-    return os.path.abspath(model_name) if os.path.exists(model_name) else model_name
-
-
-def layer_index(num_layers: int, layer: int) -> int:
-    """`layer` as a non-negative index into hidden_states (num_layers + 1 entries: the embeddings, then
-    each layer's output; the last one after the final norm)."""
-    if not -(num_layers + 1) <= layer <= num_layers:
-        raise UserError(f"layer {layer} is out of range, outside the model's {num_layers + 1} hidden states: "
-                        f"give {-(num_layers + 1)}..{num_layers} (0 the embeddings, {num_layers} or -1 the last layer)")
-    return layer % (num_layers + 1)
-
-
-def cut_at_layer(model: Any, layer: int) -> Any:
-    """The base model truncated so that its `last_hidden_state` is `hidden_states[layer]`.
-
-    The layers after the requested one are dropped, and for any layer but the last the final
-    norm too (hidden_states[i] < num_layers is the raw residual stream). One forward then
-    computes exactly what is stored: no LM head, no later layers, no tuple of every layer.
-    """
-    n = model.config.num_hidden_layers
-    index = layer_index(n, layer)
-    if index == n:
-        return model
-    if not isinstance(getattr(model, "layers", None), torch.nn.ModuleList) or not hasattr(model, "norm"):
-        raise UserError(f"layer {layer}: only the last layer (-1) can be extracted from a {type(model).__name__}; "
-                        "intermediate layers need a decoder with `layers` and `norm` (Llama, Qwen, SmolLM3, ...)")
-    model.layers = model.layers[:index]
-    model.norm = torch.nn.Identity()
-    return model
-
-
-def load_model(model_name: str, device: torch.device, layer: int) -> tuple[Any, Any]:
-    """Tokenizer and the base model cut at `layer`; bf16 on GPU (as the model is served), float32 on CPU."""
-    from transformers import AutoModel
-
-    load_model_config(model_name)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = load_tokenizer(model_name)
-    model = AutoModel.from_pretrained(model_name, dtype=dtype, attn_implementation="sdpa")
-    return tokenizer, cut_at_layer(model, layer).to(device).eval()
 
 
 def length_batches(lengths: list[int], tokens_per_batch: int, max_batch: int) -> list[list[int]]:
@@ -181,7 +111,7 @@ class HiddenStateExtractor:
         if self.device.type == "cpu":  # the CPUs this replica was scheduled with (never more than the node's cores)
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, min(int(cpus), os.cpu_count() or 1)))
-        self.tokenizer, self.model = load_model(self.cfg.model_name, self.device, self.cfg.layer)
+        self.tokenizer, self.model, self.layer_cut = load_model(self.cfg.model_name, self.device, self.cfg.layer)
         self.model_lock = threading.Lock()
         self.storage_dtype, self.shards_dir = storage_dtype, shards_dir
 
@@ -206,6 +136,7 @@ class HiddenStateExtractor:
         regions = np.concatenate(tokens.regions)[keep] if tokens.regions is not None else None
         hidden, doc_idx, pos = hidden[torch.from_numpy(keep)], doc_idx[keep], pos[keep]
         table = shard_table(hidden, doc_idx + chunk["first_doc"], pos, token_ids, self.storage_dtype, regions)
+        table = table.replace_schema_metadata({LAYER_CUT: self.layer_cut})  # how its rows were made, for the manifest
         write_shard(table, posixpath.join(self.shards_dir, shard_name(chunk["shard"])))
         return {"shard": chunk["shard"], "num_docs": len(token_lists), "num_tokens": len(doc_idx),
                 "doc_tokens": np.bincount(doc_idx, minlength=len(token_lists)).tolist(), "outliers": outliers}
@@ -355,20 +286,6 @@ def placement(cfg: Config, cluster_gpus: float, node_cpus: float, cluster_cpus: 
     return Placement(replicas=replicas, num_gpus=0, num_cpus=max(1, int(min(node_cpus, cluster_cpus // replicas))))
 
 
-CPU_FLOPS_PER_CORE = 50e9  # a generous sustained float32 matmul rate of one AVX-512 core
-
-
-def flops_per_token(model_config: Any, layer: int) -> float:
-    """Forward FLOPs per token up to `layer`: 2 x the parameters that multiply (the embedding is a lookup).
-    Attention's own O(sequence) term is left out: a few percent at 512 tokens and D=2048."""
-    from transformers import AutoModel
-
-    with torch.device("meta"):
-        model = cut_at_layer(AutoModel.from_config(model_config), layer)
-    lookup = model.get_input_embeddings().weight.numel()
-    return 2.0 * (sum(p.numel() for p in model.parameters()) - lookup)
-
-
 def announce(cfg: Config, place: Placement, cluster_gpus: float, max_tokens: int) -> None:
     """Say where extraction runs, and on CPU how long it may take, before it starts."""
     if place.num_gpus:
@@ -393,6 +310,18 @@ def resolve_storage_dtype(cfg: Config) -> str:
     if cfg.storage_dtype != "auto":
         return cfg.storage_dtype
     return "bfloat16" if cfg.use_gpu else "float32"
+
+
+LAYER_CUT = "layer_cut"  # the shards' metadata key, and the manifest's: `trm_ray.model.cut_or_whole`'s path
+
+
+def layer_cut(shards_dir: str) -> str | None:
+    """How the first shard's rows were extracted (the model's blocks cut, or its hidden_states): every
+    replica loads the same model the same way. None for shards written before it was recorded."""
+    fs, root = filesystem(shards_dir)
+    metadata = pq.read_schema(posixpath.join(root, shard_name(0)), filesystem=fs).metadata or {}
+    value = metadata.get(LAYER_CUT.encode())
+    return value.decode() if value is not None else None
 
 
 def _existing_shard_counts(shards_dir: str, num_docs: int, docs_per_shard: int) -> dict[int, list[int]]:
@@ -435,7 +364,7 @@ def extract(cfg: Config) -> dict[str, Any]:
 
     shards_dir = cfg.shards_path
     hidden_size = hidden_size_of(cfg.model_name)
-    check_layer(cfg)
+    check_layer(cfg.model_name, cfg.layer)
     manifest = read_json(posixpath.join(shards_dir, MANIFEST))
     storage_dtype = manifest["storage_dtype"] if manifest and cfg.storage_dtype == "auto" else resolve_storage_dtype(cfg)
     tokenizer = load_tokenizer(cfg.model_name) if cfg.stage == "1b" else None
@@ -490,7 +419,7 @@ def extract(cfg: Config) -> dict[str, Any]:
     doc_tokens = [c for i in range(num_shards) for c in done[i]]
     manifest = {
         **settings,
-        "revision": getattr(load_model_config(cfg.model_name), "_commit_hash", None),
+        "revision": getattr(load_model_config(cfg.model_name), "_commit_hash", None), LAYER_CUT: layer_cut(shards_dir),
         "num_docs": len(doc_tokens), "num_tokens": int(sum(doc_tokens)), "outlier_tokens_dropped": sum(outliers.values()),
         "shards": [shard_name(i) for i in range(num_shards)], "doc_tokens": doc_tokens,
     }

@@ -30,7 +30,8 @@ from trm_ray.cli import trial_resources
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
 from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
-from trm_ray.extract import extract, hidden_size_of, model_id
+from trm_ray.extract import extract
+from trm_ray.model import hidden_size_of, model_id
 from trm_ray.regions import print_regions
 from trm_ray.report import exclusions, export_closed_form, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA

@@ -28,7 +28,8 @@ from torch import nn
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
                                 orthonormalize_, plain_state, reconstruction_sums, save_checkpoint, tangent_part)
 from trm_ray.config import FIELDS, Config, make_config
-from trm_ray.downstream import damage_sums, grid_kl, load_lm_head, start_basis
+from trm_ray.downstream import damage_sums, grid_kl, start_basis
+from trm_ray.model import LMHead, load_lm_head
 from trm_ray.shards import load_splits, stored_hidden
 from trm_ray.spectrum import training_mean
 from trm_ray.tracking import publish, tracking
@@ -109,7 +110,7 @@ def rank_share(dataset: Any, rank: int, world: int) -> Any:
 
 @torch.no_grad()
 def evaluate(models: Sequence[nn.Module], batches: Iterable[torch.Tensor], mean: torch.Tensor,
-             lm_head: nn.Linear | None = None) -> list[dict[str, float]]:
+             lm_head: LMHead | None = None) -> list[dict[str, float]]:
     """For each model, token-weighted metrics over every batch (the whole validation set), not a mean of
     batch means, the centred ones about `mean` (the training rows'); with `lm_head`, also the mean
     next-token KL of the head reading the reconstruction. One read of the batches, and one teacher
@@ -129,7 +130,7 @@ def evaluate(models: Sequence[nn.Module], batches: Iterable[torch.Tensor], mean:
     return metrics
 
 
-def objective_loss(cfg: Config, lm_head: nn.Linear | None) -> Callable[[torch.Tensor, Sequence[nn.Module]], torch.Tensor]:
+def objective_loss(cfg: Config, lm_head: LMHead | None) -> Callable[[torch.Tensor, Sequence[nn.Module]], torch.Tensor]:
     """The training loss of `--objective` for each of the compressors, per token [k]: reconstruction mse,
     next-token KL, or mse + kl_weight * KL; for the KL one teacher pass through the head serves them all."""
     def loss(x: torch.Tensor, models: Sequence[nn.Module]) -> torch.Tensor:
