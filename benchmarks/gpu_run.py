@@ -7,7 +7,7 @@ throughput does not depend on the weights. The documents are the quickstart's se
 joined until each fills max_seq_length with its word-level tokenizer. Every stage runs
 through trm_ray's own entry points with --use_gpu (so extraction and the downstream task
 request GPUs as on a cluster), and the script prints extraction tokens/s, FLOPs/token and
-MFU against the GPU's peak, and the training tokens/s of each trial.
+MFU against the GPU's peak, and the training tokens/s of each trial (one learning rate: every D' on each batch).
 
     python -m benchmarks.gpu_run                 # on a GPU machine; ~5 min on one H100
     python -m benchmarks.gpu_run --objective kl  # the same sweep trained on the LM head's next-token KL
@@ -75,7 +75,7 @@ def write_corpus(path: Path, num_docs: int, max_seq_length: int) -> str:
 
 
 def trial_rates(output_dir: str) -> dict[str, float]:
-    """Median training tokens/s of each trial over its epochs after the first (Tune's result.json)."""
+    """Median training tokens/s of each trial (a learning rate, every D') over its epochs after the first (Tune's result.json)."""
     rates = {}
     for path in sorted(glob.glob(os.path.join(output_dir, "ray_results", "*", "*", "result.json"))):
         reports = [json.loads(line) for line in open(path) if line.strip()]

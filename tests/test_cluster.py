@@ -96,7 +96,8 @@ def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_n
     entrypoint = (f"python -m trm_ray.sweep --model_name {shards.model_name} --dataset {shards.dataset} "
                   f"--shards_dir {shards.shards_path} --num_samples 120 --max_seq_length 64 --docs_per_shard 20 "
                   f"--output_dir {out} --sweep --sweep_d_values 8 16 32 --num_epochs 2 --batch_size 4 "
-                  "--learning_rate 0.05 --no_wandb --no_torch_compile --no_downstream --address auto")
+                  "--sweep_learning_rates 0.05 0.02 0.01 --no_wandb --no_torch_compile --no_downstream --address auto")
+    # Three trials (a learning rate each, every D' in each), for the cluster to spread over its nodes.
     url = three_nodes
     assert url.startswith("http://127.0.0.1:")
     with pytest.raises(urllib.error.HTTPError, match="401"):  # token authentication is on

@@ -309,18 +309,17 @@ def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int,
 @torch.no_grad()
 def pca_kl(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int]) -> dict[str, float]:
     """Mean next-token KL of the PCA reconstruction of each D' over the whole validation set:
-    the reference a KL-trained trial's `downstream_efficiency` is measured against, every epoch."""
+    the reference a KL-trained trial's `downstream_efficiency` is measured against, every epoch
+    (one teacher pass for every D', `grid_kl`)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device, torch.float32)  # as `measure` and the trials' validation score
     vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
-    sums, n = dict.fromkeys(d_values, 0.0), 0
+    sums, n = torch.zeros(len(d_values), dtype=torch.float64), 0
     for table in split_tables(shards_dir, val_fraction, seed):
         x = decode_hidden(table["hidden"]).to(device)
-        for d in d_values:
-            top = vecs[:, :d]
-            sums[d] += float(next_token_kl(lm_head, x, (x @ top) @ top.T))
+        sums += grid_kl(lm_head, x, [vecs[:, :d].T for d in d_values]).double().cpu()
         n += x.shape[0]
-    return {str(d): s / n for d, s in sums.items()}
+    return {str(d): s / n for d, s in zip(d_values, sums.tolist())}
 
 
 FISHER_TOKENS = 2 ** 16  # training rows the head's mean Fisher information (a D x D average) is estimated on
