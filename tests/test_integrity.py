@@ -148,7 +148,7 @@ def test_repeated_grid_values_are_refused(values, message):
 def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, tmp_path):
     cfg = export_config(tmp_path / "out", downstream=True, model_name=str(tmp_path / "not-a-model"))
     rows = export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
-    assert rows[0]["mse"] == 0.1 and rows[0]["downstream_error"].startswith("OSError: ")
+    assert rows[0]["mse"] == 0.1 and rows[0]["downstream_error"].startswith("UserError: model path ")
     assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
     assert os.path.exists(cfg.export_path(8))
 
