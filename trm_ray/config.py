@@ -117,7 +117,7 @@ class Config:
     wandb_project: str = _f("llm-trm-phase1", "W&B project.")
     wandb_run_name: str | None = _f(None, "W&B run name prefix; default stage<stage>; each trial appends -d<D'>.")
     # --- Ray ------------------------------------------------------------------------------
-    num_workers: int = _f(1, "Ray Train workers (DDP ranks) per trial.")
+    num_workers: int = _f(1, "Ray Train workers (data-parallel ranks, their gradients averaged every step) per trial.")
     max_failures: int = _f(3, "Times a trial's workers may die and be replaced, resuming from the latest checkpoint.")
     use_gpu: bool = _f(False, "Run on GPUs: each training worker, extraction replica and the downstream-KL task requests one (an autoscaler adds GPU nodes for them).")
     address: str | None = _f(None, "Ray cluster to join ('auto' inside a cluster); default: start a local one.")

@@ -100,7 +100,7 @@ def epoch_rows(train: Any, cfg: Config, epoch: int) -> Any:
 
 def rank_share(dataset: Any, rank: int, world: int) -> Any:
     """This rank's equal part of `dataset`: rank 0 splits it and hands every rank its iterator, so
-    the ranks take the same number of steps (DDP's all-reduce waits for all of them)."""
+    the ranks take the same number of steps (each step's gradient all-reduce waits for all of them)."""
     if world == 1:
         return dataset
     parts = [dataset.streaming_split(world, equal=True) if rank == 0 else None]
