@@ -52,30 +52,25 @@ def test_grid_kl_and_its_gradients_equal_each_widths_own_next_token_kl(monkeypat
         torch.testing.assert_close(grad, scale * want, rtol=1e-4, atol=3e-5 * scale * float(want.abs().max()))
 
 
-def test_a_bf16_head_takes_the_residual_path_for_every_width_and_matches_each_widths_kl(monkeypatch):
-    lm_head = head(True, torch.bfloat16)
+def assert_residual_path_matches_each_widths_kl(lm_head: LMHead, monkeypatch) -> None:
+    """On 37 rows in chunks of 5: no width factored, and grid_kl's KLs and gradients those of each width's own
+    step (the same residual matmuls and the teacher's log p: what differs is float32's order of summation)."""
     assert not any(factored(lm_head, d, 10 ** 6) for d in WIDTHS)
-    assert all(factored(head(True), d, 10 ** 6) for d in WIDTHS)  # which a float32 head of that shape would not
     monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)
     x, weights = rows_and_weights(37)
     expected, expected_grads = per_width(lm_head, x, weights)
     kls = grid_kl(lm_head, x, weights)
     grads = torch.autograd.grad(kls.sum(), weights)
-    # The same bf16 matmuls as each width's own step (the residual, the teacher's log p), so they agree far
-    # below bf16's resolution: what differs is only float32's order of summation.
     torch.testing.assert_close(kls, expected, rtol=1e-5, atol=0)
     for grad, want in zip(grads, expected_grads):
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_a_bf16_head_takes_the_residual_path_for_every_width_and_matches_each_widths_kl(monkeypatch):
+    assert all(factored(head(True), d, 10 ** 6) for d in WIDTHS)  # which a float32 head of that shape would not
+    assert_residual_path_matches_each_widths_kl(head(True, torch.bfloat16), monkeypatch)
 
 
 def test_a_soft_capped_head_takes_the_residual_path_and_matches_each_widths_kl(monkeypatch):
-    lm_head = head(True, scale=0.5, softcap=10.0)  # Gemma 2's transform: cap * tanh(logits / cap), not linear in h
-    assert not any(factored(lm_head, d, 10 ** 6) for d in WIDTHS)
-    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)
-    x, weights = rows_and_weights(37)
-    expected, expected_grads = per_width(lm_head, x, weights)
-    kls = grid_kl(lm_head, x, weights)
-    grads = torch.autograd.grad(kls.sum(), weights)
-    torch.testing.assert_close(kls, expected, rtol=1e-5, atol=0)
-    for grad, want in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    # Gemma 2's transform: cap * tanh(logits / cap), not linear in h.
+    assert_residual_path_matches_each_widths_kl(head(True, scale=0.5, softcap=10.0), monkeypatch)
