@@ -36,10 +36,10 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 KL_ONLY_METRICS = ("downstream_efficiency", "downstream_kl")  # measured only when the loss reads the LM head
 ASHA_METRICS = ("pca_efficiency", "mse", "cosine_similarity", "relative_error", "variance_ratio",
                 "explained_variance", "centred_explained_variance", "centred_cosine_similarity", "train_loss",
-                *KL_ONLY_METRICS)
+                *KL_ONLY_METRICS, "phase2_score")
 # Peak learning rate per --objective, measured (benchmarks/RESULTS.md): from the PCA start, mse needs only
 # a small step to stay at its optimum, while the KL objective has to turn the subspace towards what the head reads.
-DEFAULT_LEARNING_RATE = {"mse": 1e-4, "kl": 5e-3, "mse+kl": 5e-3}
+DEFAULT_LEARNING_RATE = {"mse": 1e-4, "kl": 5e-3, "mse+kl": 5e-3, "phase2": 5e-3}
 
 
 @dataclass
@@ -76,9 +76,14 @@ class Config:
     d_compressed: int = _f(256, "Compressed dimension D'.")
     init: str | None = _f(None, "Stage 1a start: pca (the top-D' eigenvectors of the training second moment: the MSE optimum), orthogonal (the seed's random start), or for a KL objective fisher (PCA in the metric of the LM head's Fisher information: the directions that move the logits most); default pca for mse, fisher for kl and mse+kl.")
     orthonormal: bool = _f(True, "Keep W's rows orthonormal (Riemannian Adam: the gradient projected onto the tangent space, a QR retraction after every step), so WᵀW stays an orthogonal projection; --no_orthonormal: the seed's plain AdamW.", negative="no_orthonormal")
-    objective: str = _f("mse", "Training loss: mse (reconstruction), kl (next-token KL of the LM head reading the reconstruction, "
-                           "last layer only; starts from --init, fisher by default, or in stage 1b from the 1a checkpoint), or mse+kl.")
+    objective: str | None = _f(None, "Training loss: mse (reconstruction), kl (next-token KL of the LM head reading the reconstruction, "
+                                     "last layer only; starts from --init, fisher by default, or in stage 1b from the 1a checkpoint), mse+kl, "
+                                     "or phase2 (stage 1b, --keep_tokens phase2, last layer: each of phase 2's regions for its own use, the "
+                                     "context's mse and the closing state's KL, each against its own PCA reference; see README). "
+                                     "Default: phase2 where it applies, else mse.")
     kl_weight: float = _f(1.0, "With --objective mse+kl: the loss is mse + kl_weight * KL.")
+    close_weight: float = _f(0.1, "With --objective phase2: the loss is context mse / its PCA mse + close_weight * closing-state KL / "
+                                  "its PCA KL, each a mean over its own region's rows (benchmarks/RESULTS.md measures the choice).")
     batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
     num_epochs: int | None = _f(None, "Maximum training epochs; default 10. Given explicitly, stage 1a's mse sweep from the PCA start trains "
                                       "(see --closed_form).")
@@ -124,6 +129,8 @@ class Config:
     num_cpus: int | None = _f(None, "Logical CPUs of a local Ray; default: the core count, or what the trials that the cores can run need (a Tune function and the workers of each, plus one).")
 
     def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = "phase2" if self.stage == "1b" and self.keep_tokens == "phase2" and self.layer == -1 else "mse"
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATE.get(self.objective, DEFAULT_LEARNING_RATE["mse"])
         if self.stage not in ("1a", "1b"):
@@ -131,14 +138,17 @@ class Config:
         if self.storage_dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"storage_dtype must be auto, float32 or bfloat16, got {self.storage_dtype!r}")
         if self.init is None:
-            self.init = "pca" if self.objective == "mse" else "fisher"
+            self.init = "pca" if self.objective in ("mse", "phase2") else "fisher"
         if self.init not in ("orthogonal", "pca", "fisher"):
             raise UserError(f"init must be orthogonal, pca or fisher, got {self.init!r}")
-        if self.init == "fisher" and self.objective == "mse":
+        if self.init == "fisher" and self.objective in ("mse", "phase2"):
             raise UserError("init fisher weights directions by the LM head, which --objective mse never reads: "
                             "use it with --objective kl or mse+kl, or --init pca")
-        if self.objective not in ("mse", "kl", "mse+kl"):
-            raise UserError(f"objective must be mse, kl or mse+kl, got {self.objective!r}")
+        if self.objective not in ("mse", "kl", "mse+kl", "phase2"):
+            raise UserError(f"objective must be mse, kl, mse+kl or phase2, got {self.objective!r}")
+        if self.objective == "phase2" and not (self.stage == "1b" and self.keep_tokens == "phase2"):
+            raise UserError("--objective phase2 trains phase 2's two regions, which only stage 1b shards of --keep_tokens phase2 "
+                            f"hold (this run: stage {self.stage}, keep_tokens {self.keep_tokens}): pick another --objective")
         optimum_known = self.stage == "1a" and self.objective == "mse" and self.init == "pca"
         if self.closed_form is None:
             self.closed_form = optimum_known and self.num_epochs is None
@@ -175,9 +185,11 @@ class Config:
             raise UserError(f"seed must be 0 or more, got {self.seed}")
         if self.asha_metric != "auto" and self.asha_metric not in ASHA_METRICS:
             raise UserError(f"asha_metric must be one of {', '.join(ASHA_METRICS)}, got {self.asha_metric!r}")
-        if self.asha_metric in KL_ONLY_METRICS and self.objective == "mse":
+        if self.asha_metric in KL_ONLY_METRICS and self.objective in ("mse", "phase2"):
             raise UserError(f"asha_metric {self.asha_metric} is measured only with --objective kl or mse+kl: "
                             "pick another metric, or set --objective")
+        if self.asha_metric == "phase2_score" and self.objective != "phase2":
+            raise UserError("asha_metric phase2_score is measured only with --objective phase2: pick another metric")
         for d in [self.d_compressed, *self.sweep_d_values]:
             if not isinstance(d, int) or isinstance(d, bool) or d < 1:
                 raise UserError(f"D' must be a positive integer, got {d!r}: pass e.g. --d_compressed 256")
@@ -197,14 +209,14 @@ class Config:
     def score_metric(self) -> str:
         """What "best" means for an epoch, a trial and early stopping: validation mse, or next-token KL
         when that is what the compressor is trained for (lower is better either way)."""
-        return "mse" if self.objective == "mse" else "downstream_kl"
+        return {"mse": "mse", "phase2": "phase2_score"}.get(self.objective, "downstream_kl")
 
     @property
     def rank_metric(self) -> str:
         """The D'-fair metric ASHA ranks a width's trials on (higher is better for the auto choices)."""
         if self.asha_metric != "auto":
             return self.asha_metric
-        return "pca_efficiency" if self.objective == "mse" else "downstream_efficiency"
+        return {"mse": "pca_efficiency", "phase2": "phase2_score"}.get(self.objective, "downstream_efficiency")
 
     @property
     def shards_path(self) -> str:

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 from trm_ray.compressor import METRICS, WEIGHT_KEY, load_checkpoint, orthonormality_error, read_checkpoint, save_checkpoint
 from trm_ray.config import Config, UserError
 from trm_ray.downstream import add_downstream
+from trm_ray.phase2 import METRICS as PHASE2_METRICS
 from trm_ray.regions import add_region_metrics
 from trm_ray.shards import exists, filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points, eigenvectors, pca_metrics
@@ -95,7 +96,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
                 best[d] = {"src": path, **metrics, "epochs": epochs, "stop_reason": reason, "learning_rate": lr,
                            "initial_cosine_similarity": reported(result, width_key(d, "initial_cosine_similarity"), 0),
                            **({"initial_downstream_kl": reported(result, width_key(d, "initial_downstream_kl"), 0)}
-                              if cfg.objective != "mse" else {})}
+                              if cfg.objective in ("kl", "mse+kl") else {})}
 
     rows = []
     for d in sorted(set(best) | set(errors) | set(unusable)):
@@ -105,7 +106,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
             _copy(best[d]["src"], dest)
             # A KL objective's trials were selected on the whole validation set's KL: the row keeps it (the
             # downstream pass below measures the same again, with top-1 agreement and CE beside it).
-            row.update({k: best[d][k] for k in (*METRICS, *KL_METRICS) if k in best[d]})
+            row.update({k: best[d][k] for k in (*METRICS, *KL_METRICS, *PHASE2_METRICS) if k in best[d]})
             row.update({**pca_columns(limit, d, best[d]["mse"]), "obtained_by": "trained",
                         "learning_rate": best[d]["learning_rate"],
                         **{k: best[d][k] for k in ("initial_cosine_similarity", "initial_downstream_kl") if k in best[d]},

@@ -169,11 +169,12 @@ def load_splits(shards_dir: str, val_fraction: float, seed: int, shard_order_see
 
     manifest = read_manifest(shards_dir)
     rows = rows_per_block(manifest)
+    columns = ["doc_id", "hidden"] + (["region"] if manifest.get("regions") else [])  # stage 1b: what a row is
 
     def read(val_side: bool):
         def fn(batch: dict[str, np.ndarray]):
             for path in batch["path"]:
-                yield from side_tables(str(path), val_fraction, seed, val_side, rows, ["doc_id", "hidden"])
+                yield from side_tables(str(path), val_fraction, seed, val_side, rows, columns)
         return fn
 
     paths = ray.data.from_items([{"path": p} for p in shard_paths(shards_dir, manifest)],

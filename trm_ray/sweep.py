@@ -25,7 +25,7 @@ from typing import Any
 from ray.train import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from trm_ray import spectrum
+from trm_ray import phase2, spectrum
 from trm_ray.cli import trial_resources
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
@@ -80,7 +80,7 @@ def trial(config: dict[str, Any], train: Any, val: Any) -> None:
         raise outcome["error"]
 
 
-LOWER_IS_BETTER = ("mse", "relative_error", "train_loss", "downstream_kl")
+LOWER_IS_BETTER = ("mse", "relative_error", "train_loss", "downstream_kl", "phase2_score")
 SWEEP_CONFIG = "trm_ray_config.json"
 # Settings that may change between an interrupted sweep and its resumption.
 RUNTIME_ONLY = {"address", "num_cpus", "max_concurrent_trials", "max_failures", "use_wandb"}
@@ -194,6 +194,11 @@ def limits(cfg: Config) -> dict[str, Any]:
     limit = spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed)
     if cfg.objective == "mse":
         return limit
+    if cfg.objective == "phase2":
+        print(f"sweep: phase 2's references (the context's PCA limit, the closing states' PCA KL) and the best closed-form "
+              f"start of D' = {cfg.d_values}", flush=True)
+        return {**limit, **on_a_gpu(cfg.use_gpu, phase2.references_and_start, cfg.model_name, cfg.shards_path,
+                                    cfg.val_fraction, cfg.seed, cfg.d_values, {d: cfg.init_checkpoint(d) for d in cfg.d_values})}
     if cfg.init == "fisher" and cfg.stage == "1a" and spectrum.stored(cfg.shards_path, cfg.val_fraction, cfg.seed,
                                                                       "fisher") is None:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",
@@ -217,7 +222,7 @@ def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, in
     the command that started the sweep (each checkpoint's config carries it to its model card)."""
     return {**dataclasses.asdict(cfg), "d_model": manifest["hidden_size"], "train_tokens": counts["train_tokens"],
             "pca_mse": {str(d): limit["pca_mse"][d] for d in cfg.d_values},
-            **({"pca_downstream_kl": limit["pca_downstream_kl"]} if "pca_downstream_kl" in limit else {}),
+            **{k: limit[k] for k in ("pca_downstream_kl", "context_pca_mse", "close_pca_downstream_kl") if k in limit},
             "train_storage": train_storage, "group": group, "command": command}
 
 

@@ -27,10 +27,11 @@ from torch import nn
 
 from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
                                 orthonormalize_, plain_state, reconstruction_sums, save_checkpoint, tangent_part)
+from trm_ray import phase2
 from trm_ray.config import FIELDS, Config, make_config
 from trm_ray.downstream import damage_sums, grid_kl, start_basis
 from trm_ray.model import LMHead, load_lm_head
-from trm_ray.shards import load_splits, stored_hidden
+from trm_ray.shards import load_splits, read_manifest, stored_hidden
 from trm_ray.spectrum import training_mean
 from trm_ray.tracking import publish, tracking
 
@@ -76,12 +77,14 @@ def width_key(d: int, metric: str) -> str:
     return f"d{d}/{metric}"
 
 
-def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None) -> Iterator[torch.Tensor]:
+def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None,
+                   regions: bool = False) -> Iterator[Any]:
     """Float32 [rows, D] tensors on `device` from a Ray Data iterator of shard rows: sent in the shards' dtype
-    (bf16: half the bytes) and converted to float32 there."""
+    (bf16: half the bytes) and converted to float32 there; with `regions`, (rows, each row's region code)."""
     shuffle = {"local_shuffle_buffer_size": 4 * rows, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
     for batch in iterator.iter_batches(batch_size=rows, batch_format="pyarrow", **shuffle):
-        yield stored_hidden(batch["hidden"]).to(device, non_blocking=True).float()
+        x = stored_hidden(batch["hidden"]).to(device, non_blocking=True).float()
+        yield (x, torch.from_numpy(batch["region"].to_numpy()).to(device)) if regions else x
 
 
 def epoch_rows(train: Any, cfg: Config, epoch: int) -> Any:
@@ -130,9 +133,14 @@ def evaluate(models: Sequence[nn.Module], batches: Iterable[torch.Tensor], mean:
     return metrics
 
 
-def objective_loss(cfg: Config, lm_head: LMHead | None) -> Callable[[torch.Tensor, Sequence[nn.Module]], torch.Tensor]:
+def objective_loss(cfg: Config, lm_head: LMHead | None,
+                   references: dict[int, tuple[float, float]] | None = None) -> Callable[..., torch.Tensor]:
     """The training loss of `--objective` for each of the compressors, per token [k]: reconstruction mse,
-    next-token KL, or mse + kl_weight * KL; for the KL one teacher pass through the head serves them all."""
+    next-token KL, or mse + kl_weight * KL; for the KL one teacher pass through the head serves them all.
+    phase2: `phase2.region_loss` with the references of each D' (`references`), called with the rows' regions."""
+    if cfg.objective == "phase2":
+        return phase2.region_loss(lm_head, cfg.close_weight, references, phase2.region_codes(read_manifest(cfg.shards_path)))
+
     def loss(x: torch.Tensor, models: Sequence[nn.Module]) -> torch.Tensor:
         if cfg.objective != "mse":
             kl = grid_kl(lm_head, x, [m.weight for m in models]) / x.shape[0]
@@ -145,8 +153,8 @@ def objective_loss(cfg: Config, lm_head: LMHead | None) -> Callable[[torch.Tenso
 
 
 def optimizer_step(models: Sequence[DimensionCompressor], optimizer: torch.optim.Optimizer,
-                   loss_fn: Callable[[torch.Tensor, Sequence[nn.Module]], torch.Tensor], x: torch.Tensor, cfg: Config,
-                   world: int = 1) -> torch.Tensor:
+                   loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, cfg: Config, world: int = 1,
+                   region: torch.Tensor | None = None) -> torch.Tensor:
     """One step of every compressor in `models` on the rows `x`: their losses [k], backward, and for each
     its gradient averaged over the `world` ranks (as DDP would), clipped, and an AdamW update. The
     compressors share no parameter, so the sum's gradient in each W is that W's own loss's.
@@ -156,8 +164,9 @@ def optimizer_step(models: Sequence[DimensionCompressor], optimizer: torch.optim
     back onto an orthonormal set after it (the retraction), and Adam's momentum carried to the new
     point's tangent space (vector transport by projection). Adam's moments then never accumulate the
     part of a gradient that only rescales the rows, which the retraction throws away: a KL objective's
-    gradient has one, which plain Adam fed back into every later step."""
-    losses = loss_fn(x, models)
+    gradient has one, which plain Adam fed back into every later step. `region`: the rows' regions, for a
+    loss that weighs them (`--objective phase2`)."""
+    losses = loss_fn(x, models) if region is None else loss_fn(x, models, region)
     optimizer.zero_grad(set_to_none=True)
     losses.sum().backward()
     for model in models:
@@ -236,7 +245,8 @@ def compile_or_eager(fn: Callable[..., torch.Tensor], enabled: bool) -> Callable
 def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
     """Stage 1a: the --init start (orthogonal, PCA, or for a KL objective PCA in the LM head's Fisher
     metric, or PCA's where that is better: `start_basis`); stage 1b starts from the stage 1a weights
-    of the same D and D'."""
+    of the same D and D', or for `--objective phase2` from the best closed form the sweep found for
+    its regions, which may be those weights (`phase2.start_weight`)."""
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(run["d_model"], cfg.d_compressed)
     start = cfg.init_checkpoint(cfg.d_compressed)
@@ -244,7 +254,10 @@ def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
         basis = start_basis(cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.init, cfg.d_compressed)
         with torch.no_grad():  # rows = the top-D' directions (for PCA, the MSE optimum itself, up to a rotation)
             model.weight.copy_(basis.T)
-    if start:
+    if start and cfg.objective == "phase2":
+        with torch.no_grad():
+            model.weight.copy_(phase2.start_weight(cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.d_compressed))
+    elif start:
         ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
     return model
@@ -358,12 +371,15 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     optimizer = make_optimizer(nn.ModuleList([w.model for w in widths]), cfg, state["optimizer"] if state else None)
     # Loaded once per worker: what phase 2 decompresses into, so what a KL objective trains against.
     lm_head = load_lm_head(cfg.model_name, device) if cfg.objective != "mse" else None
+    regions = cfg.objective == "phase2"  # the loss and the scores weigh phase 2's regions apart
     # Validation scores in float32 like the export and the PCA reference: bf16 logits (what a GPU trains
     # with) would put a noise floor under the small KLs of a wide D', and downstream_efficiency on it.
     score_head = lm_head
     if rank == 0 and lm_head is not None and lm_head.weight.dtype != torch.float32:
         score_head = copy.deepcopy(lm_head).float()
-    loss_fn = compile_or_eager(objective_loss(cfg, lm_head), cfg.torch_compile)
+    references = ({d: (run["context_pca_mse"][str(d)], run["close_pca_downstream_kl"][str(d)]) for d in cfg.d_values}
+                  if regions else None)
+    loss_fn = compile_or_eager(objective_loss(cfg, lm_head, references), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
@@ -374,17 +390,24 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed).to(device)
     score = cfg.score_metric
-    best_keys = METRICS if lm_head is None else (*METRICS, *KL_METRICS)
+    best_keys = (*METRICS, *phase2.METRICS) if regions else METRICS if lm_head is None else (*METRICS, *KL_METRICS)
+    codes = phase2.region_codes(read_manifest(cfg.shards_path)) if regions else {}
 
     def validate(active: list[Width]) -> list[dict[str, float]]:
-        """Every active D' on one read of the validation set."""
-        found = evaluate([w.model.eval() for w in active], hidden_batches(val_shard, rows, device), mean, score_head)
+        """Every active D' on one read of the validation set (a phase-2 objective: each region scored apart too)."""
+        models = [w.model.eval() for w in active]
+        if regions:
+            found = phase2.evaluate_regions(models, hidden_batches(val_shard, rows, device, regions=True), mean, score_head, codes)
+            for w, m in zip(active, found):
+                phase2.add_scores(m, *references[w.d])
+        else:
+            found = evaluate(models, hidden_batches(val_shard, rows, device), mean, score_head)
         for w, m in zip(active, found):
             # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
             pca_mse = run["pca_mse"][str(w.d)]
             m.update({"pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"],
                       "orthonormality_error": orthonormality_error(w.model.weight)})
-            if lm_head is not None:  # the same ratio for what the LM head reads (> 1: better than PCA)
+            if lm_head is not None and not regions:  # the same ratio for what the LM head reads (> 1: better than PCA)
                 pca_kl = run["pca_downstream_kl"][str(w.d)]
                 m.update({"pca_downstream_kl": pca_kl, "downstream_efficiency": pca_kl / m["downstream_kl"]})
         return found
@@ -395,7 +418,8 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
         # validation set. It is the first candidate for the best checkpoint, so a trial never exports
         # anything worse than its start (epoch 0), and epochs must beat it to count as improvements.
         for w, start in zip(widths, validate(widths)):
-            initial[w.d] = {f"initial_{k}": v for k, v in start.items() if k not in ("pca_mse", "pca_downstream_kl")}
+            initial[w.d] = {f"initial_{k}": v for k, v in start.items()
+                            if k not in ("pca_mse", "pca_downstream_kl", "context_pca_mse", "close_pca_downstream_kl")}
             w.best = {"state": plain_state(w.model), **{k: start[k] for k in best_keys}, "epoch": 0}
             w.stopper.update(start[score])
     for epoch in range(start_epoch, cfg.num_epochs):
@@ -404,11 +428,12 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
             w.model.train()
         t0, epoch_tokens, loss_sums = time.perf_counter(), 0, torch.zeros(len(active), dtype=torch.float64)
         train_shard = rank_share(epoch_rows(train, cfg, epoch), rank, world)
-        for x in hidden_batches(train_shard, rows, device, shuffle_seed=cfg.seed * 1000 + epoch):
+        for batch in hidden_batches(train_shard, rows, device, shuffle_seed=cfg.seed * 1000 + epoch, regions=regions):
+            x, region = batch if regions else (batch, None)
             lr = get_lr(step, total_steps, warmup_steps, cfg.learning_rate)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses = optimizer_step([w.model for w in active], optimizer, loss_fn, x, cfg, world)
+            losses = optimizer_step([w.model for w in active], optimizer, loss_fn, x, cfg, world, region)
             step += 1
             epoch_tokens += x.shape[0]
             loss_sums += losses.double().cpu() * x.shape[0]

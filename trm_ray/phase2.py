@@ -1,0 +1,175 @@
+"""Stage 1b trained for both things LLM-TRM's phase 2 does with a compressor.
+
+Phase 2 compresses the prompt's states before `<think>` (the `context` region) as its model's input,
+and decompresses its output for the `</think>` position (the `close` region, one state a
+conversation) straight into the LM head for the first answer token. So `--objective phase2` trains
+each region for its own use: the context for reconstruction, its mse relative to the context's own
+PCA limit at that D', and the closing state for what the head reads, its next-token KL relative to
+what the closing states' own PCA costs. Each region's term is a mean over its own rows, so the
+closing state counts as much as its weight says however rare it is (~0.35% of the rows):
+
+    loss = mse_context / pca_mse_context + close_weight * KL_close / pca_KL_close
+
+Selection (early stopping, the best epoch, ASHA, the export) follows `phase2_score`: the closing
+state's KL relative to its PCA's, with a steep penalty once the context falls below CONTEXT_FLOOR
+of its limit. What has a closed form is not trained: the start is the best, on the training rows,
+of the stage 1a weights and the top-D' eigenvectors of the mixed second moment
+Σ_context / tr Σ_context + λ Σ_close / tr Σ_close over a grid of λ (one eigenproblem each).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from trm_ray import spectrum
+from trm_ray.compressor import WEIGHT_KEY, load_checkpoint, metrics_from_sums, reconstruction_sums
+from trm_ray.downstream import damage_sums, grid_kl, split_tables
+from trm_ray.model import LMHead, load_lm_head
+from trm_ray.shards import decode_hidden, read_manifest, write_bytes
+
+REGIONS = ("context", "close")
+CONTEXT_FLOOR = 0.98  # context_pca_efficiency a phase-2 compressor must keep (the goal of stage 1b)
+FLOOR_PENALTY = 100.0  # score per unit of mse/limit below the floor: 1% under it costs as much as doubling the close KL
+MIX_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # λ of the mixed second moments the start is chosen from
+START_TOKENS = 2 ** 16  # training closing states (at most) the start is chosen on
+# What each epoch's validation reports for a phase-2 objective, and the checkpoint keeps with its best weights.
+METRICS = ("context_mse", "context_cosine_similarity", "context_pca_mse", "context_pca_efficiency", "close_downstream_kl",
+           "close_top1_agreement", "close_pca_downstream_kl", "phase2_score")
+
+
+def phase2_score(close_kl: float, close_pca_kl: float, context_pca_efficiency: float) -> float:
+    """Lower is better: KL_close / PCA's KL_close, plus FLOOR_PENALTY times how far the context's
+    mse / limit is above 1 / CONTEXT_FLOOR (0 while the context keeps CONTEXT_FLOOR of its limit)."""
+    short = max(0.0, 1.0 / context_pca_efficiency - 1.0 / CONTEXT_FLOOR)
+    return close_kl / max(close_pca_kl, 1e-12) + FLOOR_PENALTY * short
+
+
+def region_codes(manifest: dict[str, Any]) -> dict[str, int]:
+    """The `region` column's value of each phase-2 region in these shards."""
+    return {r: manifest["regions"].index(r) for r in REGIONS}
+
+
+def region_loss(lm_head: LMHead, close_weight: float, references: dict[int, tuple[float, float]],
+                codes: dict[str, int]):
+    """The per-token training loss [k] of `--objective phase2` for each compressor; `references`:
+    D' -> (the context's PCA mse, the closing states' PCA KL). A batch without closing states trains
+    the context alone; the teacher's logits are computed once for every width, on the closing rows only."""
+    def loss(x: torch.Tensor, models: Sequence[nn.Module], region: torch.Tensor) -> torch.Tensor:
+        context, close = x[region == codes["context"]], x[region == codes["close"]]
+        refs = torch.tensor([references[m.weight.shape[0]] for m in models], dtype=x.dtype, device=x.device)
+        mse = torch.stack([nn.functional.mse_loss(m(context), context) for m in models]) if len(context) else 0.0
+        total = mse / refs[:, 0]
+        if len(close):
+            total = total + close_weight * grid_kl(lm_head, close, [m.weight for m in models]) / len(close) / refs[:, 1]
+        return total
+
+    return loss
+
+
+@torch.no_grad()
+def evaluate_regions(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mean: torch.Tensor,
+                     lm_head: LMHead, codes: dict[str, int]) -> list[dict[str, float]]:
+    """For each model, over one read of every batch: `train.evaluate`'s metrics on all rows, the context
+    rows' (`context_mse`, `context_cosine_similarity`) and, at the closing states, the head's next-token
+    KL and top-1 agreement of the reconstruction (`close_downstream_kl`, `close_top1_agreement`, `close_tokens`)."""
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    close = torch.zeros(len(models), 3, dtype=torch.float64)
+    n_close = 0
+    for x, region in batches:
+        context, closing = region == codes["context"], region == codes["close"]
+        for i, model in enumerate(models):
+            x_hat = model(x)
+            for key, rows in (((i, "all"), slice(None)), ((i, "context"), context)):
+                s = reconstruction_sums(x[rows], x_hat[rows], mean)
+                sums[key] = s if key not in sums else sums[key] + s
+        if closing.any():
+            found = damage_sums(lm_head, x[closing], torch.full((int(closing.sum()),), -1), dict(enumerate(models)))
+            close += torch.stack([found[i] for i in range(len(models))])
+            n_close += int(closing.sum())
+    out = []
+    for i, (kl, _, agree) in enumerate(close.tolist()):
+        context = metrics_from_sums(sums[i, "context"])
+        out.append({**metrics_from_sums(sums[i, "all"]), "context_mse": context["mse"],
+                    "context_cosine_similarity": context["cosine_similarity"],
+                    "close_downstream_kl": kl / max(n_close, 1), "close_top1_agreement": agree / max(n_close, 1),
+                    "close_tokens": n_close})
+    return out
+
+
+def add_scores(m: dict[str, float], context_pca_mse: float, close_pca_kl: float) -> None:
+    """`m` (a width's validation metrics) gains the references, the context's efficiency and `phase2_score`."""
+    eff = context_pca_mse / m["context_mse"]
+    m.update({"context_pca_mse": context_pca_mse, "context_pca_efficiency": eff, "close_pca_downstream_kl": close_pca_kl,
+              "phase2_score": phase2_score(m["close_downstream_kl"], close_pca_kl, eff)})
+
+
+def _close_rows(shards_dir: str, val_fraction: float, seed: int, val_side: bool, code: int, limit: int | None) -> torch.Tensor:
+    rows, n = [], 0
+    for table in split_tables(shards_dir, val_fraction, seed, val_side=val_side):
+        x = decode_hidden(table["hidden"])[torch.from_numpy(table["region"].to_numpy() == code)]
+        rows.append(x)
+        n += len(x)
+        if limit is not None and n >= limit:
+            break
+    return torch.cat(rows)[:limit]
+
+
+def second_moment(summary: dict[str, Any], vecs: torch.Tensor) -> torch.Tensor:
+    """E[xxᵀ] of a region's training rows from its stored spectrum (float64 [D, D])."""
+    return (vecs * torch.tensor(summary["eigenvalues"], dtype=torch.float64)) @ vecs.T
+
+
+@torch.no_grad()
+def references_and_start(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
+                         stage1a: dict[int, str]) -> dict[str, dict[str, float]]:
+    """The references each epoch is scored against (`context_pca_mse`, `close_pca_downstream_kl` per D', on the
+    validation rows), and the start of each D' written beside the spectrum (`phase2_start`): the best on the
+    training rows, by `phase2_score`, of the stage 1a weights (`stage1a`: D' -> checkpoint) and the mixed
+    second moments' top-D' eigenvectors for every λ of MIX_GRID."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm_head = load_lm_head(model_name, device, torch.float32)
+    code = region_codes(read_manifest(shards_dir))["close"]
+    summary = {r: spectrum.load_or_compute(shards_dir, val_fraction, seed, region=r) for r in REGIONS}
+    vecs = {r: spectrum.eigenvectors(shards_dir, val_fraction, seed, f"spectrum-{r}") for r in REGIONS}
+    sigma = {r: second_moment(summary[r], vecs[r]) for r in REGIONS}
+    mixed = {lam: torch.linalg.eigh(sigma["context"] / sigma["context"].trace() + lam * sigma["close"] / sigma["close"].trace())[1].flip(1)
+             for lam in MIX_GRID}
+    close_pca = {d: vecs["close"][:, :d].T.float().to(device) for d in d_values}
+    val_close = _close_rows(shards_dir, val_fraction, seed, True, code, None).to(device)
+    train_close = _close_rows(shards_dir, val_fraction, seed, False, code, START_TOKENS).to(device)
+    val_kl = grid_kl(lm_head, val_close, list(close_pca.values())).cpu() / max(len(val_close), 1)
+    train_ref = grid_kl(lm_head, train_close, list(close_pca.values())).cpu() / len(train_close)
+    context_total = float(sigma["context"].trace())
+    starts, chosen = {}, {}
+    for i, d in enumerate(d_values):
+        candidates = {f"mix{lam:g}": mixed[lam][:, :d].T for lam in MIX_GRID}
+        candidates["stage1a"] = load_checkpoint(stage1a[d], d_model=sigma["context"].shape[0], d_compressed=d)["compressor"][WEIGHT_KEY].double()
+        limit = context_total - sum(summary["context"]["eigenvalues"][:d])
+        kl = grid_kl(lm_head, train_close, [w.float().to(device) for w in candidates.values()]).cpu() / len(train_close)
+        scores = {}
+        for (name, w), k in zip(candidates.items(), kl.tolist()):
+            residual = context_total - float((w @ sigma["context"] @ w.T).trace())  # for orthonormal rows
+            scores[name] = phase2_score(k, float(train_ref[i]), limit / max(residual, 1e-30))
+        best = min(scores, key=scores.get)
+        starts[d], chosen[str(d)] = candidates[best].float().contiguous(), best
+        print(f"phase2: D'={d} starts from {best} (training phase2_score {scores[best]:.4g}; stage 1a's "
+              f"{scores['stage1a']:.4g})", flush=True)
+    buf = io.BytesIO()
+    torch.save({"weights": starts, "split": {"val_fraction": val_fraction, "seed": seed},
+                "manifest": spectrum.manifest_key(shards_dir)}, buf)
+    write_bytes(spectrum.spectrum_files(shards_dir, val_fraction, seed, "phase2_start")[1], buf.getvalue())
+    return {"context_pca_mse": {str(d): summary["context"]["pca_mse"][d] for d in d_values},
+            "close_pca_downstream_kl": {str(d): k for d, k in zip(d_values, val_kl.tolist())}, "start": chosen}
+
+
+def start_weight(shards_dir: str, val_fraction: float, seed: int, d: int) -> torch.Tensor:
+    """The start `references_and_start` chose for width d ([d, D])."""
+    found = spectrum.stored(shards_dir, val_fraction, seed, "phase2_start")
+    if found is None or d not in found["weights"]:
+        raise FileNotFoundError(f"no phase-2 start for D'={d} beside {shards_dir}: the sweep computes it before its trials")
+    return found["weights"][d]
+
