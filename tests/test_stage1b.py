@@ -1,4 +1,6 @@
 import dataclasses
+import glob
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trm_ray import sweep
+from trm_ray import phase2, sweep
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
 from trm_ray.extract import extract
@@ -25,24 +27,74 @@ def test_stage_1b_exports_beside_stage_1a(stage1b):
         assert r["checkpoint"] == r_1a["checkpoint"].replace("stage1a_best.pt", "stage1b_best.pt")
 
 
-def test_stage_1b_starts_from_the_stage_1a_weights(stage1b):
+def test_stage_1b_mse_starts_from_the_stage_1a_weights(stage1b):
     cfg, rows, rows_1a = stage1b
     # The weights the worker builds before its first step are the 1a checkpoint's.
     for d, r_1a in ((8, rows_1a[0]), (16, rows_1a[1])):
-        config = {**sweep.dataclasses.asdict(cfg), "d_compressed": d, "d_model": 64}
+        config = {**sweep.dataclasses.asdict(cfg), "objective": "mse", "d_compressed": d, "d_model": 64}
         model = initial_model(*trial_config(config))
         torch.testing.assert_close(model.weight, DimensionCompressor.from_checkpoint(r_1a["checkpoint"]).weight, rtol=0, atol=0)
-    # And the run's first report scored exactly those weights on the 1b validation set.
+
+
+def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores_it_first(stage1b):
+    cfg, rows, rows_1a = stage1b
+    assert cfg.objective == "phase2"  # stage 1b's default on phase 2's shards
+    manifest = read_manifest(cfg.shards_path)
+    table = pq.read_table(shard_paths(cfg.shards_path, manifest))
+    train = ~is_validation_doc(table["doc_id"].to_numpy(), cfg.val_fraction, cfg.seed)
+    x, region = decode_hidden(table["hidden"]).double(), table["region"].to_numpy()
+    context, close = x[train & (region == REGIONS.index("context"))], x[train & (region == REGIONS.index("close"))]
+    head = AutoModelForCausalLM.from_pretrained(cfg.model_name).get_output_embeddings().weight.detach().double()
+    sigma = {name: rows_.T @ rows_ / len(rows_) for name, rows_ in (("context", context), ("close", close))}
+
+    def score(w: torch.Tensor, d: int) -> float:
+        """phase2_score on the training rows, as the sweep chooses the start."""
+        limit = float(torch.linalg.eigvalsh(sigma["context"]).flip(0)[d:].sum())
+        residual = float(sigma["context"].trace() - (w @ sigma["context"] @ w.T).trace())
+        top = torch.linalg.eigh(sigma["close"])[1][:, -d:]
+        close_kl = [float(kl(head, close, close @ v @ v.T)) for v in (w.T, top)]
+        return phase2.phase2_score(close_kl[0], close_kl[1], limit / residual)
+
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
-    for r, r_1a in zip(rows, rows_1a):
-        start = evaluate([DimensionCompressor.from_checkpoint(r_1a["checkpoint"])], hidden_batches(val, 512, torch.device("cpu")),
-                         training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))[0]
-        assert r["initial_cosine_similarity"] == pytest.approx(start["cosine_similarity"], abs=1e-6)
+    for d, r, r_1a in zip((8, 16), rows, rows_1a):
+        model = initial_model(*trial_config({**sweep.dataclasses.asdict(cfg), "d_compressed": d, "d_model": 64}))
+        start = model.weight.detach().double()
+        candidates = [DimensionCompressor.from_checkpoint(r_1a["checkpoint"]).weight.detach().double()]
+        for lam in phase2.MIX_GRID:
+            mixed = sigma["context"] / sigma["context"].trace() + lam * sigma["close"] / sigma["close"].trace()
+            candidates.append(torch.linalg.eigh(mixed)[1][:, -d:].T)
+        best = min(score(w, d) for w in candidates)
+        assert score(start, d) == pytest.approx(best, rel=1e-3)
+        # The run's first report scored exactly those weights on the 1b validation set.
+        scored = evaluate([model], hidden_batches(val, 512, torch.device("cpu")), training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))[0]
+        assert r["initial_cosine_similarity"] == pytest.approx(scored["cosine_similarity"], abs=1e-6)
+
+
+def test_phase2_reports_each_regions_scores_every_epoch_and_selects_on_phase2_score(stage1b):
+    cfg, rows, _ = stage1b
+    reports = [json.loads(line) for line in open(glob.glob(f"{cfg.output_dir}/ray_results/stage1b_sweep/lr*/result.json")[0])]
+    assert [r["epoch"] for r in reports] == [1, 2]
+    for d, row in zip((8, 16), rows):
+        for r in reports:
+            m = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(f"d{d}/")}
+            assert m["context_pca_efficiency"] == pytest.approx(m["context_pca_mse"] / m["context_mse"])
+            assert m["phase2_score"] == pytest.approx(
+                phase2.phase2_score(m["close_downstream_kl"], m["close_pca_downstream_kl"], m["context_pca_efficiency"]))
+            assert 0 <= m["close_top1_agreement"] <= 1 and m["close_tokens"] > 0
+        epochs = {0: reports[0][f"d{d}/initial_phase2_score"], **{r["epoch"]: r[f"d{d}/phase2_score"] for r in reports}}
+        assert row["best_epoch"] == min(epochs, key=epochs.get)
+        assert row["phase2_score"] == pytest.approx(epochs[row["best_epoch"]])
+
+
+def kl(head: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p(x) || p(x_hat)) of the LM head (float64)."""
+    logp, logq = torch.log_softmax(x @ head.T, -1), torch.log_softmax(x_hat @ head.T, -1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
 def test_thinking_shards_hold_only_the_thinking_span_and_record_it_as_reasoning(stage1b, tmp_path):
     cfg, _, _ = stage1b
-    cfg = dataclasses.replace(cfg, keep_tokens="thinking", shards_dir=str(tmp_path / "thinking"))
+    cfg = dataclasses.replace(cfg, keep_tokens="thinking", objective="mse", shards_dir=str(tmp_path / "thinking"))
     extract(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
     manifest = read_manifest(cfg.shards_path)
