@@ -20,6 +20,7 @@ of the stage 1a weights and the top-D' eigenvectors of the mixed second moment
 from __future__ import annotations
 
 import io
+import posixpath
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -29,7 +30,7 @@ from trm_ray import spectrum
 from trm_ray.compressor import WEIGHT_KEY, load_checkpoint, metrics_from_sums, reconstruction_sums
 from trm_ray.downstream import damage_sums, grid_kl, split_tables
 from trm_ray.model import LMHead, load_lm_head
-from trm_ray.shards import decode_hidden, read_manifest, write_bytes
+from trm_ray.shards import decode_hidden, read_bytes, read_manifest, write_bytes
 
 REGIONS = ("context", "close")
 CONTEXT_FLOOR = 0.98  # context_pca_efficiency a phase-2 compressor must keep (the goal of stage 1b)
@@ -125,11 +126,11 @@ def second_moment(summary: dict[str, Any], vecs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def references_and_start(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
-                         stage1a: dict[int, str]) -> dict[str, dict[str, float]]:
+                         stage1a: dict[int, str], start_path: str) -> dict[str, dict[str, float]]:
     """The references each epoch is scored against (`context_pca_mse`, `close_pca_downstream_kl` per D', on the
-    validation rows), and the start of each D' written beside the spectrum (`phase2_start`): the best on the
-    training rows, by `phase2_score`, of the stage 1a weights (`stage1a`: D' -> checkpoint) and the mixed
-    second moments' top-D' eigenvectors for every λ of MIX_GRID."""
+    validation rows), and the start of each D', written to `start_path` (the sweep's own: it depends on its
+    stage 1a weights): the best on the training rows, by `phase2_score`, of the stage 1a weights (`stage1a`:
+    D' -> checkpoint) and the mixed second moments' top-D' eigenvectors for every λ of MIX_GRID."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device, torch.float32)
     code = region_codes(read_manifest(shards_dir))["close"]
@@ -159,17 +160,18 @@ def references_and_start(model_name: str, shards_dir: str, val_fraction: float, 
         print(f"phase2: D'={d} starts from {best} (training phase2_score {scores[best]:.4g}; stage 1a's "
               f"{scores['stage1a']:.4g})", flush=True)
     buf = io.BytesIO()
-    torch.save({"weights": starts, "split": {"val_fraction": val_fraction, "seed": seed},
-                "manifest": spectrum.manifest_key(shards_dir)}, buf)
-    write_bytes(spectrum.spectrum_files(shards_dir, val_fraction, seed, "phase2_start")[1], buf.getvalue())
+    torch.save(starts, buf)
+    write_bytes(start_path, buf.getvalue())
     return {"context_pca_mse": {str(d): summary["context"]["pca_mse"][d] for d in d_values},
             "close_pca_downstream_kl": {str(d): k for d, k in zip(d_values, val_kl.tolist())}, "start": chosen}
 
 
-def start_weight(shards_dir: str, val_fraction: float, seed: int, d: int) -> torch.Tensor:
+def start_path(output_dir: str) -> str:
+    """Where a phase-2 sweep keeps the start of each D' for its trials."""
+    return posixpath.join(output_dir, "phase2_start_stage1b.pt")
+
+
+def start_weight(output_dir: str, d: int) -> torch.Tensor:
     """The start `references_and_start` chose for width d ([d, D])."""
-    found = spectrum.stored(shards_dir, val_fraction, seed, "phase2_start")
-    if found is None or d not in found["weights"]:
-        raise FileNotFoundError(f"no phase-2 start for D'={d} beside {shards_dir}: the sweep computes it before its trials")
-    return found["weights"][d]
+    return torch.load(io.BytesIO(read_bytes(start_path(output_dir))), weights_only=True)[d]
 

@@ -198,7 +198,8 @@ def limits(cfg: Config) -> dict[str, Any]:
         print(f"sweep: phase 2's references (the context's PCA limit, the closing states' PCA KL) and the best closed-form "
               f"start of D' = {cfg.d_values}", flush=True)
         return {**limit, **on_a_gpu(cfg.use_gpu, phase2.references_and_start, cfg.model_name, cfg.shards_path,
-                                    cfg.val_fraction, cfg.seed, cfg.d_values, {d: cfg.init_checkpoint(d) for d in cfg.d_values})}
+                                    cfg.val_fraction, cfg.seed, cfg.d_values, {d: cfg.init_checkpoint(d) for d in cfg.d_values},
+                                    phase2.start_path(cfg.output_dir))}
     if cfg.init == "fisher" and cfg.stage == "1a" and spectrum.stored(cfg.shards_path, cfg.val_fraction, cfg.seed,
                                                                       "fisher") is None:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",

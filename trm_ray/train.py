@@ -256,7 +256,7 @@ def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
             model.weight.copy_(basis.T)
     if start and cfg.objective == "phase2":
         with torch.no_grad():
-            model.weight.copy_(phase2.start_weight(cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.d_compressed))
+            model.weight.copy_(phase2.start_weight(cfg.output_dir, cfg.d_compressed))
     elif start:
         ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
