@@ -16,10 +16,10 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from trm_ray.compressor import METRICS, WEIGHT_KEY, load_checkpoint, orthonormality_error, read_checkpoint, save_checkpoint
-from trm_ray.config import Config, UserError
+from trm_ray.config import Config
 from trm_ray.downstream import add_downstream
 from trm_ray.regions import add_region_metrics
-from trm_ray.shards import exists, filesystem, read_bytes, write_json
+from trm_ray.shards import atomic_output, exists, filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points, eigenvectors, pca_metrics
 from trm_ray.tracking import tracking
 from trm_ray.train import KL_METRICS, wandb_name, width_key
@@ -296,15 +296,9 @@ def _read_best_metrics(path: str) -> dict[str, float]:
 def _copy(src: str, dest: str) -> None:
     """Copy, check, then rename: an existing export is replaced whole, by a checkpoint that loads, or not at all."""
     src_fs, src_p = filesystem(src)
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = dest + ".tmp"
-    pafs.copy_files(src_p, os.path.abspath(tmp), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
-    try:
+    with atomic_output(dest) as (fs, tmp):
+        pafs.copy_files(src_p, tmp, source_filesystem=src_fs, destination_filesystem=fs)
         load_checkpoint(tmp)  # a copy that does not load never replaces a good export
-    except UserError:
-        os.unlink(tmp)
-        raise
-    os.replace(tmp, dest)
 
 
 def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
