@@ -15,7 +15,7 @@ import torch
 from ray.tune import Result
 
 from trm_ray import extract as extract_mod
-from trm_ray import spectrum, sweep
+from trm_ray import downstream, report, spectrum, sweep
 from trm_ray.cli import forwarded_env, local_cpus
 from trm_ray.compressor import METRICS, save_checkpoint
 from trm_ray.config import UserError, build_parser, make_config
@@ -153,6 +153,19 @@ def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, t
     assert rows[0]["mse"] == 0.1 and rows[0]["downstream_error"].startswith("UserError: model path ")
     assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
     assert os.path.exists(cfg.export_path(8))
+
+
+def test_a_failing_region_pass_is_reported_as_itself_and_keeps_the_downstream_kl(tmp_path, monkeypatch, capsys):
+    cfg = export_config(tmp_path / "out", downstream=True, stage="1b", sweep_d_values=[8],
+                        shards_dir=str(tmp_path / "no-shards"))
+    monkeypatch.setattr(downstream, "on_a_gpu", lambda use_gpu, fn, *args: {8: {"downstream_kl": 0.0125}})
+    manifest = {**MANIFEST, "keep_tokens": "phase2", "regions": ["context", "close"]}  # two regions: scored apart
+    (row,) = export_results([trial_result(tmp_path, 0.001, {8: 0.1})], cfg, manifest, CHECKPOINT_FILE, LIMIT)
+    assert row["downstream_kl"] == 0.0125 and "downstream_error" not in row
+    assert row["regions_error"].startswith(f"UserError: shard directory {cfg.shards_path} does not exist")
+    out = capsys.readouterr().out
+    assert "the per-region scores failed (UserError: shard directory" in out and "downstream KL failed" not in out
+    assert any(k in row for k in report.FAILURES)  # a failed pass is a failed sweep: exit status 1
 
 
 def test_an_output_dir_named_results_gets_its_plot_inside_it(tmp_path):

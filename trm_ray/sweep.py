@@ -33,7 +33,7 @@ from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
 from trm_ray.extract import extract
 from trm_ray.model import hidden_size_of, model_id
 from trm_ray.regions import print_regions
-from trm_ray.report import exclusions, export_closed_form, export_results, print_table
+from trm_ray.report import FAILURES, exclusions, export_closed_form, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         connect(cfg)
         command = shlex.join(["python", "-m", "trm_ray.sweep", *(sys.argv[1:] if argv is None else argv)])
         rows = run(cfg, overwrite=args.overwrite, command=command)
-        if any("error" in row or "downstream_error" in row for row in rows):  # failed trials, or no KL
+        if any(k in row for row in rows for k in FAILURES):  # failed trials, or a failed pass after the export
             sys.exit(1)
 
     run_cli(main_)
