@@ -29,7 +29,7 @@ from trm_ray import spectrum
 from trm_ray.cli import trial_resources
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
-from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
+from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, on_a_gpu, pca_kl
 from trm_ray.extract import extract
 from trm_ray.model import hidden_size_of, model_id
 from trm_ray.regions import print_regions
@@ -168,7 +168,7 @@ def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
-    """Shards (extracted now if missing), checked against the model and the D' values, and their spectrum."""
+    """Shards (extracted now if missing), checked against the model, its LM head and the D' values, and their spectrum."""
     d_model = hidden_size_of(cfg.model_name)
     for d in cfg.d_values:
         if not 0 < d < d_model:
@@ -180,6 +180,7 @@ def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]
                             "run stage 1a first, or pass --compressor_checkpoint")
         if path:
             load_checkpoint(path, d_model=d_model, d_compressed=d)
+    check_head(cfg)
     manifest = extract(cfg)
     verify_shards(cfg.shards_path, manifest)
     counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
