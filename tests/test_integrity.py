@@ -158,6 +158,7 @@ def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, t
 def test_a_failing_region_pass_is_reported_as_itself_and_keeps_the_downstream_kl(tmp_path, monkeypatch, capsys):
     cfg = export_config(tmp_path / "out", downstream=True, stage="1b", sweep_d_values=[8],
                         shards_dir=str(tmp_path / "no-shards"))
+    monkeypatch.setattr(downstream, "check_lm_head", lambda model_name: True)  # a model with a head that reproduces
     monkeypatch.setattr(downstream, "on_a_gpu", lambda use_gpu, fn, *args: {8: {"downstream_kl": 0.0125}})
     manifest = {**MANIFEST, "keep_tokens": "phase2", "regions": ["context", "close"]}  # two regions: scored apart
     (row,) = export_results([trial_result(tmp_path, 0.001, {8: 0.1})], cfg, manifest, CHECKPOINT_FILE, LIMIT)
