@@ -3,6 +3,7 @@ trm_ray exports, and reconstruct exactly as trm_ray does; publishing writes the 
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from trm_ray import publish, sweep
-from trm_ray.compressor import DimensionCompressor, load_checkpoint, plain_state
+from trm_ray.compressor import DimensionCompressor, load_checkpoint, plain_state, save_checkpoint
 from trm_ray.shards import load_splits
 from trm_ray.train import hidden_batches, initial_model, trial_config
 
@@ -106,11 +107,11 @@ def test_publish_writes_the_folder_phase_2_downloads_with_a_card_of_the_real_fig
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "compressor.pt", "sweep_report.png"]
     assert f"hf upload USER/llm-trm-compressor-d16 {folder} . --repo-type model" in out
     card = (folder / "README.md").read_text()
-    assert f"| model | `{cfg.model_name}` |" in card and "| layer | -1 " in card
+    assert f"| model | `{Path(cfg.model_name).name}` |" in card and "| layer | -1 " in card
     assert "| input dimension D | 64 |" in card and "| compressed dimension D' | 16 |" in card
     assert f"| validation mse | {row['mse']:.6g} |" in card and f"| PCA-limit mse / mse (1.0 = at the limit) | {row['pca_efficiency']:.6g} |" in card
     assert f"| next-token KL at the LM head, nats/token | {row['downstream_kl']:.6g} |" in card
-    assert "python -m trm_ray.sweep --config " in card and "--sweep_d_values 8 16 32" in card  # the command that made it
+    assert "sweep_d_values:\n- 8\n- 16\n- 32\n" in card and cfg.output_dir not in card  # the settings that made it
     # The file is the exported one, in the layout phase 2 reads, with the row's figures beside the weights.
     published = load_checkpoint(folder / "compressor.pt")
     torch.testing.assert_close(published["compressor"], load_checkpoint(row["checkpoint"])["compressor"], rtol=0, atol=0)
@@ -162,3 +163,27 @@ def test_a_checkpoint_of_the_old_layout_still_starts_stage_1b_and_publishes_conv
     config, theirs = phase2_compressor(Path(folder) / "compressor.pt")
     assert (config.hidden_size, config.d_compressed) == (64, 8)
     assert_same_reconstruction(theirs, old, validation_states(cfg))
+
+
+def test_publishing_uploads_what_identifies_the_run_and_nothing_of_the_machine_it_ran_on(tmp_path):
+    out, model = tmp_path / "run", tmp_path / "models" / "tiny-smollm3"
+    model.mkdir(parents=True)
+    settings = {"model_name": str(model), "dataset": "HuggingFaceFW/fineweb-edu", "layer": -1, "learning_rate": 0.003,
+                "output_dir": str(out), "shards_dir": str(out / "shards"), "train_storage": str(out / "ray_results"),
+                "address": "10.1.2.3:6379", "num_cpus": 16, "group": "stage1a_sweep-1234abcd",
+                "command": f"python -m trm_ray.sweep --output_dir {out} --address 10.1.2.3:6379", "d_model": 64}
+    checkpoint = out / "d8" / "stage1a_best.pt"
+    save_checkpoint(checkpoint, {"compress.weight": torch.linalg.qr(torch.randn(64, 8))[0].T.contiguous()}, settings,
+                    0.1, {"mse": 0.1})
+    (out / "sweep_results.json").write_text(json.dumps([{"d_compressed": 8, "d_model": 64, "checkpoint": str(checkpoint),
+                                                         "mse": 0.1}]))
+    folder = Path(publish.write_folder(str(out), 8, "1a", None))
+    published = load_checkpoint(folder / "compressor.pt")["config"].to_dict()
+    assert published["model_name"] == "tiny-smollm3" and published["dataset"] == "HuggingFaceFW/fineweb-edu"
+    assert (published["layer"], published["learning_rate"], published["d_compressed"], published["hidden_size"]) == (-1, 0.003, 8, 64)
+    assert not {"output_dir", "shards_dir", "train_storage", "address", "num_cpus", "command", "group"} & set(published)
+    for uploaded in folder.iterdir():  # the weights' file and the model card: no directory of this machine, no address
+        data = uploaded.read_bytes()
+        assert str(tmp_path).encode() not in data and b"10.1.2.3" not in data, uploaded.name
+    card = (folder / "README.md").read_text()
+    assert "| model | `tiny-smollm3` |" in card and "learning_rate: 0.003" in card

@@ -3,6 +3,8 @@ belongs to, resuming, and bad input refused with one line."""
 
 import dataclasses
 import json
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import shutil
 
@@ -13,13 +15,13 @@ import torch
 from ray.tune import Result
 
 from trm_ray import extract as extract_mod
-from trm_ray import spectrum, sweep
+from trm_ray import downstream, report, spectrum, sweep
 from trm_ray.cli import forwarded_env, local_cpus
 from trm_ray.compressor import METRICS, save_checkpoint
 from trm_ray.config import UserError, build_parser, make_config
 from trm_ray.model import check_layer, hidden_size_of
 from trm_ray.report import _copy, budget_line, export_results, smallest_within_budget
-from trm_ray.shards import write_json
+from trm_ray.shards import read_bytes, write_bytes, write_json
 from trm_ray.text import read_documents
 from trm_ray.train import CHECKPOINT_FILE, run_label
 
@@ -153,6 +155,20 @@ def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, t
     assert os.path.exists(cfg.export_path(8))
 
 
+def test_a_failing_region_pass_is_reported_as_itself_and_keeps_the_downstream_kl(tmp_path, monkeypatch, capsys):
+    cfg = export_config(tmp_path / "out", downstream=True, stage="1b", sweep_d_values=[8],
+                        shards_dir=str(tmp_path / "no-shards"))
+    monkeypatch.setattr(downstream, "check_lm_head", lambda model_name: True)  # a model with a head that reproduces
+    monkeypatch.setattr(downstream, "on_a_gpu", lambda use_gpu, fn, *args: {8: {"downstream_kl": 0.0125}})
+    manifest = {**MANIFEST, "keep_tokens": "phase2", "regions": ["context", "close"]}  # two regions: scored apart
+    (row,) = export_results([trial_result(tmp_path, 0.001, {8: 0.1})], cfg, manifest, CHECKPOINT_FILE, LIMIT)
+    assert row["downstream_kl"] == 0.0125 and "downstream_error" not in row
+    assert row["regions_error"].startswith(f"UserError: shard directory {cfg.shards_path} does not exist")
+    out = capsys.readouterr().out
+    assert "the per-region scores failed (UserError: shard directory" in out and "downstream KL failed" not in out
+    assert any(k in row for k in report.FAILURES)  # a failed pass is a failed sweep: exit status 1
+
+
 def test_an_output_dir_named_results_gets_its_plot_inside_it(tmp_path):
     out = tmp_path / "results" / "run"
     export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], export_config(out), MANIFEST, CHECKPOINT_FILE, LIMIT)
@@ -171,6 +187,35 @@ def test_a_bad_copy_never_replaces_a_good_export(tmp_path):
     with pytest.raises(UserError, match="cannot be read"):
         _copy(str(bad), str(dest))
     assert dest.read_bytes() == before and os.listdir(dest.parent) == ["stage1a_best.pt"]
+
+
+WRITES, PAYLOAD = 200, 64 * 1024
+
+
+def write_many(path: str, writer: int, start: multiprocessing.synchronize.Barrier) -> None:
+    """One sweep's writes of a shared file: every payload is one byte repeated, so a read tells a whole file from a torn one."""
+    start.wait()  # both writers and the reader at once, not one after the other's imports
+    for i in range(WRITES):
+        write_bytes(path, bytes([(writer * WRITES + i) % 256]) * PAYLOAD)
+
+
+def test_two_processes_writing_one_file_both_succeed_and_every_read_is_a_whole_file(tmp_path):
+    path = str(tmp_path / "spectrum.pt")
+    write_bytes(path, b"\0" * PAYLOAD)
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(3)
+    writers = [spawn.Process(target=write_many, args=(path, w, start)) for w in (0, 1)]
+    for p in writers:
+        p.start()
+    start.wait()
+    reads = []
+    while any(p.is_alive() for p in writers):
+        reads.append(read_bytes(path))
+    for p in writers:
+        p.join()
+    assert [p.exitcode for p in writers] == [0, 0]  # no writer's rename failed
+    assert reads and all(len(r) == PAYLOAD and r == r[:1] * PAYLOAD for r in reads)
+    assert os.listdir(tmp_path) == ["spectrum.pt"]  # no temporary file left behind
 
 
 def test_each_split_keeps_its_own_spectrum(shards, tmp_path):

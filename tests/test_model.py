@@ -1,6 +1,7 @@
 """trm_ray.model: any causal LM's layer as its own hidden_states[i], and its LM head alone giving its own logits."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,9 @@ from trm_ray import downstream
 from trm_ray.config import UserError
 from trm_ray.downstream import logit_shift, mean_fisher, next_token_kl
 from trm_ray.extract import hidden_rows
-from trm_ray.model import LMHead, cut_or_whole, flops_per_token, load_lm_head, load_model_config, log_probs
+from trm_ray import model as model_module
+from trm_ray.model import (MULTIPLY, LMHead, NoLMHead, check_lm_head, cut_or_whole, flops_per_token, load_lm_head,
+                           load_model_config, log_probs)
 
 SMALL = dict(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
 KV = dict(SMALL, num_key_value_heads=2)
@@ -35,6 +38,8 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
         "falcon": transformers.FalconConfig(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_attention_heads=4),
         "cohere_scaled": transformers.CohereConfig(**KV, logit_scale=0.25),
         "granite_scaled": transformers.GraniteConfig(**KV, logits_scaling=4.0),
+        "falcon_h1_scaled": transformers.FalconH1Config(**KV, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                                                        mamba_d_state=8, mamba_chunk_size=8, lm_head_multiplier=0.25),
     }
 
 
@@ -93,6 +98,27 @@ def test_the_head_alone_gives_the_models_own_logits(saved, name):
     assert (head.bias is not None) == (name == "phi_head_bias")
     assert head.affine == ("softcapped" not in name and name != "gemma3")
     torch.testing.assert_close(head(out.hidden_states[-1]), out.logits, atol=2e-5, rtol=1e-5)
+    assert check_lm_head(saved[name])  # and the probe a sweep starts with agrees
+
+
+def test_a_head_whose_logits_trm_ray_does_not_reproduce_is_refused_in_one_line(saved, tmp_path, monkeypatch):
+    # BERT's masked-LM head runs a dense layer and a norm before its output embedding: not a logit transform.
+    transformers.BertForMaskedLM(transformers.BertConfig(**SMALL)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(UserError, match=f"the LM head trm_ray reads from {re.escape(str(tmp_path / 'bert'))} .* does not "
+                                        "give the model's own logits: they differ by") as err:
+        check_lm_head(str(tmp_path / "bert"))
+    assert "\n" not in str(err.value)
+    # Falcon-H1's multiplier unknown to trm_ray: its head would be read unscaled, and is refused instead.
+    monkeypatch.setattr(model_module, "MULTIPLY", tuple(n for n in MULTIPLY if n != "lm_head_multiplier"))
+    with pytest.raises(UserError, match=r"\(in_features=32, out_features=256, scale=1, softcap=None\) does not give"):
+        check_lm_head.__wrapped__(saved["falcon_h1_scaled"])  # past the cache, which holds this path's verdict
+
+
+def test_a_model_saved_without_its_lm_head_has_none_to_score(tmp_path):
+    transformers.BertModel(transformers.BertConfig(**SMALL)).save_pretrained(tmp_path)  # a sentence encoder
+    with pytest.raises(NoLMHead, match="it has no LM head"):
+        load_lm_head(str(tmp_path), torch.device("cpu"))
+    assert check_lm_head(str(tmp_path)) is False
 
 
 def test_the_sharded_checkpoint_and_the_untied_head_are_read_from_their_own_tensor(saved):

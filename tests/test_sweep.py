@@ -4,11 +4,12 @@ import os
 
 import pytest
 import torch
+import transformers
 
 from trm_ray import sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, load_yaml, make_config
-from trm_ray.downstream import next_token_damage, validation_rows
+from trm_ray.downstream import next_token_damage, pca_kl, validation_rows
 from trm_ray.model import load_lm_head
 from trm_ray.shards import load_splits
 from trm_ray.spectrum import training_mean
@@ -69,6 +70,7 @@ def test_an_mse_sweep_from_pca_exports_the_closed_form_with_the_metrics_its_weig
     mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed)
     lm_head = load_lm_head(cfg.model_name, torch.device("cpu"))
     hidden, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed)
+    pca_reference = pca_kl(cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.d_values)
     for r in rows:
         assert (r["obtained_by"], r["epochs_trained"], r["pca_efficiency"]) == ("closed_form", 0, 1.0)
         model = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()
@@ -78,9 +80,26 @@ def test_an_mse_sweep_from_pca_exports_the_closed_form_with_the_metrics_its_weig
             assert r[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
             assert saved[k] == r[k]
         assert r["orthonormality_error"] < 1e-6
-        # Scored once, as PCA's reconstruction (the same float32 weights): the exported file's own KL agrees.
-        assert r["downstream_kl"] == r["pca_downstream_kl"]
+        # The exported file's own KL, and PCA's from the spectrum's eigenvectors (`grid_kl`'s path, not the row's).
         assert r["downstream_kl"] == pytest.approx(next_token_damage(lm_head, hidden, targets, model)["kl"], rel=1e-5)
+        assert r["pca_downstream_kl"] == pytest.approx(pca_reference[str(r["d_compressed"])], rel=1e-5)
+
+
+def test_a_sweep_over_a_model_without_an_lm_head_exports_every_d_prime_says_so_once_and_succeeds(assets, ray_cluster,
+                                                                                                  tmp_path, capsys):
+    model = tmp_path / "tiny-bert"  # a sentence encoder: BertModel's weight files hold no LM head
+    tokenizer = transformers.AutoTokenizer.from_pretrained(assets["model"])
+    tokenizer.save_pretrained(model)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=128)).save_pretrained(model)
+    sweep.main(["--model_name", str(model), "--dataset", assets["corpus"], "--num_samples", "40", "--max_seq_length", "32",
+                "--docs_per_shard", "20", "--output_dir", str(tmp_path / "out"), "--sweep", "--sweep_d_values", "8", "16",
+                "--no_wandb"])  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert out.count("has no LM head") == 1 and "the downstream pass is skipped" in out
+    rows = json.loads((tmp_path / "out" / "sweep_results.json").read_text())
+    assert [(r["d_compressed"], r["obtained_by"]) for r in rows] == [(8, "closed_form"), (16, "closed_form")]
+    assert all(os.path.exists(r["checkpoint"]) and "downstream_kl" not in r and "downstream_error" not in r for r in rows)
 
 
 def test_the_closed_form_is_refused_where_sgd_has_no_known_optimum():

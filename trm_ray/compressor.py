@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from trm_ray.config import UserError
+from trm_ray.shards import atomic_output
 
 # What a checkpoint records of its compressor: validation reconstruction metrics, and how far W's rows are from orthonormal.
 METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance",
@@ -210,21 +210,12 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: di
     written to a temporary file and renamed into place, so a crash mid-write never leaves a corrupt
     file or loses the previous one. `config` holds the run's settings, plus `hidden_size` and
     `d_compressed` read off W itself, so they always describe the weights beside them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     d_compressed, hidden_size = state[WEIGHT_KEY].shape
     payload = {"compressor": state,
                "config": Phase1Config(**{**config, "hidden_size": int(hidden_size), "d_compressed": int(d_compressed)}),
                "best_loss": float(best_loss), "best_metrics": {k: float(v) for k, v in best_metrics.items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with _config_pickled_as_theirs():
-            torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(str(path)) as (_, tmp), _config_pickled_as_theirs():
+        torch.save(payload, tmp)
 
 
 def read_checkpoint(source: str | Path | BinaryIO, map_location: str = "cpu") -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
-from trm_ray.model import LMHead, load_lm_head, log_probs
+from trm_ray.model import LMHead, check_lm_head, load_lm_head, log_probs
 from trm_ray.shards import decode_hidden, read_json, read_manifest, rows_per_block, shard_paths, side_tables, write_bytes
 from trm_ray.spectrum import eigenvectors, manifest_key, spectrum_files, stored
 
@@ -426,9 +426,23 @@ def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:
     return ray.get(ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn).remote(*args))
 
 
+def check_head(cfg: Any) -> None:
+    """At a sweep's start, before anything runs: the LM head it will read (a KL objective's, or the downstream
+    pass's of a last-layer sweep) gives the model's own logits (`check_lm_head`; else a one-line refusal).
+    A model without one (a sentence encoder) cannot train on the KL; for an mse sweep it is said here, once,
+    and the downstream pass is skipped: its rows are complete without a KL that never existed."""
+    if (cfg.objective == "mse" and (cfg.layer != -1 or not cfg.downstream)) or check_lm_head(cfg.model_name):
+        return
+    if cfg.objective != "mse":
+        raise UserError(f"{cfg.model_name} has no LM head (its weight files hold none): --objective {cfg.objective} "
+                        "trains on the head's next-token KL; use --objective mse")
+    print(f"sweep: {cfg.model_name} has no LM head (its weight files hold none): there is no next-token KL to score "
+          "against, so the downstream pass is skipped", flush=True)
+
+
 def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any]) -> None:
-    """Fill the downstream columns of the exported rows (last-layer sweeps only)."""
-    if manifest["layer"] != -1 or not cfg.downstream:
+    """Fill the downstream columns of the exported rows (last-layer sweeps of a model with an LM head only)."""
+    if manifest["layer"] != -1 or not cfg.downstream or not check_lm_head(cfg.model_name):
         return
     checkpoints = {r["d_compressed"]: None if r["obtained_by"] == "closed_form" else r["checkpoint"]
                    for r in rows if "checkpoint" in r}

@@ -33,7 +33,7 @@ import torch
 
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.model import CPU_FLOPS_PER_CORE, check_layer, flops_per_token, hidden_size_of, load_model, load_model_config, model_id
-from trm_ray.shards import (MANIFEST, check_hidden_size, check_writable, encode_hidden, filesystem, read_json, shard_name,
+from trm_ray.shards import (MANIFEST, atomic_output, check_hidden_size, check_writable, encode_hidden, filesystem, read_json, shard_name,
                             value_bytes, write_json)
 from trm_ray.text import REGIONS, chat_settings, load_tokenizer, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
@@ -236,14 +236,11 @@ def write_shard(table: pa.Table, path: str) -> None:
 
     One row group per document (rows come in document order): a pass over the validation
     documents then reads only their row groups (`shards.side_row_groups`), not every shard whole."""
-    fs, p = filesystem(path)
-    tmp = posixpath.join(posixpath.dirname(p), "." + posixpath.basename(p) + ".tmp")
     doc = table["doc_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]]) if len(doc) else np.array([], dtype=int)
-    with pq.ParquetWriter(tmp, table.schema, filesystem=fs) as writer:
+    with atomic_output(path) as (fs, p), pq.ParquetWriter(p, table.schema, filesystem=fs) as writer:
         for start, end in zip(starts, [*starts[1:], len(doc)]):
             writer.write_table(table.slice(start, end - start))
-    fs.move(tmp, p)
 
 
 # --- driver -------------------------------------------------------------------------------

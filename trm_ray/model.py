@@ -14,6 +14,7 @@ weight files: building a 3B model in every worker to take its [V, D] matrix woul
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -122,6 +123,12 @@ class HiddenStatesAt(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden)
 
 
+def probe_inputs(config: Any, device: torch.device) -> dict[str, Any]:
+    """A probe of a few tokens any model of `config` reads: 8 token ids, no padding, no cache."""
+    return {"input_ids": (torch.arange(1, 9, device=device) % config.vocab_size)[None],
+            "attention_mask": torch.ones(1, 8, dtype=torch.long, device=device), "use_cache": False}
+
+
 @torch.no_grad()
 def cut_or_whole(model: nn.Module, layer: int) -> tuple[nn.Module, str]:
     """(a module whose `last_hidden_state` is `hidden_states[layer]`, CUT_BLOCKS or CUT_HIDDEN_STATES).
@@ -130,9 +137,7 @@ def cut_or_whole(model: nn.Module, layer: int) -> tuple[nn.Module, str]:
     `hidden_states[layer]` holds: a model may do more after its blocks than a final norm (OPT's
     `project_out`) or run its blocks by index, and its cut would be wrong or fail."""
     index = layer_index(model.config.num_hidden_layers, layer)
-    device = next(model.parameters()).device
-    probe = {"input_ids": (torch.arange(1, 9, device=device) % model.config.vocab_size)[None],
-             "attention_mask": torch.ones(1, 8, dtype=torch.long, device=device), "use_cache": False}
+    probe = probe_inputs(model.config, next(model.parameters()).device)
     expected = model(**probe, output_hidden_states=True).hidden_states[index].float()
     found = decoder_blocks(model)
     parent = found[0] if found else model
@@ -179,10 +184,11 @@ def flops_per_token(model_config: Any, layer: int) -> float:
 
 # Config fields that change the final logits, by what the model's ForCausalLM does with them
 # (read off transformers' modeling files): soft-capping cap * tanh(logits / cap) (Gemma 2/3,
-# RecurrentGemma, xLSTM, nanochat, ...), a factor (Cohere, MuseGlimmer) or a divisor (Granite;
-# Inkling divides the hidden state, the same for a head without bias), applied before the cap.
+# RecurrentGemma, xLSTM, nanochat, ...), a factor (Cohere, MuseGlimmer, Falcon-H1) or a divisor
+# (Granite; Inkling divides the hidden state, the same for a head without bias), applied before the
+# cap. `check_lm_head` refuses a model whose logits these do not reproduce.
 SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
-MULTIPLY = ("logit_scale", "output_multiplier")
+MULTIPLY = ("logit_scale", "output_multiplier", "lm_head_multiplier")
 DIVIDE = ("logits_scaling", "logits_mup_width_multiplier")
 MULTIPLY_BY_TYPE = {"hyperclovax": "logits_scaling"}  # HyperCLOVA X multiplies by what Granite divides by
 # Fields that change the logits in a way trm_ray does not reproduce: the logits cut to a smaller vocabulary.
@@ -321,11 +327,51 @@ def load_lm_head(model_name: str, device: torch.device, dtype: torch.dtype | Non
     weight_names, bias_names, model_name_of = head_parameters(config)
     weight = checkpoint_tensor(model_name, weight_names, model_name_of)
     if weight is None:
-        raise UserError(f"{model_name}'s weight files hold no {' or '.join(weight_names)}: the LM head cannot be read")
+        raise NoLMHead(f"{model_name}'s weight files hold no {' or '.join(weight_names)}: it has no LM head")
     bias = checkpoint_tensor(model_name, bias_names, model_name_of) if bias_names else None
-    if bias_names and bias is None:
-        raise UserError(f"{model_name}'s weight files hold no {bias_names[0]}: the LM head's bias cannot be read")
+    if bias_names and bias is None:  # a tied head's own bias: the input embedding of a model saved without its head
+        raise NoLMHead(f"{model_name}'s weight files hold no {bias_names[0]}: it has no LM head")
     return LMHead(weight.to(device, dtype), None if bias is None else bias.to(device, dtype), scale, softcap).eval()
+
+
+class NoLMHead(UserError):
+    """The weight files hold no LM head (a sentence encoder saved as its base model): there is no next-token
+    distribution to score against, which is not a failure of what reads the hidden states."""
+
+
+@functools.cache
+@torch.no_grad()
+def check_lm_head(model_name: str) -> bool:
+    """Whether `model_name` has an LM head (False: its weight files hold none, `NoLMHead`), once `load_lm_head`'s
+    head is seen to give the model's own final logits on a probe of a few tokens; a head it does not reproduce
+    (a transform of the logits trm_ray does not know) is refused in one line, before its KL is computed wrongly.
+
+    The model runs with its first block only: the head reads `hidden_states[-1]`, whatever the blocks did, so
+    one block tests it as well as all of them, and a 3B model costs its embeddings and head, not its 12 GB.
+    Cached: a sweep checks its model once, in the driver at its start, and the workers only load the head."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    try:
+        head = load_lm_head(model_name, torch.device("cpu"), torch.float32)
+    except NoLMHead:
+        return False
+    config = AutoConfig.from_pretrained(model_name)
+    config.get_text_config().num_hidden_layers = 1
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the blocks left out are not worth a table of unexpected keys
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=torch.float32).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+    out = model(**probe_inputs(config.get_text_config(), torch.device("cpu")), output_hidden_states=True)
+    got, want = head(out.hidden_states[-1]), out.logits.float()
+    gap = float((got - want).abs().max()) if got.shape == want.shape else math.inf
+    if gap > 1e-4 * float(want.abs().max()) + 1e-5:
+        raise UserError(f"the LM head trm_ray reads from {model_name} ({head.extra_repr()}) does not give the model's own "
+                        f"logits: they differ by {gap:.3g} on logits up to {float(want.abs().max()):.3g}, so its KL would be "
+                        "wrong: use --objective mse --no_downstream")
+    return True
 
 
 def log_probs(lm_head: LMHead, h: torch.Tensor) -> torch.Tensor:

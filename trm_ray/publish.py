@@ -20,8 +20,10 @@ import shutil
 import sys
 from typing import Any
 
+import yaml
+
 from trm_ray.compressor import load_checkpoint, save_checkpoint
-from trm_ray.config import UserError, make_config
+from trm_ray.config import FIELDS, UserError, make_config
 from trm_ray.report import results_path
 from trm_ray.shards import read_json
 from trm_ray.text import looks_like_path
@@ -57,6 +59,26 @@ CARD_METRICS = (
 )
 
 
+# What a checkpoint's config says of where and how its run ran, not of what was trained: never published.
+WHERE_IT_RAN = ("output_dir", "shards_dir", "train_storage", "command", "address", "num_cpus", "num_extract_workers",
+                "max_concurrent_trials", "max_failures", "cache_datasets", "skip_disk_check", "use_wandb", "wandb_project",
+                "wandb_run_name", "group")
+LOCATIONS = ("model_name", "dataset", "compressor_checkpoint")  # a hub id, or a local path published by its base name
+
+
+def public_name(name: str | None) -> str | None:
+    """A hub id as it is; a local path (or URI) by its base name alone, which names it without the machine's directories."""
+    if name is None or (not looks_like_path(name) and not os.path.exists(name) and "://" not in name):
+        return name
+    return os.path.basename(os.path.normpath(name))
+
+
+def public_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config as it may be uploaded to a public hub: what identifies the run (model, data, layer,
+    the training settings, D and D'), without the machine's paths, cluster address or command line."""
+    return {k: public_name(v) if k in LOCATIONS else v for k, v in settings.items() if k not in WHERE_IT_RAN}
+
+
 def exported_row(output_dir: str, d_compressed: int, stage: str) -> dict[str, Any]:
     """The sweep's summary row of this D' and stage, which names the exported checkpoint."""
     path = results_path(make_config({"output_dir": output_dir, "stage": stage}))
@@ -86,7 +108,7 @@ def model_card(row: dict[str, Any], settings: dict[str, Any], repo: str | None) 
     metrics = "\n".join(f"| {label} | {row[key]:.6g} |" for key, label in CARD_METRICS
                         if isinstance(row.get(key), float) and math.isfinite(row[key]))
     where = repo or "<path to this folder>/compressor.pt"
-    command = settings.get("command") or "(not recorded: exported before trm_ray recorded its commands)"
+    made = yaml.safe_dump({k: v for k, v in settings.items() if k in FIELDS}, sort_keys=True).strip()
     return f"""---
 tags:
 - llm-trm
@@ -126,8 +148,10 @@ picked on them too).
 
 ## How it was made
 
-```bash
-{command}
+trm_ray's settings for the run, a `--config` file of `python -m trm_ray.sweep` (a local model or data set by its base name):
+
+```yaml
+{made}
 ```
 
 ## Use in LLM-TRM phase 2
@@ -147,7 +171,8 @@ def write_folder(output_dir: str, d_compressed: int, stage: str, repo: str | Non
     from before trm_ray took LLM-TRM's layout is converted here), README.md and the sweep's plot."""
     row = exported_row(output_dir, d_compressed, stage)
     ckpt = load_checkpoint(row["checkpoint"], d_compressed=d_compressed)
-    settings = ckpt["config"].to_dict()
+    plot = results_path(trial_config(ckpt["config"].to_dict())[0], "report", "png")
+    settings = public_settings(ckpt["config"].to_dict())
     settings.setdefault("hidden_size", row["d_model"])
     settings.setdefault("d_compressed", d_compressed)
     folder = os.path.join(output_dir, "hub", f"d{d_compressed}-stage{stage}")
@@ -157,7 +182,6 @@ def write_folder(output_dir: str, d_compressed: int, stage: str, repo: str | Non
     save_checkpoint(os.path.join(folder, HUB_FILE), ckpt["compressor"], settings, ckpt["best_loss"], metrics)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(model_card(row, settings, repo))
-    plot = results_path(trial_config(settings)[0], "report", "png")
     if os.path.exists(plot):
         shutil.copyfile(plot, os.path.join(folder, os.path.basename(plot)))
     return folder

@@ -20,7 +20,7 @@ import torch
 from trm_ray import spectrum
 from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
 from trm_ray.downstream import next_token_damage, on_a_gpu, split_tables
-from trm_ray.model import load_lm_head
+from trm_ray.model import check_lm_head, load_lm_head
 from trm_ray.shards import decode_hidden, read_manifest
 from trm_ray.text import KEPT_REGIONS
 
@@ -35,7 +35,7 @@ def scored_regions(manifest: dict[str, Any]) -> tuple[str, ...]:
 def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed: int, checkpoints: dict[int, str],
                     pca_mse: dict[str, list[float]], with_head: bool) -> dict[int, dict[str, float]]:
     """For each D': `<region>_mse`, `_cosine_similarity`, `_pca_mse`, `_pca_efficiency`, `_tokens` of every
-    scored region's validation rows; with `with_head` (a last-layer shard set), `close_downstream_kl`,
+    scored region's validation rows; with `with_head` (a last-layer shard set of a model with an LM head), `close_downstream_kl`,
     `close_top1_agreement` and PCA's `close_pca_downstream_kl`, `close_pca_top1_agreement`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(shards_dir)
@@ -84,7 +84,7 @@ def add_region_metrics(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str,
     pca_mse = {r: spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed, region=r)["pca_mse"] for r in regions}
     checkpoints = {r["d_compressed"]: r["checkpoint"] for r in rows if "checkpoint" in r}
     found = on_a_gpu(cfg.use_gpu, measure_regions, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed,
-                     checkpoints, pca_mse, manifest["layer"] == -1)
+                     checkpoints, pca_mse, manifest["layer"] == -1 and check_lm_head(cfg.model_name))
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))
 

@@ -16,11 +16,11 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from trm_ray.compressor import METRICS, WEIGHT_KEY, load_checkpoint, orthonormality_error, read_checkpoint, save_checkpoint
-from trm_ray.config import Config, UserError
+from trm_ray.config import Config
 from trm_ray.downstream import add_downstream
 from trm_ray.phase2 import METRICS as PHASE2_METRICS
 from trm_ray.regions import add_region_metrics
-from trm_ray.shards import exists, filesystem, read_bytes, write_json
+from trm_ray.shards import atomic_output, exists, filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points, eigenvectors, pca_metrics
 from trm_ray.tracking import tracking
 from trm_ray.train import KL_METRICS, wandb_name, width_key
@@ -158,21 +158,26 @@ def pca_columns(limit: dict[str, Any], d: int, mse: float) -> dict[str, float]:
             **{f"pca_{k}": limit[f"pca_{k}"][d] for k in PCA_REFERENCES}}
 
 
+# The passes over the exported rows after the export, each with the column that says why it failed.
+PASSES = ((add_downstream, "downstream_error", "the downstream KL"), (add_region_metrics, "regions_error", "the per-region scores"))
+FAILURES = ("error", *(column for _, column, _ in PASSES))  # a row with any of these: the sweep failed
+
+
 def finish_rows(rows: list[dict[str, Any]], cfg: Config, manifest: dict[str, Any], limit: dict[str, Any]) -> list[dict[str, Any]]:
     """Save the exported rows, then add the LM head's and the regions' columns, save again and plot.
-    The rows are saved before the downstream pass, so a failure there (no output embeddings, out of
-    memory) costs only its own columns."""
+    The rows are saved before those passes, and each pass fails alone (no output embeddings, out of
+    memory): it costs only its own columns, and its row column names it, not the other pass."""
     write_results(rows, cfg)
-    try:
-        add_downstream(rows, cfg, manifest)
-        add_region_metrics(rows, cfg, manifest)
-    except Exception as e:  # anything at all: the trained results are already safe on disk
-        cause = getattr(e, "cause", None) or e  # a Ray task's own exception, not Ray's wrapper
-        failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
-        print(f"sweep: the downstream KL failed ({failure}); the results are saved without it", flush=True)
-        for row in rows:
-            if "checkpoint" in row:
-                row["downstream_error"] = failure
+    for add, column, what in PASSES:
+        try:
+            add(rows, cfg, manifest)
+        except Exception as e:  # anything at all: the trained results are already safe on disk
+            cause = getattr(e, "cause", None) or e  # a Ray task's own exception, not Ray's wrapper
+            failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+            print(f"sweep: {what} failed ({failure}); the results are saved without it", flush=True)
+            for row in rows:
+                if "checkpoint" in row:
+                    row[column] = failure
     for row in rows:
         if "downstream_kl" in row:
             row["within_kl_budget"] = row["downstream_kl"] <= cfg.kl_budget
@@ -297,15 +302,9 @@ def _read_best_metrics(path: str) -> dict[str, float]:
 def _copy(src: str, dest: str) -> None:
     """Copy, check, then rename: an existing export is replaced whole, by a checkpoint that loads, or not at all."""
     src_fs, src_p = filesystem(src)
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = dest + ".tmp"
-    pafs.copy_files(src_p, os.path.abspath(tmp), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
-    try:
+    with atomic_output(dest) as (fs, tmp):
+        pafs.copy_files(src_p, tmp, source_filesystem=src_fs, destination_filesystem=fs)
         load_checkpoint(tmp)  # a copy that does not load never replaces a good export
-    except UserError:
-        os.unlink(tmp)
-        raise
-    os.replace(tmp, dest)
 
 
 def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
@@ -327,8 +326,9 @@ def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
               f"{r.get('top1_agreement', nan):>7.4f} {r.get('pca_top1_agreement', nan):>8.4f}  {r['checkpoint']}")
         if "error" in r:  # an lr grid: the exported trial above, and failed ones of the same D'
             print(f"{'':>8} other trials of this D' FAILED: {r['error']}")
-    for failure in sorted({r["downstream_error"] for r in rows if "downstream_error" in r}):
-        print(f"downstream KL FAILED: {failure}")
+    for _, column, what in PASSES:
+        for failure in sorted({r[column] for r in rows if column in r}):
+            print(f"{what} FAILED: {failure}")
     if any(r.get("obtained_by") == "closed_form" for r in rows):
         print(f"\nEvery D' is PCA's {CLOSED_FORM}; its metrics are those of the exported weights on the validation set "
               "(held-out documents).")

@@ -9,10 +9,12 @@ and epoch sees the same held-out documents and never trains on them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import tempfile
+import uuid
 from typing import Any, Iterator
 
 import numpy as np
@@ -53,14 +55,29 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Write-then-rename: readers see the old file or the whole new one, nothing between."""
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[tuple[pafs.FileSystem, str]]:
+    """(filesystem, where to write) for a file that readers must see whole or not at all: the old file or
+    the whole new one. On a local disk, a temporary name of its own beside `path`, renamed into place on
+    success and removed on failure: two writers of one path (two sweeps computing the same spectrum) never
+    share a temporary file. An object store's single PUT is already atomic, so there it is `path` itself."""
     fs, p = filesystem(path)
     fs.create_dir(posixpath.dirname(p), recursive=True)
-    tmp = p + ".tmp"
-    with fs.open_output_stream(tmp) as f:
+    if not isinstance(fs, pafs.LocalFileSystem):
+        yield fs, p
+        return
+    tmp = posixpath.join(posixpath.dirname(p), f".{posixpath.basename(p)}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield fs, tmp
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with atomic_output(path) as (fs, p), fs.open_output_stream(p) as f:
         f.write(data)
-    fs.move(tmp, p)
 
 
 def read_bytes(path: str) -> bytes:

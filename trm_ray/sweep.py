@@ -29,11 +29,11 @@ from trm_ray import phase2, spectrum
 from trm_ray.cli import trial_resources
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
-from trm_ray.downstream import FISHER_TOKENS, fisher_start, on_a_gpu, pca_kl
+from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, on_a_gpu, pca_kl
 from trm_ray.extract import extract
 from trm_ray.model import hidden_size_of, model_id
 from trm_ray.regions import print_regions
-from trm_ray.report import exclusions, export_closed_form, export_results, print_table
+from trm_ray.report import FAILURES, exclusions, export_closed_form, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
 from trm_ray.tracking import prepare_wandb
@@ -168,7 +168,7 @@ def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
-    """Shards (extracted now if missing), checked against the model and the D' values, and their spectrum."""
+    """Shards (extracted now if missing), checked against the model, its LM head and the D' values, and their spectrum."""
     d_model = hidden_size_of(cfg.model_name)
     for d in cfg.d_values:
         if not 0 < d < d_model:
@@ -180,6 +180,7 @@ def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]
                             "run stage 1a first, or pass --compressor_checkpoint")
         if path:
             load_checkpoint(path, d_model=d_model, d_compressed=d)
+    check_head(cfg)
     manifest = extract(cfg)
     verify_shards(cfg.shards_path, manifest)
     counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         connect(cfg)
         command = shlex.join(["python", "-m", "trm_ray.sweep", *(sys.argv[1:] if argv is None else argv)])
         rows = run(cfg, overwrite=args.overwrite, command=command)
-        if any("error" in row or "downstream_error" in row for row in rows):  # failed trials, or no KL
+        if any(k in row for row in rows for k in FAILURES):  # failed trials, or a failed pass after the export
             sys.exit(1)
 
     run_cli(main_)
