@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from trm_ray import extract as extract_mod
 from trm_ray import sweep
+from trm_ray.compressor import read_checkpoint
 from trm_ray.config import UserError, load_yaml
 from trm_ray.shards import decode_hidden
 
@@ -229,6 +231,38 @@ def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkp
     killed, clean = width_metrics(killed), width_metrics(clean)
     for key in ("mse", "cosine_similarity", "best_mse", *(("downstream_kl", "best_downstream_kl") if objective == "kl" else ())):
         assert killed[key] == pytest.approx(clean[key], rel=1e-4), key
+
+
+def test_a_worker_replaced_while_asha_decides_trains_no_epoch_of_the_width_asha_stopped(shards, tmp_path, ray_cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray.util.state import list_actors
+
+    from trm_ray.scheduler import WidthCuts, cuts_name
+
+    group = f"cut-{uuid.uuid4().hex[:8]}"
+    cuts = ray_cluster.remote(WidthCuts).options(name=cuts_name(group), num_cpus=0).remote({})  # the sweep's, undecided
+    # An orthogonal start: a second epoch would improve d8, and become its best.
+    settings = dict(sweep=True, sweep_d_values=[8, 16], num_epochs=2, early_stopping=False, init="orthogonal")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(fit, shards, tmp_path, 1, 4, group=group, **settings)
+            deadline = time.time() + 300
+            while registered_epoch(tmp_path) < 1:  # then the trial waits for ASHA's decision on its first report
+                assert time.time() < deadline and not running.done(), "the trial never registered a checkpoint"
+                time.sleep(0.05)
+            (worker,) = list_actors(address=ray_cluster.get_runtime_context().gcs_address,
+                                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            os.kill(worker.pid, signal.SIGKILL)
+            ray_cluster.get(cuts.add.remote("lr0.02", 8))  # ASHA's decision, after the checkpoint was written: stop d8
+            ray_cluster.get(cuts.decided.remote("lr0.02", 10 ** 12))
+            killed = running.result(timeout=600)
+    finally:
+        ray_cluster.kill(cuts)
+    assert killed.error is None and killed.metrics["resumed_after_epoch"] == 1
+    assert killed.metrics["d_values_training"] == 1 and "d8/mse" not in killed.metrics
+    best = read_checkpoint(f"{killed.checkpoint.path}/d8/compressor.pt")
+    assert best["best_metrics"]["epoch"] == 1  # its exported best is from before ASHA's cut
 
 
 @pytest.mark.parametrize("flags,expected", [

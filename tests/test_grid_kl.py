@@ -1,11 +1,16 @@
 """One LM-head pass for every D' of a KL grid: `grid_kl` equals each width's own `next_token_kl`, values and gradients."""
 
+import functools
+
 import pytest
 import torch
 
 from trm_ray import downstream
+from trm_ray.compressor import DimensionCompressor
+from trm_ray.config import make_config
 from trm_ray.downstream import factored, grid_kl, next_token_kl
 from trm_ray.model import LMHead
+from trm_ray.train import compile_or_eager, objective_loss
 
 D, VOCAB, WIDTHS = 48, 500, (4, 8, 24)
 
@@ -74,3 +79,32 @@ def test_a_bf16_head_takes_the_residual_path_for_every_width_and_matches_each_wi
 def test_a_soft_capped_head_takes_the_residual_path_and_matches_each_widths_kl(monkeypatch):
     # Gemma 2's transform: cap * tanh(logits / cap), not linear in h.
     assert_residual_path_matches_each_widths_kl(head(True, scale=0.5, softcap=10.0), monkeypatch)
+
+
+def test_the_compiled_kl_objective_gives_the_eager_losses_and_gradients(monkeypatch, capsys):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    # What training runs on a GPU: compile_or_eager(objective_loss(...)). Traced here as there (Dynamo, then
+    # AOTAutograd's functional form of grid_kl's in-place and out= ops), run by aot_eager, not inductor: its C++
+    # build of these graphs takes minutes on a CPU.
+    traced = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=traced))
+    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 rows, the last one short
+    torch._dynamo.reset()
+    lm_head, cfg = head(True), make_config({"objective": "kl"})
+    x, weights = rows_and_weights(37)
+    assert tuple(factored(lm_head, d, 37) for d in WIDTHS) == (True, True, False)  # both of grid_kl's paths
+    models = [DimensionCompressor(D, d) for d in WIDTHS]
+    with torch.no_grad():
+        for model, w in zip(models, weights):
+            model.weight.copy_(w)
+    eager, compiled = objective_loss(cfg, lm_head), compile_or_eager(objective_loss(cfg, lm_head), True)
+    for rows in (x, 2 * x):  # the second batch runs the graphs compiled on the first
+        want = eager(rows, models)
+        want_grads = torch.autograd.grad(want.sum(), [m.weight for m in models])
+        got = compiled(rows, models)
+        got_grads = torch.autograd.grad(got.sum(), [m.weight for m in models])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        for grad, expected in zip(got_grads, want_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    assert traced.frame_count > 0 and "torch.compile failed" not in capsys.readouterr().out  # traced, no eager fallback

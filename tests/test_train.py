@@ -1,12 +1,15 @@
 import dataclasses
+import glob
 import io
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from trm_ray import spectrum
+from trm_ray import train as train_module
 from trm_ray import compressor
 from trm_ray.compressor import (DimensionCompressor, Phase1Config, metrics_from_sums, orthonormality_error, orthonormalize_,
                                 read_checkpoint, reconstruction_sums, tangent_part)
@@ -15,7 +18,10 @@ from trm_ray.model import LMHead
 from trm_ray.report import shortfall_note
 from trm_ray.shards import load_splits, read_manifest, split_counts
 from trm_ray.sweep import datasets, limits, trial_config_for
-from trm_ray.train import EarlyStopping, epoch_rows, get_lr, make_optimizer, make_trainer, objective_loss, optimizer_step
+from trm_ray.train import (ASHA_WAIT_S, EarlyStopping, epoch_rows, get_lr, make_optimizer, make_trainer, objective_loss,
+                           optimizer_step, resumed_cuts)
+
+from test_sweep import wandb_records
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -190,15 +196,15 @@ def test_a_corpus_too_small_for_the_validation_split_is_refused():
         split_counts({"num_docs": 2, "doc_tokens": [5, 7]}, 0.1, 42)
 
 
-def fit(cfg, tmp_path, num_workers, batch_size, **overrides):
-    """One TorchTrainer run (no Tune) on the session's shards; returns its Result."""
+def fit(cfg, tmp_path, num_workers, batch_size, group="", **overrides):
+    """One TorchTrainer run (no Tune) on the session's shards, of the sweep `group`; returns its Result."""
     manifest = read_manifest(cfg.shards_path)
     counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
     cfg = dataclasses.replace(cfg, **{"num_workers": num_workers, "batch_size": batch_size, "d_compressed": 16,
                                       "sweep": False, "num_epochs": 4, "learning_rate": 0.02, "use_wandb": False,
                                       "torch_compile": False, **overrides})
     limit = limits(cfg)
-    config = trial_config_for(cfg, manifest, counts, limit, str(tmp_path / f"w{num_workers}"))
+    config = trial_config_for(cfg, manifest, counts, limit, str(tmp_path / f"w{num_workers}"), group)
     train, val = datasets(cfg, manifest)
     return make_trainer(config, train, val).fit()
 
@@ -208,10 +214,34 @@ def width_metrics(result, d=16):
     return {k.removeprefix(f"d{d}/"): v for k, v in result.metrics.items() if "/" not in k or k.startswith(f"d{d}/")}
 
 
-def test_ddp_with_two_workers_matches_one_worker_at_the_same_global_batch(shards, tmp_path):
+def test_ddp_with_two_workers_keeps_the_ranks_equal_and_matches_one_worker_at_the_same_global_batch(shards, tmp_path,
+                                                                                                     monkeypatch):
+    out = str(tmp_path)
+
+    def saving_each_ranks_weights(config, train):
+        """The training loop, then this rank's weights after its last step saved (rank 0's alone reach the checkpoint)."""
+        import ray.train
+
+        from trm_ray import train as loop
+
+        step, stepped = loop.optimizer_step, []
+
+        def recorded(models, *args):
+            stepped[:] = models
+            return step(models, *args)
+
+        loop.optimizer_step = recorded
+        loop.train_loop_per_worker(config, train)
+        torch.save([m.weight.detach().cpu() for m in stepped], f"{out}/rank{ray.train.get_context().get_world_rank()}.pt")
+
     one = fit(shards, tmp_path, num_workers=1, batch_size=8)
+    monkeypatch.setattr(train_module, "train_loop_per_worker", saving_each_ranks_weights)  # what make_trainer runs
     two = fit(shards, tmp_path, num_workers=2, batch_size=4)  # per worker: same rows per optimizer step
     assert one.error is None and two.error is None
+    # Each rank steps on its own rows: only the averaged gradient keeps their weights one model.
+    rank0, rank1 = (torch.load(f"{out}/rank{r}.pt") for r in (0, 1))
+    for w0, w1 in zip(rank0, rank1):
+        torch.testing.assert_close(w1, w0, rtol=0, atol=1e-6)
     assert one.metrics["tokens_seen"] == pytest.approx(two.metrics["tokens_seen"], abs=4)  # equal split drops <= 1 row an epoch
     for key in ("mse", "cosine_similarity", "relative_error", "variance_ratio"):
         assert one.metrics[f"d16/{key}"] == pytest.approx(two.metrics[f"d16/{key}"], rel=0.03), key
@@ -294,6 +324,43 @@ def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why(shards, t
                  early_stopping_patience=2)
     assert result.metrics["epoch"] == 2  # the start (epoch 0) sets the best, epochs 1 and 2 do not beat it
     assert "early stopping" in result.metrics["d16/stop_reason"]
+
+
+def test_a_trial_restarted_after_every_width_stopped_reports_them_all_again_and_logs_their_artifacts(shards, tmp_path):
+    # learning_rate 0: no epoch beats the start, so early stopping stops both widths after epoch 1 of 3.
+    settings = dict(sweep=True, sweep_d_values=[8, 16], learning_rate=0.0, num_epochs=3, early_stopping_patience=1,
+                    output_dir=str(tmp_path / "out"), shards_dir=shards.shards_path)
+    first = fit(shards, tmp_path, num_workers=1, batch_size=8, **settings)
+    assert first.metrics["epoch"] == 1 and first.metrics["d_values_training"] == 2
+    # The same trial again on its storage: what a worker replaced in the trial's tail, --resume or a retried trial runs.
+    again = fit(shards, tmp_path, num_workers=1, batch_size=8, use_wandb=True, **settings)
+    assert again.error is None
+    assert again.metrics["resumed_after_epoch"] == 1 and again.metrics["d_values_training"] == 0
+    assert again.metrics["tokens_seen"] == first.metrics["tokens_seen"]
+    for d in (8, 16):
+        assert "early stopping" in again.metrics[f"d{d}/stop_reason"]
+        assert again.metrics[f"d{d}/mse"] == first.metrics[f"d{d}/mse"]
+        best = read_checkpoint(f"{again.checkpoint.path}/d{d}/compressor.pt")  # what export_results reads
+        assert best["best_metrics"]["epoch"] <= 1 and best["best_metrics"]["mse"] == first.metrics[f"d{d}/best_mse"]
+        runs = glob.glob(str(tmp_path / "out" / "wandb" / f"offline-run-*-stage1a-d{d}" / "*.wandb"))
+        assert len(runs) == 1  # the W&B tail ran: the width's best checkpoint is its run's artifact
+        artifacts = [r.artifact for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "artifact"]
+        assert [(a.name, a.type) for a in artifacts] == [(f"compressor-stage1a-d{d}", "model")]
+
+
+def test_a_trial_resumed_by_a_later_sweep_takes_the_restored_cuts_without_waiting_for_a_decision(ray_cluster):
+    from trm_ray.scheduler import WidthCuts
+
+    # A resumed sweep's WidthCuts: the cuts read back from the rungs file, no report decided since it started.
+    cuts = ray_cluster.remote(WidthCuts).options(num_cpus=0).remote({"lr0.01": [8]})
+    ray_cluster.get(cuts.__ray_ready__.remote())
+    began = time.monotonic()
+    try:
+        assert resumed_cuts(cuts, "lr0.01", 5000, written_by="ffffffff") == [8]  # a checkpoint of an earlier job
+        assert resumed_cuts(cuts, "lr0.02", 5000, written_by=None) == []  # one written before checkpoints said
+    finally:
+        ray_cluster.kill(cuts)
+    assert time.monotonic() - began < ASHA_WAIT_S / 4  # no wait for a decision that the earlier driver took or lost
 
 
 def test_compiled_and_eager_training_give_the_same_metrics(shards, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -286,7 +286,8 @@ def quiet_ray_logs() -> None:
 @dataclass
 class Width:
     """One D' of a trial: its compressor, its early stopping, its best weights so far and their metrics,
-    and why it stopped training (None while it trains)."""
+    why it stopped training (None while it trains), and its metrics of the last epoch it trained (what
+    a trial resumed with nothing left to train reports again)."""
 
     cfg: Config  # the trial's settings with this D' as d_compressed
     config: dict[str, Any]  # the same with the run's facts: what its checkpoint and W&B run record
@@ -294,19 +295,21 @@ class Width:
     stopper: EarlyStopping
     best: dict[str, Any] | None = None
     stopped: str | None = None
+    last: dict[str, Any] = field(default_factory=dict)
 
     @property
     def d(self) -> int:
         return self.cfg.d_compressed
 
     def state(self) -> dict[str, Any]:
-        """What resumes it: weights, early stopping, best so far, stop reason."""
+        """What resumes it: weights, early stopping, best so far, stop reason, last metrics."""
         return {"model": plain_state(self.model), "stopper": dataclasses.asdict(self.stopper), "best": self.best,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "last": self.last}
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.stopper, self.best, self.stopped = EarlyStopping(**state["stopper"]), state["best"], state["stopped"]
+        self.last = state.get("last", {})  # none in a checkpoint written before they were kept
 
 
 def asha_cuts(group: str) -> Any:
@@ -338,6 +341,53 @@ def asha_decision(cuts: Any, trial: str, tokens_seen: int) -> list[int]:
             return []
         time.sleep(0.05)
     return cut
+
+
+def resumed_cuts(cuts: Any, trial: str, tokens_seen: int, written_by: str | None) -> list[int]:
+    """The widths of `trial` ASHA has stopped, up to the report at `tokens_seen` that the trial resumes from:
+    its checkpoint was written before ASHA decided on it. Written by this job (a worker replaced, say during
+    the wait for that decision), the decision is on its way: wait for it. Written by an earlier job (a
+    resumed sweep, whose `WidthCuts` holds the cuts restored from the rungs file), ASHA decided before that
+    driver stopped or never will: the report was lost with it, and ASHA decides at the next report."""
+    import ray
+
+    if written_by == ray.get_runtime_context().get_job_id():
+        return asha_decision(cuts, trial, tokens_seen)
+    return ray.get(cuts.of.remote(trial, 0))  # at 0 tokens: every cut it holds, decided or not since
+
+
+def stop_cut(widths: Sequence[Width], cut: list[int], epoch: int) -> None:
+    """Stop the widths ASHA cut after `epoch` epochs."""
+    for w in widths:
+        if w.stopped is None and w.d in cut:
+            w.stopped = "stopped by ASHA"
+            print(f"d{w.d}: stopped by ASHA after epoch {epoch}", flush=True)
+
+
+def agree_on_stops(widths: Sequence[Width], device: torch.device, world: int) -> None:
+    """Every rank stops the widths rank 0 stopped (it validates and hears from ASHA), so all train the same ones."""
+    if world == 1:
+        return
+    flags = torch.tensor([float(w.stopped is not None) for w in widths], device=device)
+    dist.broadcast(flags, 0)
+    for w, flag in zip(widths, flags.tolist()):
+        w.stopped = w.stopped or ("stopped on rank 0" if flag else None)
+
+
+def write_checkpoint(directory: str, widths: Sequence[Width], optimizer: torch.optim.Optimizer, epoch: int,
+                     step: int, tokens_seen: int) -> Any:
+    """The trial's checkpoint: each d<D'>/compressor.pt that D''s best so far (what the export copies), and the
+    whole resumable state, with the job that wrote it (`resumed_cuts` tells a replaced worker by it)."""
+    import ray
+    import ray.train
+
+    for w in widths:
+        if w.best is not None:  # none only when the first epoch already diverged: nothing worth keeping
+            save_best(f"{directory}/d{w.d}/{CHECKPOINT_FILE}", w)
+    torch.save({"widths": {str(w.d): w.state() for w in widths}, "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "step": step, "tokens_seen": tokens_seen, "job": ray.get_runtime_context().get_job_id()},
+               f"{directory}/{RESUME_FILE}")
+    return ray.train.Checkpoint.from_directory(directory)
 
 
 def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
@@ -386,6 +436,10 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     logs = {w.d: tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=wandb_name(cfg, w.d),
                           config=w.config, directory=cfg.output_dir) for w in widths}
     cuts = asha_cuts(run["group"]) if rank == 0 else None
+    if resumed:
+        if cuts is not None:
+            stop_cut(widths, resumed_cuts(cuts, trial_label(cfg), tokens_seen, state.get("job")), start_epoch)
+        agree_on_stops(widths, device, world)
 
     val_shard = ray.train.get_dataset_shard("val")
     mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed).to(device)
@@ -422,8 +476,20 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
                             if k not in ("pca_mse", "pca_downstream_kl", "context_pca_mse", "close_pca_downstream_kl")}
             w.best = {"state": plain_state(w.model), **{k: start[k] for k in best_keys}, "epoch": 0}
             w.stopper.update(start[score])
+    if resumed and (start_epoch == cfg.num_epochs or all(w.stopped is not None for w in widths)):
+        # Resumed after its last epoch, or after all its widths stopped (a worker replaced in the trial's tail, a
+        # resumed sweep, a retried trial): nothing to train. Its checkpoint and each width's last metrics are
+        # reported again, so the run ends on a report that holds every width (what the export reads).
+        print(f"{trial_label(cfg)}: nothing left to train after epoch {start_epoch}", flush=True)
+        metrics = {"epoch": start_epoch, "resumed_after_epoch": start_epoch, "tokens_seen": tokens_seen,
+                   "d_values_training": 0, **{width_key(w.d, k): v for w in widths for k, v in w.last.items()}}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = write_checkpoint(tmp, widths, optimizer, start_epoch, step, tokens_seen) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)
     for epoch in range(start_epoch, cfg.num_epochs):
         active = [w for w in widths if w.stopped is None]
+        if not active:
+            break
         for w in active:
             w.model.train()
         t0, epoch_tokens, loss_sums = time.perf_counter(), 0, torch.zeros(len(active), dtype=torch.float64)
@@ -451,30 +517,17 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
                 for w, m, loss_sum in zip(active, validate(active), counts[1:].tolist()):
                     m = {**initial.pop(w.d, {}), **m, "train_loss": loss_sum / float(counts[0]), "epochs_trained": epoch + 1}
                     w.stopped = epoch_verdict(w, m, epoch, cfg, best_keys)
+                    w.last = m
                     metrics.update({width_key(w.d, k): v for k, v in m.items()})
                     logs[w.d].log({**m, "epoch": epoch + 1, "tokens_seen": tokens_seen, "lr": lr})
                     publish({**metrics, **m}, trial=f"d{w.d}-{trial_label(cfg)}", sweep=run["group"], stage=cfg.stage)
-                # Every report carries the whole resumable state; each d<D'>/compressor.pt is that D''s best so far.
-                for w in widths:
-                    if w.best is not None:  # none only when the first epoch already diverged: nothing worth keeping
-                        save_best(f"{tmp}/d{w.d}/{CHECKPOINT_FILE}", w)
-                torch.save({"widths": {str(w.d): w.state() for w in widths}, "optimizer": optimizer.state_dict(),
-                            "epoch": epoch + 1, "step": step, "tokens_seen": tokens_seen}, f"{tmp}/{RESUME_FILE}")
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                # Every report carries the whole resumable state (written before ASHA decides on the report:
+                # a trial resumed from it asks for that decision first, `resumed_cuts`).
+                checkpoint = write_checkpoint(tmp, widths, optimizer, epoch + 1, step, tokens_seen)
             ray.train.report(metrics, checkpoint=checkpoint)
         if cuts is not None:  # ASHA's decision on this report: each width against its other learning rates
-            cut = asha_decision(cuts, trial_label(cfg), tokens_seen)
-            for w in widths:
-                if w.stopped is None and w.d in cut:
-                    w.stopped = "stopped by ASHA"
-                    print(f"d{w.d}: stopped by ASHA after epoch {epoch + 1}", flush=True)
-        if world > 1:  # every rank stops the same widths
-            flags = torch.tensor([float(w.stopped is not None) for w in widths], device=device)
-            dist.broadcast(flags, 0)
-            for w, flag in zip(widths, flags.tolist()):
-                w.stopped = w.stopped or ("stopped on rank 0" if flag else None)
-        if all(w.stopped is not None for w in widths):
-            break
+            stop_cut(widths, asha_decision(cuts, trial_label(cfg), tokens_seen), epoch + 1)
+        agree_on_stops(widths, device, world)
     if rank == 0:
         for w in widths:
             if w.best is not None:
