@@ -65,7 +65,7 @@ SEED_FLAGS = ["--stage", "1a", "--batch_size", "4", "--num_epochs", "3", "--lear
               "--no_use_gpu", "--address", "auto"]
 
 
-# When the `swept` sweep ran: later tests resume it in place, which rewrites its files, so their times cannot tell.
+# When the `swept` sweep ran (tests that read what it logged, e.g. Ray's task events, look in this window).
 SWEPT_WINDOW: dict[str, float] = {}
 
 

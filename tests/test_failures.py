@@ -146,11 +146,34 @@ def test_invalid_yaml_is_a_one_line_error(tmp_path):
         load_yaml(path)
 
 
-def test_the_same_sweep_command_again_resumes_and_reruns_nothing(swept, capsys):
+def moved_copy(src: str, dst: str) -> str:
+    """A copy of a sweep's output directory, the absolute paths in its JSON and CSV files (the sweep's
+    settings, the reports' checkpoint paths) pointing into the copy."""
+    shutil.copytree(src, dst)
+    for path in glob.glob(f"{dst}/**/*", recursive=True):
+        if path.endswith((".json", ".csv")) and not os.path.basename(path).startswith("basic-variant-state"):  # a pickle
+            text = open(path).read()
+            if src in text:
+                open(path, "w").write(text.replace(src, dst))
+    return dst
+
+
+def trained_files(out: str) -> dict[str, float]:
+    """What training writes (Train's checkpoints and run state, W&B runs), with modification times."""
+    paths = glob.glob(f"{out}/ray_results/*_train/**", recursive=True) + glob.glob(f"{out}/wandb/**", recursive=True)
+    return {path: os.path.getmtime(path) for path in paths if os.path.isfile(path)}
+
+
+def test_the_same_sweep_command_again_resumes_and_reruns_nothing(swept, tmp_path, capsys):
     cfg, rows = swept
-    again = sweep.run(sweep.resumed_config(cfg.output_dir))  # what `--resume <output_dir>` runs
-    assert "resuming" in capsys.readouterr().out
+    out = moved_copy(cfg.output_dir, str(tmp_path / "out"))  # the session's sweep stays as it ran
+    before = trained_files(out)
+    assert any(path.endswith("compressor.pt") for path in before) and glob.glob(f"{out}/wandb/offline-run-*")
+    again = sweep.run(sweep.resumed_config(out))  # what `--resume <output_dir>` runs
+    assert f"sweep: resuming {out}/ray_results/stage1a_sweep" in capsys.readouterr().out
+    assert trained_files(out) == before  # no epoch ran: no checkpoint and no W&B run was written
     assert [r["mse"] for r in again] == [r["mse"] for r in rows]
+    assert [r["checkpoint"] for r in again] == [os.path.join(out, f"d{d}", "stage1a_best.pt") for d in (8, 16, 32)]
 
 
 def test_a_different_sweep_into_the_same_output_dir_is_refused(swept):
@@ -189,9 +212,12 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
     driver.wait()
     assert not (out / "sweep_results.json").exists()
 
-    resumed = sweep.run(sweep.resumed_config(str(out)))
+    assert not glob.glob(f"{out}/wandb/offline-run-*")
+    # Resumed with W&B on (`--resume OUT --use_wandb`): the restored trial logs the rest of its epochs.
+    resumed = sweep.run(dataclasses.replace(sweep.resumed_config(str(out)), use_wandb=True))
     clean = sweep.run(dataclasses.replace(sweep.resumed_config(str(out)), output_dir=str(tmp_path / "clean")))
     assert [r["d_compressed"] for r in resumed] == [r["d_compressed"] for r in clean] == [8, 16]
+    assert sorted(path.rsplit("-", 1)[-1] for path in glob.glob(f"{out}/wandb/offline-run-*")) == ["d16", "d8"]
     for r, c in zip(resumed, clean):
         assert r["epochs_trained"] == c["epochs_trained"]
         assert r["mse"] == pytest.approx(c["mse"], rel=1e-3)

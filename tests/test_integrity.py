@@ -264,10 +264,19 @@ def test_resume_picks_the_sweep_by_stage_and_applies_runtime_flags(tmp_path):
     with pytest.raises(UserError, match=r"holds 2 trm_ray sweeps to resume: pass --stage \(1a or 1b\)"):
         sweep.command_config(resume_args(["--resume", str(tmp_path)]))
     cfg = sweep.command_config(resume_args(["--resume", str(tmp_path), "--stage", "1b", "--address", "auto",
-                                            "--max_concurrent_trials", "2"]))
-    assert (cfg.stage, cfg.learning_rate, cfg.address, cfg.max_concurrent_trials) == ("1b", 0.02, "auto", 2)
+                                            "--no_wandb", "--num_cpus", "6"]))
+    assert (cfg.stage, cfg.learning_rate, cfg.address, cfg.use_wandb, cfg.num_cpus) == ("1b", 0.02, "auto", False, 6)
     with pytest.raises(UserError, match="--learning_rate cannot change them"):
         sweep.command_config(resume_args(["--resume", str(tmp_path), "--stage", "1a", "--learning_rate", "0.1"]))
+
+
+@pytest.mark.parametrize("flag", ["--max_concurrent_trials", "--max_failures"])
+def test_resume_refuses_the_limits_tune_restores_as_saved(tmp_path, flag):
+    # Tune restores its search's concurrency limit and each trial's retry budget from the sweep's saved state.
+    write_json(str(tmp_path / "ray_results" / "stage1a_sweep" / sweep.SWEEP_CONFIG), dataclasses.asdict(export_config(tmp_path)))
+    with pytest.raises(UserError, match=f"^--resume continues a sweep with its own settings; {flag} cannot change them "
+                                        r"\(only --address, --num_cpus, --use_wandb and --stage may be given\)$"):
+        sweep.command_config(resume_args(["--resume", str(tmp_path), flag, "2"]))
 
 
 @pytest.mark.parametrize("values, message", [
@@ -342,10 +351,12 @@ def test_secret_names_are_matched_in_any_case():
 def test_a_local_ray_has_room_for_the_trials_the_cores_can_run(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     cfg = make_config({"sweep": True, "sweep_d_values": [8, 16, 32]})
-    assert local_cpus(cfg) == 5  # 2 trials at once, each a Tune function and a worker, and one for Ray Data
-    assert local_cpus(dataclasses.replace(cfg, num_workers=2)) == 4  # 1 trial of 2 workers
+    assert local_cpus(cfg) == 3  # one learning rate: 1 trial (every D'), its Tune function and worker, one for Ray Data
+    grid = dataclasses.replace(cfg, sweep_learning_rates=[0.01, 0.02, 0.05])
+    assert local_cpus(grid) == 5  # 2 trials at once (the cores), each a Tune function and a worker, and one for Ray Data
+    assert local_cpus(dataclasses.replace(grid, num_workers=2)) == 4  # 1 trial of 2 workers
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert local_cpus(cfg) == 64
+    assert local_cpus(grid) == 64
 
 
 def test_a_validation_pass_reads_only_the_validation_documents_row_groups(shards, tmp_path):
@@ -376,7 +387,11 @@ def test_a_local_ray_runs_only_the_trials_whose_workers_fit_and_refuses_one_that
     cpus = {"CPU": 8.0, "memory": 2e9, "object_store_memory": 1e9}
     assert sweep.trials_that_fit(cfg, cpus) == 3  # 2 CPUs a trial, one left for Ray Data's reads
     assert sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=3), cpus) == 1
-    assert sweep.trials_that_fit(dataclasses.replace(cfg, address="auto"), cpus) is None  # a cluster's autoscaler decides
+    # A cluster that cannot grow deadlocks past what it holds (the Tune functions take the workers' CPUs): capped alike.
+    assert sweep.trials_that_fit(dataclasses.replace(cfg, address="auto"), cpus) == 3
+    cluster = dataclasses.replace(cfg, address="auto", use_gpu=True)
+    assert sweep.trials_that_fit(cluster, {**cpus, "GPU": 2.0}) == 2
+    assert sweep.trials_that_fit(cluster, cpus) is None  # no GPU node yet: the autoscaler must add one for any trial
     needs = r"a trial needs 9 CPU \(its Tune function and 8 worker\(s\)\) and 1 more CPU for Ray Data; the local Ray has 8 CPU"
     with pytest.raises(UserError, match=needs):
         sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=8), cpus)

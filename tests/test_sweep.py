@@ -272,26 +272,51 @@ def test_a_trial_stopped_after_train_replaced_its_reported_checkpoint_exports_th
 
 def test_a_resumed_sweep_keeps_the_rungs_and_cuts_asha_recorded_before_the_interruption(ray_cluster, tmp_path):
     import pickle
+    import time
     import types
 
-    from trm_ray.scheduler import PerWidthASHA
+    from trm_ray.scheduler import PerWidthASHA, cuts_name
 
     def trial(lr):  # a trial: one learning rate, every D' of the grid
         return types.SimpleNamespace(trial_id=f"t{lr}", config={"learning_rate": lr, "sweep": True, "sweep_d_values": [8, 16]})
 
     asha = dict(time_attr="tokens_seen", metric="mse", mode="min", max_t=400, grace_period=100, reduction_factor=2)
-    scheduler = PerWidthASHA(rungs_path=str(tmp_path / "asha_rungs.json"), group=f"test-{tmp_path.name}", **asha)
+    group = f"test-{tmp_path.name}"
+    scheduler = PerWidthASHA(rungs_path=str(tmp_path / "asha_rungs.json"), group=group, **asha)
     saved = pickle.dumps(scheduler)  # what Tuner.restore unpickles: the scheduler as first built
-    good, bad = trial(0.01), trial(0.1)
+    good, bad, late = trial(0.01), trial(0.1), trial(0.05)
     for t in (good, bad):
         scheduler.on_trial_add(None, t)
-    assert scheduler.on_trial_result(None, good, {"tokens_seen": 100, "d8/mse": 1.0, "d16/mse": 5.0}) == "CONTINUE"
-    # The sweep is interrupted here; resumed, "bad" reaches the first milestone: worse than "good" at D'=8, better at 16.
+    scheduler.on_trial_result(None, good, {"tokens_seen": 100, "d8/mse": 1.0, "d16/mse": 5.0})
+    scheduler.on_trial_result(None, bad, {"tokens_seen": 100, "d8/mse": 2.0, "d16/mse": 1.0})
+    assert scheduler.cut == {"lr0.01": [], "lr0.1": [8]}  # worse than "good" at D'=8 alone: the trial goes on with 16
+    # The sweep is interrupted here: its driver, and with it the cuts' actor, is gone.
+    ray_cluster.kill(scheduler.cuts())
+    deadline = time.time() + 30
+    while cuts_name(group) in ray_cluster.util.list_named_actors():
+        assert time.time() < deadline, "the killed actor kept its name"
+        time.sleep(0.1)
+
     restored = pickle.loads(saved)
-    for t in (good, bad):
+    assert restored.cut == {"lr0.01": [], "lr0.1": [8]}  # read back from asha_rungs.json
+    for t in (good, bad, late):
         restored.on_trial_add(None, t)
-    assert restored.on_trial_result(None, bad, {"tokens_seen": 100, "d8/mse": 2.0, "d16/mse": 1.0}) == "CONTINUE"
-    assert restored.cut["lr0.1"] == [8]  # that width alone stops: the trial goes on with D'=16
-    assert ray_cluster.get(restored.cuts().of.remote("lr0.1", 100)) == [8]  # what the trial reads after its report
-    assert ray_cluster.get(restored.cuts().of.remote("lr0.1", 200)) is None  # a report ASHA has not read yet
-    assert pickle.loads(pickle.dumps(restored)).cut == {"lr0.01": [], "lr0.1": [8]}  # and a second resume keeps it
+    assert ray_cluster.get(restored.cuts().of.remote("lr0.1", 0)) == [8]  # a fresh actor, started with the saved cuts
+    # Milestones 400, 200, 100, each with the scores recorded there before the interruption (ASHA negates a "min" metric).
+    assert restored.rungs(8) == [{}, {}, {"t0.01": -1.0, "t0.1": -2.0}]
+    # After the resume a third learning rate reaches the first milestone: worst at D'=8 against the saved scores, best at 16.
+    restored.on_trial_result(None, late, {"tokens_seen": 100, "d8/mse": 3.0, "d16/mse": 0.5})
+    assert restored.cut == {"lr0.01": [], "lr0.1": [8], "lr0.05": [8]}
+    assert restored.rungs(16) == [{}, {}, {"t0.01": -5.0, "t0.1": -1.0, "t0.05": -0.5}]
+    assert ray_cluster.get(restored.cuts().of.remote("lr0.05", 100)) == [8]  # what the trial reads after its report
+    assert ray_cluster.get(restored.cuts().of.remote("lr0.05", 200)) is None  # a report ASHA has not read yet
+    assert pickle.loads(pickle.dumps(restored)).cut == restored.cut  # and a second resume keeps it
+
+
+def test_tune_retries_a_trial_whose_node_was_lost_as_often_as_train_retries_its_workers(swept):
+    from ray.tune import ExperimentAnalysis
+
+    cfg, _ = swept
+    trials = ExperimentAnalysis(os.path.join(cfg.output_dir, "ray_results", "stage1a_sweep")).trials
+    assert [(t.config["learning_rate"], t.max_failures) for t in trials] == [(0.01, cfg.max_failures)]
+    assert cfg.max_failures == 3

@@ -114,7 +114,7 @@ def local_cpus(cfg: Config) -> int:
     in whose workers then never start. So: as many concurrent trials as the cores can train,
     each with its Tune function and workers, plus one CPU for Ray Data's read tasks."""
     cores = os.cpu_count() or 1
-    trials = len(cfg.d_values) * max(1, len(cfg.sweep_learning_rates))
+    trials = max(1, len(cfg.sweep_learning_rates))  # a trial per learning rate, each training every D'
     concurrent = min(trials, cfg.max_concurrent_trials or trials, max(1, cores // cfg.num_workers))
     return max(cores, 1 + concurrent * trial_cpus(cfg))
 

@@ -55,12 +55,17 @@ class ReportToTune(UserCallback):
         self.reports.put({**metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {})})
 
 
-def trial(config: dict[str, Any], train: Any, val: Any) -> None:
+def trial(config: dict[str, Any], train: Any, val: Any, runtime: dict[str, Any]) -> None:
     """One Tune trial: a TorchTrainer (Train V2) fits in a thread while this one reports to Tune
-    what the controller hands over, until the fit ends; its error, if any, is the trial's."""
+    what the controller hands over, until the fit ends; its error, if any, is the trial's.
+
+    `runtime` (the RUNTIME_ONLY settings of the command that runs the sweep now) overrides the trial's
+    config: a restored trial keeps the config it was saved with, but Tune takes the trainable, and
+    with it these parameters, from the command that resumes it."""
     from ray import tune
     from ray.util.queue import Queue
 
+    config = {**config, **runtime}
     reports, outcome = Queue(actor_options={"num_cpus": 0}), {}
 
     def fit() -> None:
@@ -82,8 +87,10 @@ def trial(config: dict[str, Any], train: Any, val: Any) -> None:
 
 LOWER_IS_BETTER = ("mse", "relative_error", "train_loss", "downstream_kl", "phase2_score")
 SWEEP_CONFIG = "trm_ray_config.json"
-# Settings that may change between an interrupted sweep and its resumption.
-RUNTIME_ONLY = {"address", "num_cpus", "max_concurrent_trials", "max_failures", "use_wandb"}
+# Settings that may change between an interrupted sweep and its resumption, and take effect then: the local
+# Ray's CPUs, and what reaches the trials through `trial`'s runtime parameters. Not --max_concurrent_trials
+# nor --max_failures: Tune restores its search's concurrency limit and each trial's retry budget as saved.
+RUNTIME_ONLY = {"address", "num_cpus", "use_wandb"}
 
 
 def differing_settings(saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -107,18 +114,21 @@ def should_resume(exp_dir: str, cfg: Config, overwrite: bool) -> bool:
 
 
 def trials_that_fit(cfg: Config, total: dict[str, float]) -> int | None:
-    """On a local Ray with `total` resources: how many trials run at once with their workers, counted on
+    """On a Ray with `total` resources: how many trials run at once with their workers, counted on
     every resource a trial holds (CPUs, GPUs, ...; one CPU left for Ray Data's reads).
 
-    Tune starts a trial on its function's one CPU, and Train asks for the workers' GPUs only when it
-    builds the worker group: more trials than the GPUs hold would wait there until Train's start
-    timeout fails them. Capped here, the rest wait in Tune's queue and start as others finish.
-    On a cluster (--address) none: its autoscaler adds nodes for what is pending."""
-    if cfg.address:
-        return None
+    Tune starts a trial on its function's one CPU, and Train asks for the workers' resources only when
+    it builds the worker group: past what fits, the Tune functions hold the CPUs that workers and Ray
+    Data's reads wait for, and on a cluster, where Train waits for its workers without limit, that wait
+    never ends. Capped here, the rest wait in Tune's queue and start as others finish. The cap is also
+    a cluster's: whether it can grow is not known here, and one that holds a trial now runs them all.
+    A local Ray that cannot hold one trial is refused; a cluster that cannot must grow for any trial
+    (e.g. its GPU nodes start at none): None, its autoscaler adds nodes for what is pending."""
     need = trial_resources(cfg)
     spare = {name: total.get(name, 0) - (1 if name == "CPU" else 0) for name in need}
     if any(spare[name] < amount for name, amount in need.items()):
+        if cfg.address:
+            return None
         wants = ", ".join(f"{amount:g} {name}" for name, amount in sorted(need.items()))
         has = ", ".join(f"{total.get(name, 0):g} {name}" for name in sorted(need))
         raise UserError(f"a trial needs {wants} (its Tune function and {cfg.num_workers} worker(s)) and 1 more CPU for "
@@ -274,7 +284,7 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
         stop_last_trials=False,  # the default kills the survivors at max_t before they finish cleanly
     )
     train, val = datasets(cfg, manifest)
-    trainable = tune.with_parameters(trial, train=train, val=val)
+    trainable = tune.with_parameters(trial, train=train, val=val, runtime={k: getattr(cfg, k) for k in sorted(RUNTIME_ONLY)})
     if resume:
         print(f"sweep: resuming {exp_dir}: finished trials are kept, unfinished ones continue from their latest "
               "checkpoint, errored ones are retried", flush=True)
@@ -287,7 +297,11 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
                 scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials or concurrent,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+            # A trial's Tune function, Train controller and report queue live outside Train's workers, whose
+            # deaths --max_failures covers in Train: a lost node that held one of them (a spot node) fails the
+            # trial in Tune, which starts it again as often, and Train resumes it from its latest checkpoint.
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
     grid = tuner.fit()
     remove_left_placement_groups()
@@ -312,7 +326,8 @@ def resumed_config(output_dir: str, stage: str | None = None) -> Config:
 
 def command_config(args: Any) -> Config:
     """The flags' Config; with --resume, the interrupted sweep's own settings, where only the settings
-    that do not change results (--address, --num_cpus, ...) may be given again, and --stage picks the sweep."""
+    that do not change results and take effect on a resume (RUNTIME_ONLY) may be given again, and
+    --stage picks the sweep."""
     if not args.resume:
         return config_from_args(args)
     given = {k for k, v in vars(args).items() if k in FIELDS and v is not None}
