@@ -61,7 +61,7 @@ def test_a_kl_objective_on_another_layer_than_the_last_is_a_one_line_error():
     with pytest.raises(UserError, match="needs --layer -1, not -2") as err:
         make_config({"objective": "kl", "layer": -2})
     assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match="objective must be mse, kl or mse\\+kl"):
+    with pytest.raises(UserError, match="objective must be mse, kl, mse\\+kl or phase2"):
         make_config({"objective": "ce"})
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trm_ray import phase2
+from trm_ray.config import UserError, make_config
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.model import LMHead
 
@@ -78,3 +79,19 @@ def test_validation_scores_each_region_on_one_read_of_the_batches(rows):
         assert metrics["context_pca_efficiency"] == pytest.approx(0.5 / metrics["context_mse"])
         assert metrics["phase2_score"] == pytest.approx(
             phase2.phase2_score(metrics["close_downstream_kl"], 0.1, metrics["context_pca_efficiency"]))
+
+
+def test_stage_1b_on_phase2_shards_at_the_last_layer_defaults_to_the_phase2_objective():
+    assert make_config({"stage": "1b"}).objective == "phase2"
+    assert make_config({"stage": "1b"}).score_metric == make_config({"stage": "1b"}).rank_metric == "phase2_score"
+    assert make_config({"stage": "1b", "keep_tokens": "thinking"}).objective == "mse"
+    assert make_config({"stage": "1b", "layer": -2}).objective == "mse"  # no LM head reads another layer
+    assert make_config({"stage": "1a"}).objective == "mse"
+
+
+def test_the_phase2_objective_on_shards_without_its_regions_is_a_one_line_error():
+    with pytest.raises(UserError, match="only stage 1b shards of --keep_tokens phase2 hold") as err:
+        make_config({"stage": "1b", "keep_tokens": "thinking", "objective": "phase2"})
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="asha_metric phase2_score is measured only with --objective phase2"):
+        make_config({"asha_metric": "phase2_score"})
