@@ -39,7 +39,7 @@ ASHA_METRICS = ("pca_efficiency", "mse", "cosine_similarity", "relative_error", 
                 *KL_ONLY_METRICS, "phase2_score")
 # Peak learning rate per --objective, measured (benchmarks/RESULTS.md): from the PCA start, mse needs only
 # a small step to stay at its optimum, while the KL objective has to turn the subspace towards what the head reads.
-DEFAULT_LEARNING_RATE = {"mse": 1e-4, "kl": 5e-3, "mse+kl": 5e-3, "phase2": 5e-3}
+DEFAULT_LEARNING_RATE = {"mse": 1e-4, "kl": 5e-3, "mse+kl": 5e-3, "phase2": 1e-3}
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Config:
                                      "context's mse and the closing state's KL, each against its own PCA reference; see README). "
                                      "Default: phase2 where it applies, else mse.")
     kl_weight: float = _f(1.0, "With --objective mse+kl: the loss is mse + kl_weight * KL.")
-    close_weight: float = _f(0.1, "With --objective phase2: the loss is context mse / its PCA mse + close_weight * closing-state KL / "
+    close_weight: float = _f(0.01, "With --objective phase2: the loss is context mse / its PCA mse + close_weight * closing-state KL / "
                                   "its PCA KL, each a mean over its own region's rows (benchmarks/RESULTS.md measures the choice).")
     batch_size: int = _f(8, "Batch size per worker, in sequences of max_seq_length tokens.")
     num_epochs: int | None = _f(None, "Maximum training epochs; default 10. Given explicitly, stage 1a's mse sweep from the PCA start trains "
