@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     names = [*trained, "PCA context", "PCA close"]
     stats = {key: per_conversation(w, contexts, close, lm_head) for key, w in weights.items()}
 
-    print(f"\nphase2_regions: {os.path.basename(os.path.dirname(model))} ({read_manifest(shards)['model_name']}), "
+    print(f"\nphase2_regions: {read_manifest(shards)['model']}, "
           f"D={close.shape[1]}; {len(close)} held-out conversations ({sum(len(c) for c in contexts):,} context states), "
-          f"{read_manifest(shards)['num_documents'] - len(close)} others in training; {time.perf_counter() - started:.0f}s")
+          f"{read_manifest(shards)['num_docs'] - len(close)} other conversations in training; {time.perf_counter() - started:.0f}s")
     print(machine(load))
     print("figure [95% bootstrap interval over the held-out conversations]")
     print(f"{'D_prime':>7} {'compressor':>12} {'ctx_pca_eff':>24} {'close_KL':>26} {'top1':>6} {'noisy_KL':>26} {'orth_err':>9}")
