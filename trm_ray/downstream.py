@@ -26,7 +26,7 @@ from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
 from trm_ray.model import LMHead, check_lm_head, load_lm_head, log_probs
 from trm_ray.shards import decode_hidden, read_json, read_manifest, rows_per_block, shard_paths, side_tables, write_bytes
-from trm_ray.spectrum import eigenvectors, manifest_key, spectrum_files, stored
+from trm_ray.spectrum import eigenvectors, manifest_key, moment_matrix, spectrum_files, stored
 
 
 def split_tables(shards_dir: str, val_fraction: float, seed: int, val_side: bool = True) -> Iterator[pa.Table]:
@@ -389,7 +389,7 @@ def fisher_start(model_name: str, shards_dir: str, val_fraction: float, seed: in
     fisher, n = mean_fisher(lm_head, training_rows())
     summary = read_json(spectrum_files(shards_dir, val_fraction, seed)[0])
     vecs = eigenvectors(shards_dir, val_fraction, seed).to(device)
-    sigma = (vecs * torch.tensor(summary["eigenvalues"], dtype=torch.float64, device=device)) @ vecs.T
+    sigma = moment_matrix(summary, vecs)
     store_fisher_start(shards_dir, val_fraction, seed, fisher, sigma, vecs, n)
 
 

@@ -119,11 +119,6 @@ def _close_rows(shards_dir: str, val_fraction: float, seed: int, val_side: bool,
     return torch.cat(rows)[:limit]
 
 
-def second_moment(summary: dict[str, Any], vecs: torch.Tensor) -> torch.Tensor:
-    """E[xxᵀ] of a region's training rows from its stored spectrum (float64 [D, D])."""
-    return (vecs * torch.tensor(summary["eigenvalues"], dtype=torch.float64)) @ vecs.T
-
-
 @torch.no_grad()
 def references_and_start(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
                          stage1a: dict[int, str], start_path: str) -> dict[str, dict[str, float]]:
@@ -136,7 +131,7 @@ def references_and_start(model_name: str, shards_dir: str, val_fraction: float, 
     code = region_codes(read_manifest(shards_dir))["close"]
     summary = {r: spectrum.load_or_compute(shards_dir, val_fraction, seed, region=r) for r in REGIONS}
     vecs = {r: spectrum.eigenvectors(shards_dir, val_fraction, seed, f"spectrum-{r}") for r in REGIONS}
-    sigma = {r: second_moment(summary[r], vecs[r]) for r in REGIONS}
+    sigma = {r: spectrum.moment_matrix(summary[r], vecs[r]) for r in REGIONS}
     mixed = {lam: torch.linalg.eigh(sigma["context"] / sigma["context"].trace() + lam * sigma["close"] / sigma["close"].trace())[1].flip(1)
              for lam in MIX_GRID}
     close_pca = {d: vecs["close"][:, :d].T.float().to(device) for d in d_values}
@@ -145,7 +140,7 @@ def references_and_start(model_name: str, shards_dir: str, val_fraction: float, 
     val_kl = grid_kl(lm_head, val_close, list(close_pca.values())).cpu() / max(len(val_close), 1)
     train_ref = grid_kl(lm_head, train_close, list(close_pca.values())).cpu() / len(train_close)
     context_total = float(sigma["context"].trace())
-    starts, chosen = {}, {}
+    starts = {}
     for i, d in enumerate(d_values):
         candidates = {f"mix{lam:g}": mixed[lam][:, :d].T for lam in MIX_GRID}
         candidates["stage1a"] = load_checkpoint(stage1a[d], d_model=sigma["context"].shape[0], d_compressed=d)["compressor"][WEIGHT_KEY].double()
@@ -156,14 +151,14 @@ def references_and_start(model_name: str, shards_dir: str, val_fraction: float, 
             residual = context_total - float((w @ sigma["context"] @ w.T).trace())  # for orthonormal rows
             scores[name] = phase2_score(k, float(train_ref[i]), limit / max(residual, 1e-30))
         best = min(scores, key=scores.get)
-        starts[d], chosen[str(d)] = candidates[best].float().contiguous(), best
+        starts[d] = candidates[best].float().contiguous()
         print(f"phase2: D'={d} starts from {best} (training phase2_score {scores[best]:.4g}; stage 1a's "
               f"{scores['stage1a']:.4g})", flush=True)
     buf = io.BytesIO()
     torch.save(starts, buf)
     write_bytes(start_path, buf.getvalue())
     return {"context_pca_mse": {str(d): summary["context"]["pca_mse"][d] for d in d_values},
-            "close_pca_downstream_kl": {str(d): k for d, k in zip(d_values, val_kl.tolist())}, "start": chosen}
+            "close_pca_downstream_kl": {str(d): k for d, k in zip(d_values, val_kl.tolist())}}
 
 
 def start_path(output_dir: str) -> str:

@@ -221,6 +221,11 @@ def pca_metrics(summary: dict[str, Any], d: int) -> dict[str, float]:
     return {k: summary[f"pca_{k}"][d] for k in PCA_METRICS}
 
 
+def moment_matrix(summary: dict[str, Any], vecs: torch.Tensor) -> torch.Tensor:
+    """E[xxᵀ] of the training rows (float64 [D, D], on `vecs`' device) from a stored spectrum and its eigenvectors."""
+    return (vecs * torch.tensor(summary["eigenvalues"], dtype=torch.float64, device=vecs.device)) @ vecs.T
+
+
 def training_mean(shards_dir: str, val_fraction: float, seed: int) -> torch.Tensor:
     """The training rows' mean [D] (float64, from the stored spectrum): what the centred metrics are centred about."""
     return torch.tensor(read_json(spectrum_files(shards_dir, val_fraction, seed)[0])["mean"], dtype=torch.float64)
