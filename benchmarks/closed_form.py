@@ -20,8 +20,8 @@ import time
 from benchmarks.common import machine, print_ratio
 from benchmarks.quality import REAL
 from trm_ray import spectrum, sweep
-from trm_ray.cli import connect
-from trm_ray.compressor import METRICS
+from trm_ray.cluster import connect
+from trm_ray.names import METRICS
 from trm_ray.config import make_config
 from trm_ray.shards import shard_paths, split_counts
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.common import machine, print_ratio, read_train_rows, write_synthetic_shards
-from trm_ray.cli import connect
+from trm_ray.cluster import connect
 from trm_ray.config import make_config
 from trm_ray.shards import decode_hidden, load_splits, split_counts, stored_hidden
 from trm_ray.train import epoch_rows, hidden_batches

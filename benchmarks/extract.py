@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import machine, print_ratio
 from benchmarks.real_model import english_corpus, non_llama_lm_dir, pretrained_lm_dir
-from trm_ray.cli import connect
+from trm_ray.cluster import connect
 from trm_ray.config import Config, make_config
 from trm_ray.extract import extract
 from trm_ray.model import flops_per_token, load_model_config

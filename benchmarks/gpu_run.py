@@ -32,7 +32,7 @@ from transformers import SmolLM3Config, SmolLM3ForCausalLM
 from benchmarks.common import machine
 from benchmarks.extract import device_peak, trm_ray_run
 from trm_ray import spectrum, sweep
-from trm_ray.cli import connect
+from trm_ray.cluster import connect
 from trm_ray.config import make_config
 from trm_ray.model import flops_per_token, load_model_config
 from trm_ray.quickstart import make_documents, make_tokenizer

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import bare_trainer, machine, print_ratio, read_train_rows
-from trm_ray.cli import connect
+from trm_ray.cluster import connect
 from trm_ray.compressor import orthonormality_error
 from trm_ray.config import Config, make_config
 from trm_ray.downstream import next_token_damage, start_basis, validation_rows

@@ -41,13 +41,12 @@ import torch
 
 from benchmarks.common import machine
 from trm_ray import spectrum
-from trm_ray.cli import connect
+from trm_ray.cluster import connect
 from trm_ray.compressor import DimensionCompressor, orthonormality_error
 from trm_ray.config import make_config
 from trm_ray.downstream import logit_shift, split_tables
 from trm_ray.model import load_lm_head
 from trm_ray.phase2 import CONTEXT_FLOOR, region_codes
-from trm_ray.report import results_path
 from trm_ray.shards import decode_hidden, read_manifest
 from trm_ray.sweep import run
 
@@ -95,7 +94,7 @@ def sweep(values: dict[str, Any]) -> dict[int, str]:
     """trm_ray's sweep over D_VALUES with `values`; the exported checkpoint of each D'. A sweep whose results
     are already in its output directory is read back, not run again (delete the directory to retrain)."""
     cfg = make_config(dict(sweep=True, sweep_d_values=D_VALUES, num_cpus=8, use_wandb=False, torch_compile=False) | values)
-    done = Path(results_path(cfg))
+    done = Path(cfg.results_path())
     rows = json.loads(done.read_text()) if done.is_file() else run(cfg, overwrite=True)
     return {r["d_compressed"]: r["checkpoint"] for r in rows}
 

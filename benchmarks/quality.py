@@ -31,12 +31,13 @@ import torch
 
 from benchmarks.common import machine, print_ratio, write_synthetic_shards
 from trm_ray import spectrum
-from trm_ray.cli import connect
+from trm_ray.cluster import connect
 from trm_ray.compressor import read_checkpoint
 from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
 from trm_ray.sweep import datasets, trial_config_for
-from trm_ray.train import CHECKPOINT_FILE, make_trainer, width_key
+from trm_ray.names import CHECKPOINT_FILE, width_key
+from trm_ray.train import make_trainer
 
 FULL = dict(d_model=512, sweep_d_values=[16, 64, 128, 256], num_samples=384, max_seq_length=256, docs_per_shard=64,
             batch_size=4)

@@ -44,7 +44,7 @@ from transformers import AutoConfig
 
 from benchmarks.common import bare_trainer, machine, print_ratio, write_synthetic_shards
 from trm_ray import sweep
-from trm_ray.cli import connect
+from trm_ray.cluster import connect
 from trm_ray.config import Config, UserError, build_parser, config_from_args, load_yaml, make_config
 from trm_ray.downstream import FISHER_TOKENS
 from trm_ray.extract import extract, hidden_rows, resolve_storage_dtype

@@ -30,7 +30,7 @@ from ray.train import UserCallback
 
 from benchmarks.common import bare_trainer, machine, print_ratio, read_train_rows, write_synthetic_shards
 from trm_ray import spectrum
-from trm_ray.cli import connect
+from trm_ray.cluster import connect
 from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
 from trm_ray.sweep import datasets, trial_config_for

@@ -25,7 +25,7 @@ def ray_cluster():
     controller do not wait on each other on a 2-core machine."""
     import ray
 
-    from trm_ray.cli import connect
+    from trm_ray.cluster import connect
 
     connect(make_config({"num_cpus": 8}))
     yield ray

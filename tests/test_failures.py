@@ -264,7 +264,8 @@ def test_a_worker_replaced_while_asha_decides_trains_no_epoch_of_the_width_asha_
 
     from ray.util.state import list_actors
 
-    from trm_ray.scheduler import WidthCuts, cuts_name
+    from trm_ray.names import cuts_name
+    from trm_ray.scheduler import WidthCuts
 
     group = f"cut-{uuid.uuid4().hex[:8]}"
     cuts = ray_cluster.remote(WidthCuts).options(name=cuts_name(group), num_cpus=0).remote({})  # the sweep's, undecided
@@ -311,7 +312,7 @@ def test_a_mistyped_path_is_refused_before_ray_starts(assets, tmp_path, flags, e
 def test_ray_failing_to_start_is_a_one_line_error_naming_the_likely_cause(monkeypatch):
     import ray
 
-    from trm_ray.cli import start_ray
+    from trm_ray.cluster import start_ray
 
     def times_out(**kwargs):  # what Ray raises when its raylet does not come up in 30 s on a loaded machine
         raise Exception("The current node timed out during startup. This could happen because some of the Ray "

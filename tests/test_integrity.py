@@ -16,14 +16,15 @@ from ray.tune import Result
 
 from trm_ray import extract as extract_mod
 from trm_ray import downstream, report, spectrum, sweep
-from trm_ray.cli import forwarded_env, local_cpus
-from trm_ray.compressor import METRICS, save_checkpoint
+from trm_ray.cluster import forwarded_env, local_cpus
+from trm_ray.compressor import save_checkpoint
+from trm_ray.names import METRICS
 from trm_ray.config import UserError, build_parser, make_config
 from trm_ray.model import check_layer, hidden_size_of
 from trm_ray.report import _copy, budget_line, export_results, smallest_within_budget
-from trm_ray.shards import read_bytes, write_bytes, write_json
+from trm_ray.files import read_bytes, write_bytes, write_json
 from trm_ray.text import read_documents
-from trm_ray.train import CHECKPOINT_FILE, run_label
+from trm_ray.names import CHECKPOINT_FILE
 
 D = 64
 LIMIT = {"hidden_size": D, "pca_mse": [0.5] * (D + 1), "pca_cosine_similarity": [0.9] * (D + 1),
@@ -133,9 +134,9 @@ def test_a_diverging_trial_stops_after_its_first_epoch_and_exports_its_start_wit
 
 def test_trials_of_one_d_prime_with_different_learning_rates_get_different_run_names():
     cfg = make_config({"sweep": True, "sweep_learning_rates": [0.01, 0.001], "d_compressed": 8})
-    names = {run_label(dataclasses.replace(cfg, learning_rate=lr), 8) for lr in cfg.sweep_learning_rates}
+    names = {dataclasses.replace(cfg, learning_rate=lr).run_label(8) for lr in cfg.sweep_learning_rates}
     assert names == {"d8-lr0.01", "d8-lr0.001"}
-    assert run_label(make_config({"d_compressed": 8}), 8) == "d8"  # no lr grid: the name the seed's runs had
+    assert make_config({"d_compressed": 8}).run_label(8) == "d8"  # no lr grid: the name the seed's runs had
 
 
 @pytest.mark.parametrize("values, message", [

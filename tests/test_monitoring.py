@@ -7,7 +7,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from trm_ray.cli import forwarded_env
+from trm_ray.cluster import forwarded_env
 from trm_ray.extract import extract
 
 from conftest import SWEPT_WINDOW

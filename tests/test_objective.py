@@ -10,11 +10,13 @@ import torch
 from trm_ray import downstream, spectrum, sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
-from trm_ray.downstream import (fisher_basis, mean_fisher, next_token_damage, next_token_kl, quadratic_kl,
-                                start_basis, store_fisher_start, validation_rows)
+from trm_ray.downstream import (fisher_basis, mean_fisher, next_token_damage, next_token_kl, quadratic_kl, start_basis,
+                                store_fisher_start, validation_rows)
 from trm_ray.model import LMHead, load_lm_head
-from trm_ray.shards import MANIFEST, load_splits, read_json, write_bytes, write_json
-from trm_ray.spectrum import eigenvectors, manifest_key, spectrum_files, training_mean
+from trm_ray.files import read_json, write_bytes, write_json
+from trm_ray.shards import MANIFEST, load_splits
+from trm_ray.names import spectrum_files
+from trm_ray.spectrum import eigenvectors, manifest_key, training_mean
 from trm_ray.sweep import limits
 from trm_ray.train import evaluate, hidden_batches, initial_model, objective_loss
 

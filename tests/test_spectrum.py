@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from trm_ray import spectrum, sweep
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.downstream import validation_rows
-from trm_ray.shards import decode_hidden, load_splits, read_json, write_json
+from trm_ray.files import read_json, write_json
+from trm_ray.shards import decode_hidden, load_splits
 from trm_ray.train import initial_model, trial_config
 
 from test_train import fit, width_metrics

@@ -275,7 +275,8 @@ def test_a_resumed_sweep_keeps_the_rungs_and_cuts_asha_recorded_before_the_inter
     import time
     import types
 
-    from trm_ray.scheduler import PerWidthASHA, cuts_name
+    from trm_ray.names import cuts_name
+    from trm_ray.scheduler import PerWidthASHA
 
     def trial(lr):  # a trial: one learning rate, every D' of the grid
         return types.SimpleNamespace(trial_id=f"t{lr}", config={"learning_rate": lr, "sweep": True, "sweep_d_values": [8, 16]})

@@ -12,7 +12,8 @@ import pytest
 from trm_ray.config import UserError, load_yaml, make_config
 from trm_ray.extract import extract, extraction_settings
 from trm_ray.quickstart import make_conversations, make_tokenizer
-from trm_ray.shards import MANIFEST, write_json
+from trm_ray.files import write_json
+from trm_ray.shards import MANIFEST
 from trm_ray.text import REGIONS, chat_settings, pinned_template, read_documents, render, thinking_summary, tokenize
 
 SMOLLM3_TEMPLATE = (Path(__file__).parent / "data" / "smollm3_chat_template.jinja").read_text()

@@ -8,7 +8,7 @@ such actors (`E ... core_worker.cc ... 'PreemptionWatcher' ... has constructor a
 object store and max_restarts > 0`). The watcher lets Train wait out a spot GPU node's
 preemption, so it stays; the handles it is built with are the trial controller's own, held as
 long as the watcher runs, so the restart the alarm warns about cannot lose them. A local Ray
-runs without the watcher (trm_ray.cli.connect).
+runs without the watcher (trm_ray.cluster.connect).
 """
 
 import os

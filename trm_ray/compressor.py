@@ -18,12 +18,7 @@ import torch
 from torch import nn
 
 from trm_ray.config import UserError
-from trm_ray.shards import atomic_output
-
-# What a checkpoint records of its compressor: validation reconstruction metrics, and how far W's rows are from orthonormal.
-METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance",
-           "centred_explained_variance", "centred_cosine_similarity", "orthonormality_error")
-
+from trm_ray.files import atomic_output
 
 class DimensionCompressor(nn.Module):
     """LLM-TRM's own layout (`compress = nn.Linear(D, D', bias=False)`, so the state dict holds

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from trm_ray.names import ASHA_METRICS, KL_ONLY_METRICS
+
 
 class UserError(Exception):
     """A problem the user can fix; CLIs print it as one line, without a traceback."""
@@ -31,12 +33,6 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
-# What each epoch's report carries that ASHA can rank on (anything else would never arrive, and ASHA
-# would silently stop nothing).
-KL_ONLY_METRICS = ("downstream_efficiency", "downstream_kl")  # measured only when the loss reads the LM head
-ASHA_METRICS = ("pca_efficiency", "mse", "cosine_similarity", "relative_error", "variance_ratio",
-                "explained_variance", "centred_explained_variance", "centred_cosine_similarity", "train_loss",
-                *KL_ONLY_METRICS, "phase2_score")
 # Peak learning rate per --objective, measured (benchmarks/RESULTS.md): from the PCA start, mse needs only
 # a small step to stay at its optimum, while the KL objective has to turn the subspace towards what the head reads.
 DEFAULT_LEARNING_RATE = {"mse": 1e-4, "kl": 5e-3, "mse+kl": 5e-3, "phase2": 1e-3}
@@ -236,6 +232,25 @@ class Config:
         """The seed's layout: <output_dir>/d<D'>/stage<stage>_best.pt in a sweep, else <output_dir>/stage<stage>_best.pt."""
         name = f"stage{stage or self.stage}_best.pt"
         return os.path.join(self.output_dir, f"d{d_compressed}", name) if self.sweep else os.path.join(self.output_dir, name)
+
+    def results_path(self, kind: str = "results", ext: str = "json") -> str:
+        """sweep_results.json (and .csv, and the plot sweep_report.png) for stage 1a; stage 1b's sit beside them
+        without replacing them. Built from the file name alone, so no part of --output_dir is ever rewritten."""
+        name = f"sweep_{kind}" if self.stage == "1a" else f"sweep_{kind}_stage{self.stage}"
+        return os.path.join(self.output_dir, f"{name}.{ext}")
+
+    @property
+    def trial_label(self) -> str:
+        """A trial's name in Tune and Train: its learning rate (it trains every D' of the grid)."""
+        return f"lr{self.learning_rate:g}"
+
+    def run_label(self, d: int) -> str:
+        """One D''s name in W&B, its artifacts and the dashboard: d256, or d256-lr0.001 when the sweep grids learning rates."""
+        return f"d{d}" + (f"-lr{self.learning_rate:g}" if self.sweep_learning_rates else "")
+
+    def wandb_name(self, d: int) -> str:
+        """A D''s W&B run: <prefix>-d256 (-lr0.001 in an lr grid), the prefix --wandb_run_name or stage<stage>."""
+        return f"{self.wandb_run_name or f'stage{self.stage}'}-{self.run_label(d)}"
 
     def init_checkpoint(self, d_compressed: int) -> str | None:
         """Stage 1b starts from the stage 1a checkpoint of the same D'; stage 1a from scratch."""

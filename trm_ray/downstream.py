@@ -23,10 +23,13 @@ import pyarrow as pa
 import torch
 
 from trm_ray.compressor import DimensionCompressor
+from trm_ray.cluster import on_a_gpu
 from trm_ray.config import UserError
 from trm_ray.model import LMHead, check_lm_head, load_lm_head, log_probs
-from trm_ray.shards import decode_hidden, read_json, read_manifest, rows_per_block, shard_paths, side_tables, write_bytes
-from trm_ray.spectrum import eigenvectors, manifest_key, moment_matrix, spectrum_files, stored
+from trm_ray.files import read_json, write_bytes
+from trm_ray.shards import decode_hidden, read_manifest, rows_per_block, shard_paths, side_tables
+from trm_ray.names import spectrum_files
+from trm_ray.spectrum import eigenvectors, manifest_key, moment_matrix, stored
 
 
 def split_tables(shards_dir: str, val_fraction: float, seed: int, val_side: bool = True) -> Iterator[pa.Table]:
@@ -416,14 +419,6 @@ def start_basis(shards_dir: str, val_fraction: float, seed: int, init: str, d: i
         if found["quadratic_kl"]["fisher"][d] <= found["quadratic_kl"]["pca"][d]:
             return found["eigenvectors"][:, :d]
     return eigenvectors(shards_dir, val_fraction, seed)[:, :d]
-
-
-def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` as one Ray task; with --use_gpu it requests a GPU, decided from the configuration
-    (as extraction decides) so that an autoscaler adds a GPU node even when the cluster has none yet."""
-    import ray
-
-    return ray.get(ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn).remote(*args))
 
 
 def check_head(cfg: Any) -> None:

@@ -33,8 +33,8 @@ import torch
 
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.model import CPU_FLOPS_PER_CORE, check_layer, flops_per_token, hidden_size_of, load_model, load_model_config, model_id
-from trm_ray.shards import (MANIFEST, atomic_output, check_hidden_size, check_writable, encode_hidden, filesystem, read_json, shard_name,
-                            value_bytes, write_json)
+from trm_ray.files import atomic_output, check_writable, filesystem, read_json, write_json
+from trm_ray.shards import MANIFEST, check_hidden_size, encode_hidden, shard_name, value_bytes
 from trm_ray.text import REGIONS, chat_settings, load_tokenizer, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
 
@@ -427,7 +427,8 @@ def extract(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trm_ray.cli import check_before_ray, connect, run_cli
+    from trm_ray.cli import run_cli
+    from trm_ray.cluster import check_before_ray, connect
 
     parser = build_parser("python -m trm_ray.extract", __doc__.splitlines()[0])
 

@@ -30,7 +30,8 @@ from trm_ray import spectrum
 from trm_ray.compressor import WEIGHT_KEY, load_checkpoint, metrics_from_sums, reconstruction_sums
 from trm_ray.downstream import damage_sums, grid_kl, split_tables
 from trm_ray.model import LMHead, load_lm_head
-from trm_ray.shards import decode_hidden, read_bytes, read_manifest, write_bytes
+from trm_ray.files import read_bytes, write_bytes
+from trm_ray.shards import decode_hidden, read_manifest
 
 REGIONS = ("context", "close")
 CONTEXT_FLOOR = 0.98  # context_pca_efficiency a phase-2 compressor must keep (the goal of stage 1b)

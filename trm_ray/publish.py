@@ -24,8 +24,7 @@ import yaml
 
 from trm_ray.compressor import load_checkpoint, save_checkpoint
 from trm_ray.config import FIELDS, UserError, make_config
-from trm_ray.report import results_path
-from trm_ray.shards import read_json
+from trm_ray.files import read_json
 from trm_ray.text import looks_like_path
 from trm_ray.train import trial_config
 
@@ -81,7 +80,7 @@ def public_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 def exported_row(output_dir: str, d_compressed: int, stage: str) -> dict[str, Any]:
     """The sweep's summary row of this D' and stage, which names the exported checkpoint."""
-    path = results_path(make_config({"output_dir": output_dir, "stage": stage}))
+    path = make_config({"output_dir": output_dir, "stage": stage}).results_path()
     rows = read_json(path)
     if rows is None:
         raise UserError(f"{output_dir} has no stage {stage} results ({os.path.basename(path)}): "
@@ -171,7 +170,7 @@ def write_folder(output_dir: str, d_compressed: int, stage: str, repo: str | Non
     from before trm_ray took LLM-TRM's layout is converted here), README.md and the sweep's plot."""
     row = exported_row(output_dir, d_compressed, stage)
     ckpt = load_checkpoint(row["checkpoint"], d_compressed=d_compressed)
-    plot = results_path(trial_config(ckpt["config"].to_dict())[0], "report", "png")
+    plot = trial_config(ckpt["config"].to_dict())[0].results_path("report", "png")
     settings = public_settings(ckpt["config"].to_dict())
     settings.setdefault("hidden_size", row["d_model"])
     settings.setdefault("d_compressed", d_compressed)

@@ -19,7 +19,8 @@ import torch
 
 from trm_ray import spectrum
 from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
-from trm_ray.downstream import next_token_damage, on_a_gpu, split_tables
+from trm_ray.cluster import on_a_gpu
+from trm_ray.downstream import next_token_damage, split_tables
 from trm_ray.model import check_lm_head, load_lm_head
 from trm_ray.shards import decode_hidden, read_manifest
 from trm_ray.text import KEPT_REGIONS

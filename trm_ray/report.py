@@ -15,22 +15,16 @@ from typing import Any
 import pandas as pd
 import pyarrow.fs as pafs
 
-from trm_ray.compressor import METRICS, WEIGHT_KEY, load_checkpoint, orthonormality_error, read_checkpoint, save_checkpoint
+from trm_ray.compressor import WEIGHT_KEY, load_checkpoint, orthonormality_error, read_checkpoint, save_checkpoint
 from trm_ray.config import Config
 from trm_ray.downstream import add_downstream
 from trm_ray.phase2 import METRICS as PHASE2_METRICS
 from trm_ray.regions import add_region_metrics
-from trm_ray.shards import atomic_output, exists, filesystem, read_bytes, write_json
+from trm_ray.files import atomic_output, exists, filesystem, read_bytes, write_json
 from trm_ray.spectrum import curve_points, eigenvectors, pca_metrics
 from trm_ray.tracking import tracking
-from trm_ray.train import KL_METRICS, wandb_name, width_key
+from trm_ray.names import KL_METRICS, METRICS, PCA_REFERENCES, width_key
 
-
-def results_path(cfg: Config, kind: str = "results", ext: str = "json") -> str:
-    """sweep_results.json (and .csv, and the plot sweep_report.png) for stage 1a; stage 1b's sit beside them
-    without replacing them. Built from the file name alone, so no part of --output_dir is ever rewritten."""
-    name = f"sweep_{kind}" if cfg.stage == "1a" else f"sweep_{kind}_stage{cfg.stage}"
-    return os.path.join(cfg.output_dir, f"{name}.{ext}")
 
 
 def best_checkpoint_path(result: Any) -> str | None:
@@ -132,7 +126,7 @@ def export_closed_form(cfg: Config, manifest: dict[str, Any], limit: dict[str, A
         metrics = {**pca_metrics(limit, d), "orthonormality_error": orthonormality_error(weight)}
         dest, width_config = cfg.export_path(d), {**config, "d_compressed": d}
         save_checkpoint(dest, {WEIGHT_KEY: weight}, width_config, metrics[cfg.score_metric], {**metrics, "epoch": 0})
-        log = tracking(cfg.use_wandb, 0, project=cfg.wandb_project, group=config["group"], name=wandb_name(cfg, d),
+        log = tracking(cfg.use_wandb, 0, project=cfg.wandb_project, group=config["group"], name=cfg.wandb_name(d),
                        config=width_config, directory=cfg.output_dir)
         log.log(metrics)
         log.log_checkpoint(dest, metrics)
@@ -182,12 +176,8 @@ def finish_rows(rows: list[dict[str, Any]], cfg: Config, manifest: dict[str, Any
         if "downstream_kl" in row:
             row["within_kl_budget"] = row["downstream_kl"] <= cfg.kl_budget
     write_results(rows, cfg)
-    plot_report(rows, limit, cfg, manifest, results_path(cfg, "report", "png"))
+    plot_report(rows, limit, cfg, manifest, cfg.results_path("report", "png"))
     return rows
-
-
-# The PCA limit's values a row carries beside the trained compressor's: uncentred and centred.
-PCA_REFERENCES = ("cosine_similarity", "explained_variance", "centred_cosine_similarity", "centred_explained_variance")
 
 
 def smallest_within_budget(rows: list[dict[str, Any]], kl_budget: float) -> dict[str, Any] | None:
@@ -211,8 +201,8 @@ def budget_line(rows: list[dict[str, Any]], kl_budget: float) -> str | None:
 
 
 def write_results(rows: list[dict[str, Any]], cfg: Config) -> None:
-    write_json(results_path(cfg), rows)
-    pd.DataFrame(rows).to_csv(results_path(cfg, ext="csv"), index=False)
+    write_json(cfg.results_path(), rows)
+    pd.DataFrame(rows).to_csv(cfg.results_path(ext="csv"), index=False)
 
 
 # The seed guide's expected cosine per D' (for D=3072): a reference line, not a measurement.
@@ -341,4 +331,4 @@ def print_table(rows: list[dict[str, Any]], cfg: Config) -> None:
     for r in rows:
         if r.get("note"):
             print(f"note: {r['note']}")
-    print(f"\nsummary: {results_path(cfg)} (and .csv); plot: {results_path(cfg, 'report', 'png')}\n", flush=True)
+    print(f"\nsummary: {cfg.results_path()} (and .csv); plot: {cfg.results_path('report', 'png')}\n", flush=True)

@@ -22,8 +22,9 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from trm_ray.shards import read_json, write_json
-from trm_ray.train import trial_config, trial_label, width_key
+from trm_ray.files import read_json, write_json
+from trm_ray.names import cuts_name, width_key
+from trm_ray.train import trial_config
 
 
 class WidthCuts:
@@ -42,11 +43,6 @@ class WidthCuts:
     def of(self, trial: str, tokens_seen: int) -> list[int] | None:
         """The trial's widths ASHA stopped, once it has decided on the report at `tokens_seen` (None before)."""
         return self.cut.get(trial, []) if self.read.get(trial, 0) >= tokens_seen else None
-
-
-def cuts_name(group: str) -> str:
-    """The named `WidthCuts` actor of the sweep whose W&B group (unique per sweep) is `group`."""
-    return f"trm_ray-asha-cuts-{group}"
 
 
 class PerWidthASHA(FIFOScheduler):
@@ -112,7 +108,7 @@ class PerWidthASHA(FIFOScheduler):
         return {**result, self.width_metric: result[key]} if key in result else {}
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        label = trial_label(trial_config(trial.config)[0])
+        label = trial_config(trial.config)[0].trial_label
         cut = self.cut.setdefault(label, [])
         for d in self.widths(trial):
             if d not in cut and self._for(d).on_trial_result(tune_controller, trial,

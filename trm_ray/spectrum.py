@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import io
 import json
-import posixpath
 import sys
 from typing import Any, Callable
 
@@ -30,15 +29,9 @@ import pyarrow.compute as pc
 import torch
 
 from trm_ray.config import UserError
-from trm_ray.shards import (decode_hidden, exists, read_bytes, read_json, read_manifest, rows_per_block, shard_paths,
-                            side_tables, write_bytes, write_json)
-
-def spectrum_files(shards_dir: str, val_fraction: float, seed: int, name: str = "spectrum") -> tuple[str, str]:
-    """<name>-val<fraction>-seed<seed>.json and .pt: one pair per split, so a spectrum computed for one
-    split never stands in for another's (the PCA init and the PCA downstream KL read the .pt)."""
-    stem = posixpath.join(shards_dir, f"{name}-val{val_fraction:g}-seed{seed}")
-    return f"{stem}.json", f"{stem}.pt"
-
+from trm_ray.names import PCA_METRICS, spectrum_files
+from trm_ray.files import exists, read_bytes, read_json, write_bytes, write_json
+from trm_ray.shards import decode_hidden, read_manifest, rows_per_block, shard_paths, side_tables
 
 def manifest_key(shards_dir: str) -> str:
     """A digest of the shards' manifest: what every file derived from the shards (spectrum, Fisher
@@ -210,11 +203,6 @@ def eigenvectors(shards_dir: str, val_fraction: float, seed: int, name: str = "s
     return found["eigenvectors"]
 
 
-# The metrics of trm_ray.compressor.METRICS that the spectrum holds for the PCA reconstruction of every D'.
-PCA_METRICS = ("mse", "cosine_similarity", "relative_error", "variance_ratio", "explained_variance",
-               "centred_explained_variance", "centred_cosine_similarity")
-
-
 def pca_metrics(summary: dict[str, Any], d: int) -> dict[str, float]:
     """The validation metrics of the PCA compressor of width d (its rows the top-d eigenvectors), from the
     spectrum pass's sums: what `train.evaluate` measures on the same rows, without reading them again."""
@@ -237,7 +225,8 @@ def curve_points(d_model: int, extra: list[int] = ()) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trm_ray.cli import connect, run_cli
+    from trm_ray.cli import run_cli
+    from trm_ray.cluster import connect
     from trm_ray.config import make_config
 
     parser = argparse.ArgumentParser(prog="python -m trm_ray.spectrum", description=__doc__.splitlines()[0])

@@ -26,18 +26,22 @@ from ray.train import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from trm_ray import phase2, spectrum
-from trm_ray.cli import trial_resources
+from trm_ray.cluster import trial_resources
 from trm_ray.compressor import load_checkpoint
-from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
-from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, on_a_gpu, pca_kl
+from trm_ray.config import Config, FIELDS, UserError, build_parser, config_from_args, make_config
+from trm_ray.cluster import on_a_gpu
+from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, pca_kl
 from trm_ray.extract import extract
+from trm_ray.names import LOWER_IS_BETTER, spectrum_files
 from trm_ray.model import hidden_size_of, model_id
 from trm_ray.regions import print_regions
 from trm_ray.report import FAILURES, exclusions, export_closed_form, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
-from trm_ray.shards import absolute, load_splits, read_json, split_counts, value_bytes, verify_shards, write_json
+from trm_ray.files import absolute, read_json, write_json
+from trm_ray.shards import load_splits, split_counts, value_bytes, verify_shards
 from trm_ray.tracking import prepare_wandb
-from trm_ray.train import CHECKPOINT_FILE, make_trainer, trial_config, trial_label
+from trm_ray.names import CHECKPOINT_FILE
+from trm_ray.train import make_trainer, trial_config
 
 
 class ReportToTune(UserCallback):
@@ -85,7 +89,6 @@ def trial(config: dict[str, Any], train: Any, val: Any, runtime: dict[str, Any])
         raise outcome["error"]
 
 
-LOWER_IS_BETTER = ("mse", "relative_error", "train_loss", "downstream_kl", "phase2_score")
 SWEEP_CONFIG = "trm_ray_config.json"
 # Settings that may change between an interrupted sweep and its resumption, and take effect then: the local
 # Ray's CPUs, and what reaches the trials through `trial`'s runtime parameters. Not --max_concurrent_trials
@@ -157,7 +160,7 @@ def remove_left_placement_groups() -> None:
 
 def trial_name(t: Any) -> str:
     """Readable and deterministic (a timestamp in a name breaks a restore): lr0.005, the trial's learning rate."""
-    return trial_label(trial_config(t.config)[0])
+    return trial_config(t.config)[0].trial_label
 
 
 def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -216,7 +219,7 @@ def limits(cfg: Config) -> dict[str, Any]:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",
               flush=True)
         on_a_gpu(cfg.use_gpu, fisher_start, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed)
-    path = spectrum.spectrum_files(cfg.shards_path, cfg.val_fraction, cfg.seed, "pca_kl")[0]
+    path = spectrum_files(cfg.shards_path, cfg.val_fraction, cfg.seed, "pca_kl")[0]
     key = {"manifest": limit["manifest"], "model_name": cfg.model_name}
     cached = read_json(path) or {}
     kl = cached.get("kl", {}) if {k: cached.get(k) for k in key} == key else {}
@@ -340,7 +343,8 @@ def command_config(args: Any) -> Config:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trm_ray.cli import check_before_ray, connect, run_cli
+    from trm_ray.cli import run_cli
+    from trm_ray.cluster import check_before_ray, connect
 
     parser = build_parser("python -m trm_ray.sweep", __doc__.splitlines()[0])
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run's results in --output_dir.")

@@ -25,19 +25,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trm_ray.compressor import (METRICS, DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
+from trm_ray.compressor import (DimensionCompressor, load_checkpoint, metrics_from_sums, orthonormality_error,
                                 orthonormalize_, plain_state, reconstruction_sums, save_checkpoint, tangent_part)
+from trm_ray.cluster import scaling_config
+from trm_ray.names import CHECKPOINT_FILE, KL_METRICS, METRICS, RESUME_FILE, width_key
 from trm_ray import phase2
-from trm_ray.config import FIELDS, Config, make_config
+from trm_ray.config import Config, FIELDS, make_config
 from trm_ray.downstream import damage_sums, grid_kl, start_basis
 from trm_ray.model import LMHead, load_lm_head
 from trm_ray.shards import load_splits, read_manifest, stored_hidden
 from trm_ray.spectrum import training_mean
 from trm_ray.tracking import publish, tracking
-
-CHECKPOINT_FILE = "compressor.pt"  # the best compressor so far, in the seed's checkpoint format
-RESUME_FILE = "resume.pt"  # model, optimizer, epoch, early-stopping state, tokens seen
-KL_METRICS = ("downstream_kl", "pca_downstream_kl", "downstream_efficiency")  # kept with the best weights of a KL objective
 
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -55,26 +53,6 @@ def trial_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """Split a trial's flat config dict into the user's Config and the run's derived facts."""
     cfg = make_config({k: v for k, v in config.items() if k in FIELDS})
     return cfg, {k: v for k, v in config.items() if k not in FIELDS}
-
-
-def run_label(cfg: Config, d: int) -> str:
-    """One D''s name in W&B, its artifacts and the dashboard: d256, or d256-lr0.001 when the sweep grids learning rates."""
-    return f"d{d}" + (f"-lr{cfg.learning_rate:g}" if cfg.sweep_learning_rates else "")
-
-
-def trial_label(cfg: Config) -> str:
-    """A trial's name in Tune and Train: its learning rate (it trains every D' of the grid)."""
-    return f"lr{cfg.learning_rate:g}"
-
-
-def wandb_name(cfg: Config, d: int) -> str:
-    """A D''s W&B run: <prefix>-d256 (-lr0.001 in an lr grid), the prefix --wandb_run_name or stage<stage>."""
-    return f"{cfg.wandb_run_name or f'stage{cfg.stage}'}-{run_label(cfg, d)}"
-
-
-def width_key(d: int, metric: str) -> str:
-    """A D''s metric in a trial's report: d256/mse (Tune and ASHA read it under this name)."""
-    return f"d{d}/{metric}"
 
 
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None,
@@ -316,7 +294,7 @@ def asha_cuts(group: str) -> Any:
     """The sweep's record of the widths ASHA stopped (`scheduler.WidthCuts`), None outside a sweep."""
     import ray
 
-    from trm_ray.scheduler import cuts_name
+    from trm_ray.names import cuts_name
 
     try:
         return ray.get_actor(cuts_name(group))
@@ -415,7 +393,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
         for w in widths:
             w.load(state["widths"][str(w.d)])
         start_epoch, step, tokens_seen = state["epoch"], state["step"], state["tokens_seen"]
-        print(f"{trial_label(cfg)}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
+        print(f"{cfg.trial_label}: resuming after epoch {start_epoch} from {resumed.path}", flush=True)
     # On the worker's device; each step averages the gradients over the ranks itself (optimizer_step).
     ray.train.torch.prepare_model(nn.ModuleList([w.model for w in widths]), parallel_strategy=None)
     optimizer = make_optimizer(nn.ModuleList([w.model for w in widths]), cfg, state["optimizer"] if state else None)
@@ -433,12 +411,12 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     rows = cfg.batch_size * cfg.max_seq_length
     total_steps = math.ceil(run["train_tokens"] / world / rows) * cfg.num_epochs
     warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
-    logs = {w.d: tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=wandb_name(cfg, w.d),
+    logs = {w.d: tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"], name=cfg.wandb_name(w.d),
                           config=w.config, directory=cfg.output_dir) for w in widths}
     cuts = asha_cuts(run["group"]) if rank == 0 else None
     if resumed:
         if cuts is not None:
-            stop_cut(widths, resumed_cuts(cuts, trial_label(cfg), tokens_seen, state.get("job")), start_epoch)
+            stop_cut(widths, resumed_cuts(cuts, cfg.trial_label, tokens_seen, state.get("job")), start_epoch)
         agree_on_stops(widths, device, world)
 
     val_shard = ray.train.get_dataset_shard("val")
@@ -480,7 +458,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
         # Resumed after its last epoch, or after all its widths stopped (a worker replaced in the trial's tail, a
         # resumed sweep, a retried trial): nothing to train. Its checkpoint and each width's last metrics are
         # reported again, so the run ends on a report that holds every width (what the export reads).
-        print(f"{trial_label(cfg)}: nothing left to train after epoch {start_epoch}", flush=True)
+        print(f"{cfg.trial_label}: nothing left to train after epoch {start_epoch}", flush=True)
         metrics = {"epoch": start_epoch, "resumed_after_epoch": start_epoch, "tokens_seen": tokens_seen,
                    "d_values_training": 0, **{width_key(w.d, k): v for w in widths for k, v in w.last.items()}}
         with tempfile.TemporaryDirectory() as tmp:
@@ -520,13 +498,13 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
                     w.last = m
                     metrics.update({width_key(w.d, k): v for k, v in m.items()})
                     logs[w.d].log({**m, "epoch": epoch + 1, "tokens_seen": tokens_seen, "lr": lr})
-                    publish({**metrics, **m}, trial=f"d{w.d}-{trial_label(cfg)}", sweep=run["group"], stage=cfg.stage)
+                    publish({**metrics, **m}, trial=f"d{w.d}-{cfg.trial_label}", sweep=run["group"], stage=cfg.stage)
                 # Every report carries the whole resumable state (written before ASHA decides on the report:
                 # a trial resumed from it asks for that decision first, `resumed_cuts`).
                 checkpoint = write_checkpoint(tmp, widths, optimizer, epoch + 1, step, tokens_seen)
             ray.train.report(metrics, checkpoint=checkpoint)
         if cuts is not None:  # ASHA's decision on this report: each width against its other learning rates
-            stop_cut(widths, asha_decision(cuts, trial_label(cfg), tokens_seen), epoch + 1)
+            stop_cut(widths, asha_decision(cuts, cfg.trial_label, tokens_seen), epoch + 1)
         agree_on_stops(widths, device, world)
     if rank == 0:
         for w in widths:
@@ -564,13 +542,6 @@ def save_best(path: str, w: Width) -> None:
     save_checkpoint(path, w.best["state"], w.config, w.best[w.cfg.score_metric], {k: v for k, v in w.best.items() if k != "state"})
 
 
-def scaling_config(cfg: Config) -> Any:
-    """The trial's workers and what each asks for (also what the sweep counts to decide how many trials fit)."""
-    import ray.train
-
-    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu)
-
-
 def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[Any] | None = None) -> Any:
     """The TorchTrainer for one learning rate (every D'): scaling, data, checkpointing, all in one visible place."""
     import ray.train
@@ -592,7 +563,7 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
         datasets={"val": val},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=ray.train.RunConfig(
-            name=trial_label(cfg),
+            name=cfg.trial_label,
             storage_path=run["train_storage"],
             # The one checkpoint kept is the latest: it resumes the trial and its compressor.pt is the trial's best.
             checkpoint_config=ray.train.CheckpointConfig(

@@ -1,0 +1,144 @@
+"""Ray itself: joining or starting it, what a trial holds of it, and running one function as a task on it."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any, Callable
+
+from trm_ray.config import Config, UserError
+from trm_ray.files import check_writable, exists
+from trm_ray.model import load_model_config
+from trm_ray.shards import MANIFEST
+from trm_ray.text import check_dataset
+
+
+def check_before_ray(cfg: Config) -> None:
+    """The mistakes a user can fix, found in seconds: Ray takes a minute to start on a busy machine, and an
+    unwritable directory would surface only at its first write, as a disk-space or pyarrow error."""
+    check_dataset(cfg.dataset)
+    load_model_config(cfg.model_name)
+    check_writable(cfg.output_dir, "output_dir")
+    if not exists(posixpath.join(cfg.shards_path, MANIFEST)):  # complete shards are only read
+        check_writable(cfg.shards_path, "shards_dir")
+
+
+def connect(cfg: Config) -> None:
+    """Join `cfg.address`, or start a local Ray with `cfg.num_cpus` logical CPUs."""
+    # Ray Data's per-operator bars flood the log of a sweep; trm_ray prints its own progress.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Train V2's controller collects each epoch's report on its health-check poll (2 s by
+    # default): on a short epoch that poll, not training, set the pace of the whole sweep.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Ray Train's state API in the dashboard: each run by name (d<D'>-lr<lr>), status, workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    import ray
+    from ray.data import DataContext
+
+    # Datasets carry the driver's context to Ray Data's own actors (split coordinators, readers),
+    # whose bars would otherwise fill the log; the variable above is read only at first import.
+    DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        know_own_cluster()
+        return
+    if not cfg.address:
+        # Train's preemption watcher (an actor per trial) follows the nodes an autoscaler drains for
+        # preemption, and a local Ray has no autoscaler: off, it is one process less per trial.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    env = forwarded_env(os.environ)
+    # Every worker process of the job (trials, Train's controllers and its placement-group cleaner
+    # and state actor) learns its own cluster's address at start: with two local Rays on one machine,
+    # Ray's State API calls would otherwise resolve "auto" to both and fail.
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": know_own_cluster}
+    if cfg.address:
+        start_ray(address=cfg.address, runtime_env=runtime_env)
+    else:
+        cpus = cfg.num_cpus or local_cpus(cfg)
+        # The raylet warns ("N PYTHON worker processes have been started ... Nx the maximum expected
+        # startup concurrency") past 4 worker processes for each one it may start at once, which Ray
+        # caps at the cores. A trial keeps about six processes (Tune's function, Train's controller,
+        # worker and helpers), two of them on logical CPUs, and a local Ray gets more logical CPUs
+        # than cores for them (local_cpus): counted against those, the warning is left for a node
+        # that runs more processes than its trials do.
+        # address="local": a Ray of its own, never one that happens to run on this machine already (another
+        # sweep's, or one a RAY_ADDRESS in the environment names), which ray.init() would join instead.
+        start_ray(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                  runtime_env=runtime_env, _system_config={"worker_maximum_startup_concurrency": cpus})
+    know_own_cluster()
+
+
+def know_own_cluster() -> None:
+    """RAY_ADDRESS := the cluster this process is connected to (run in the driver and, as the job's
+    worker_process_setup_hook, in every worker): what Ray's State API reads instead of "auto"."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def start_ray(**kwargs: object) -> None:
+    """`ray.init(**kwargs)`, with Ray's start-up failures (a timeout on a loaded machine, a cluster that is not
+    there) as a one-line UserError that names the likely cause."""
+    import ray
+
+    try:
+        ray.init(**kwargs)
+    except (ValueError, TypeError):  # arguments Ray refused: a defect here, not the machine's
+        raise
+    except Exception as e:  # Ray's own start-up timeout is a bare Exception ("timed out during startup")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = (f"the Ray cluster at {kwargs['address']} did not answer: is it up (ray status)?"
+                 if kwargs.get("address") not in (None, "local") else
+                 "the local Ray did not start in time: the machine is probably loaded, or another Ray holds its ports; "
+                 "try again, pass fewer --num_cpus, or join a running one with --address")
+        raise UserError(f"{where} ({type(e).__name__}: {first})") from e
+
+
+def trial_cpus(cfg: Config) -> int:
+    """Logical CPUs one trial holds: its Tune function (1) and its Train workers (1 each on CPU)."""
+    return int(trial_resources(cfg).get("CPU", 0))
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one trial holds while it runs: its Tune function (1 CPU) and what each Train worker asks for."""
+    workers = scaling_config(cfg).total_resources
+    return {**workers, "CPU": 1.0 + workers.get("CPU", 0)}
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs of a local Ray: the cores, or more when the trials the cores can run need more.
+
+    Ray counts a trial's idle Tune function as a CPU: on 2 cores, 2 logical CPUs let two trials
+    in whose workers then never start. So: as many concurrent trials as the cores can train,
+    each with its Tune function and workers, plus one CPU for Ray Data's read tasks."""
+    cores = os.cpu_count() or 1
+    trials = max(1, len(cfg.sweep_learning_rates))  # a trial per learning rate, each training every D'
+    concurrent = min(trials, cfg.max_concurrent_trials or trials, max(1, cores // cfg.num_workers))
+    return max(cores, 1 + concurrent * trial_cpus(cfg))
+
+
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+FORWARDED_PREFIXES = ("WANDB_", "HF_", "TRANSFORMERS_", "RAY_DATA_", "RAY_TRAIN_")
+
+
+def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
+    """The driver's settings that workers need (W&B mode, HF offline flags, Ray Train/Data knobs).
+
+    Never a secret: a job's runtime environment is stored by Ray and shown in its dashboard.
+    Keys stay in each node's own environment (a local Ray inherits the driver's)."""
+    return {k: v for k, v in environ.items()
+            if k.startswith(FORWARDED_PREFIXES) and not any(word in k.upper() for word in SECRET_WORDS)}
+
+
+def scaling_config(cfg: Config) -> Any:
+    """The trial's workers and what each asks for (also what the sweep counts to decide how many trials fit)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu)
+
+
+def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` as one Ray task; with --use_gpu it requests a GPU, decided from the configuration
+    (as extraction decides) so that an autoscaler adds a GPU node even when the cluster has none yet."""
+    import ray
+
+    return ray.get(ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn).remote(*args))
