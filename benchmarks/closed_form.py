@@ -20,6 +20,7 @@ import time
 from benchmarks.common import machine, print_ratio
 from benchmarks.quality import REAL
 from trm_ray import spectrum, sweep
+from trm_ray.names import spectrum_files
 from trm_ray.cluster import connect
 from trm_ray.names import METRICS
 from trm_ray.config import make_config
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                   use_wandb=False, torch_compile=False))
     connect(cfg)
     manifest = extract(cfg)
-    for path in spectrum.spectrum_files(cfg.shards_path, cfg.val_fraction, cfg.seed):  # its pass is timed here
+    for path in spectrum_files(cfg.shards_path, cfg.val_fraction, cfg.seed):  # its pass is timed here
         if os.path.exists(path):
             os.remove(path)
     t0 = time.perf_counter()

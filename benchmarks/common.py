@@ -17,7 +17,7 @@ import torch
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import Config
 from trm_ray.extract import extraction_settings, shard_table, write_shard
-from trm_ray.model import LMHead
+from trm_ray.kl import LMHead
 from trm_ray.files import write_json
 from trm_ray.shards import MANIFEST, decode_hidden, is_validation_doc, shard_name, shard_paths
 from trm_ray.train import compile_or_eager, get_lr, initial_model, make_optimizer, objective_loss, optimizer_step

@@ -1,6 +1,6 @@
 """Data feed: rows/s of Ray Data iter_batches(pyarrow) + decode_hidden over the shards vs a plain pyarrow read.
 
-The Ray side is trm_ray's own path: trm_ray.shards.load_splits (a read task per shard plus the
+The Ray side is trm_ray's own path: trm_ray.train.load_splits (a read task per shard plus the
 train/validation filter) iterated by trm_ray.train.hidden_batches in training-sized batches,
 streamed from the files, after .materialize() (what trm_ray.sweep.datasets does when the
 shards fit in the object store), and materialized with the training loop's local shuffle;
@@ -33,7 +33,8 @@ import torch
 from benchmarks.common import machine, print_ratio, read_train_rows, write_synthetic_shards
 from trm_ray.cluster import connect
 from trm_ray.config import make_config
-from trm_ray.shards import decode_hidden, load_splits, split_counts, stored_hidden
+from trm_ray.shards import decode_hidden, split_counts, stored_hidden
+from trm_ray.train import load_splits
 from trm_ray.train import epoch_rows, hidden_batches
 
 FULL = dict(d_model=2048, num_samples=512, max_seq_length=512, docs_per_shard=256, batch_size=8, passes=3)

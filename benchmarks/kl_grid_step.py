@@ -1,4 +1,4 @@
-"""One LM-head pass for every D' of a KL grid: a step of `trm_ray.downstream.grid_kl` over all widths
+"""One LM-head pass for every D' of a KL grid: a step of `trm_ray.kl.grid_kl` over all widths
 against today's, each D' its own `next_token_kl` step (the teacher's logits recomputed per D').
 
 On the SmolLM3 head's shape (D=2048, V=128,256) with random weights, which are honest for FLOPs: the
@@ -7,7 +7,7 @@ and each W its top D' directions (PCA-like compressors, so the KLs of the wide D
 precision matters). One forward and backward of each, float32, one thread (a 1-CPU Ray worker), on
 the same batch; the KL values and gradients of the two are compared. Today's step is ~6 V D FLOP a
 token a width; the shared one 2 V D for the teacher and, a width, 6 V D' + 4 V D D' / N factored or
-4 V D through the residual, whichever is fewer (`downstream.factored`).
+4 V D through the residual, whichever is fewer (`kl.factored`).
 
     python -m benchmarks.kl_grid_step             # 4,096 rows, D' 64..1024: ~15 minutes on 2 cores
     python -m benchmarks.kl_grid_step --rows 512  # a quicker look (A = U Wᵀ weighs more at fewer rows)
@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from benchmarks.common import gaussian_rows, machine, print_ratio
-from trm_ray.downstream import factored, grid_kl, next_token_kl
-from trm_ray.model import LMHead
+from trm_ray.kl import factored, grid_kl, next_token_kl
+from trm_ray.kl import LMHead
 from trm_ray.train import one_thread
 
 FULL = dict(d_model=2048, vocab=128_256, d_values=(64, 128, 256, 512, 1024), rows=4096)  # batch_size 8 x max_seq_length 512

@@ -31,11 +31,14 @@ from benchmarks.common import bare_trainer, machine, print_ratio, read_train_row
 from trm_ray.cluster import connect
 from trm_ray.compressor import orthonormality_error
 from trm_ray.config import Config, make_config
-from trm_ray.downstream import next_token_damage, start_basis, validation_rows
+from trm_ray.kl import next_token_damage
+from trm_ray.references import start_basis
+from trm_ray.shards import validation_rows
 from trm_ray.extract import extract
-from trm_ray.model import LMHead, load_lm_head
+from trm_ray.kl import LMHead
+from trm_ray.model import load_lm_head
 from trm_ray.quickstart import write_assets
-from trm_ray.spectrum import eigenvectors, training_mean
+from trm_ray.references import eigenvectors, training_mean
 from trm_ray.sweep import limits
 from trm_ray.train import evaluate, one_thread
 

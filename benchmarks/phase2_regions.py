@@ -41,10 +41,12 @@ import torch
 
 from benchmarks.common import machine
 from trm_ray import spectrum
+from trm_ray.references import eigenvectors
 from trm_ray.cluster import connect
 from trm_ray.compressor import DimensionCompressor, orthonormality_error
 from trm_ray.config import make_config
-from trm_ray.downstream import logit_shift, split_tables
+from trm_ray.kl import logit_shift
+from trm_ray.shards import split_tables
 from trm_ray.model import load_lm_head
 from trm_ray.phase2 import CONTEXT_FLOOR, region_codes
 from trm_ray.shards import decode_hidden, read_manifest
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     weights = {(name, d): DimensionCompressor.from_checkpoint(path).weight.detach() for name, ckpts in trained.items()
                for d, path in ckpts.items()}
     for region in ("context", "close"):
-        vecs = spectrum.eigenvectors(shards, cfg.val_fraction, cfg.seed, f"spectrum-{region}").float()
+        vecs = eigenvectors(shards, cfg.val_fraction, cfg.seed, f"spectrum-{region}").float()
         weights.update({(f"PCA {region}", d): vecs[:, :d].T.contiguous() for d in D_VALUES})
     names = [*trained, "PCA context", "PCA close"]
     stats = {key: per_conversation(w, contexts, close, lm_head) for key, w in weights.items()}

@@ -52,7 +52,7 @@ from trm_ray.model import flops_per_token, load_model, load_model_config
 from trm_ray.text import read_documents, tokenize
 from trm_ray.quickstart import write_assets
 from trm_ray.shards import is_validation_doc, shard_paths
-from trm_ray.spectrum import training_mean
+from trm_ray.references import training_mean
 from trm_ray.train import evaluate, one_thread
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
@@ -102,7 +102,7 @@ def bytes_per_row(cfg: Config, hidden_size: int) -> float:
 
 def head_flop_per_row(d: int, width: int, rows: int, vocab: int) -> float:
     """LM-head FLOP a training row of one width costs beside the shared teacher: the cheaper of the factored
-    student (A = U Wᵀ once a step) and the residual through the full D (`downstream.grid_kl`)."""
+    student (A = U Wᵀ once a step) and the residual through the full D (`kl.grid_kl`)."""
     return min(6 * vocab * width + 4 * vocab * d * width / rows, 4 * vocab * d)
 
 

@@ -5,11 +5,11 @@ import functools
 import pytest
 import torch
 
-from trm_ray import downstream
+from trm_ray import kl as kl_module
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import make_config
-from trm_ray.downstream import factored, grid_kl, next_token_kl
-from trm_ray.model import LMHead
+from trm_ray.kl import factored, grid_kl, next_token_kl
+from trm_ray.kl import LMHead
 from trm_ray.train import compile_or_eager, objective_loss
 
 D, VOCAB, WIDTHS = 48, 500, (4, 8, 24)
@@ -43,7 +43,7 @@ def per_width(lm_head: LMHead, x: torch.Tensor, weights: list[torch.Tensor]) -> 
 def test_grid_kl_and_its_gradients_equal_each_widths_own_next_token_kl(monkeypatch, bias, scale, rows, paths):
     lm_head = head(bias, scale=scale)  # scaled: Cohere's and Granite's heads multiply or divide their logits
     assert tuple(factored(lm_head, d, rows) for d in WIDTHS) == paths
-    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 rows, the last one short
+    monkeypatch.setattr(kl_module, "KL_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 rows, the last one short
     x, weights = rows_and_weights(rows)
     expected, expected_grads = per_width(lm_head, x, weights)
     kls = grid_kl(lm_head, x, weights)
@@ -61,7 +61,7 @@ def assert_residual_path_matches_each_widths_kl(lm_head: LMHead, monkeypatch) ->
     """On 37 rows in chunks of 5: no width factored, and grid_kl's KLs and gradients those of each width's own
     step (the same residual matmuls and the teacher's log p: what differs is float32's order of summation)."""
     assert not any(factored(lm_head, d, 10 ** 6) for d in WIDTHS)
-    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)
+    monkeypatch.setattr(kl_module, "KL_CHUNK_ELEMENTS", 5 * VOCAB)
     x, weights = rows_and_weights(37)
     expected, expected_grads = per_width(lm_head, x, weights)
     kls = grid_kl(lm_head, x, weights)
@@ -89,7 +89,7 @@ def test_the_compiled_kl_objective_gives_the_eager_losses_and_gradients(monkeypa
     # build of these graphs takes minutes on a CPU.
     traced = CompileCounterWithBackend("aot_eager")
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=traced))
-    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 rows, the last one short
+    monkeypatch.setattr(kl_module, "KL_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 rows, the last one short
     torch._dynamo.reset()
     lm_head, cfg = head(True), make_config({"objective": "kl"})
     x, weights = rows_and_weights(37)

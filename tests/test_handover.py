@@ -13,7 +13,7 @@ import torch
 
 from trm_ray import publish, sweep
 from trm_ray.compressor import DimensionCompressor, load_checkpoint, plain_state, save_checkpoint
-from trm_ray.shards import load_splits
+from trm_ray.train import load_splits
 from trm_ray.train import hidden_batches, initial_model, trial_config
 
 LLM_TRM = Path(__file__).resolve().parents[2] / "shared" / "llm-trm"

@@ -16,6 +16,7 @@ from ray.tune import Result
 
 from trm_ray import extract as extract_mod
 from trm_ray import downstream, report, spectrum, sweep
+from trm_ray.references import eigenvectors
 from trm_ray.cluster import forwarded_env, local_cpus
 from trm_ray.compressor import save_checkpoint
 from trm_ray.names import METRICS
@@ -223,12 +224,12 @@ def test_each_split_keeps_its_own_spectrum(shards, tmp_path):
     shards_dir = str(tmp_path / "shards")
     shutil.copytree(shards.shards_path, shards_dir, ignore=shutil.ignore_patterns("spectrum*"))
     first = spectrum.load_or_compute(shards_dir, 0.1, 42)
-    vecs = spectrum.eigenvectors(shards_dir, 0.1, 42)
+    vecs = eigenvectors(shards_dir, 0.1, 42)
     other = spectrum.load_or_compute(shards_dir, 0.1, 7)  # e.g. `python -m trm_ray.spectrum DIR --seed 7`
     assert other["split"] == {"val_fraction": 0.1, "seed": 7} and other["train_tokens"] != first["train_tokens"]
     assert spectrum.load_or_compute(shards_dir, 0.1, 42) == first
-    assert torch.equal(spectrum.eigenvectors(shards_dir, 0.1, 42), vecs)
-    assert not torch.equal(spectrum.eigenvectors(shards_dir, 0.1, 7), vecs)
+    assert torch.equal(eigenvectors(shards_dir, 0.1, 42), vecs)
+    assert not torch.equal(eigenvectors(shards_dir, 0.1, 7), vecs)
 
 
 def test_shards_extracted_with_a_relative_model_path_are_the_sweeps_shards(shards, tmp_path, monkeypatch):

@@ -10,13 +10,14 @@ import torch
 import transformers
 from transformers import AutoModel, AutoModelForCausalLM
 
-from trm_ray import downstream
+from trm_ray import kl as kl_module
 from trm_ray.config import UserError
-from trm_ray.downstream import logit_shift, mean_fisher, next_token_kl
+from trm_ray.kl import logit_shift, mean_fisher, next_token_kl
 from trm_ray.extract import hidden_rows
 from trm_ray import model as model_module
-from trm_ray.model import (MULTIPLY, LMHead, NoLMHead, check_lm_head, cut_or_whole, flops_per_token, load_lm_head,
-                           load_model_config, log_probs)
+from trm_ray.kl import LMHead, log_probs
+from trm_ray.model import (MULTIPLY, NoLMHead, check_lm_head, cut_or_whole, flops_per_token, load_lm_head,
+                           load_model_config)
 
 SMALL = dict(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
 KV = dict(SMALL, num_key_value_heads=2)
@@ -173,7 +174,7 @@ def test_the_fused_kl_and_its_gradient_through_a_transformed_head_equal_autograd
     x = 2 * torch.randn(90, 24, generator=gen)
     x_hat = (x + 0.3 * torch.randn(90, 24, generator=gen)).requires_grad_(True)
     assert float((head.raw(x) * head.scale).abs().max()) > 2 * (head.softcap or 0)  # deep into the cap where there is one
-    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 40 * head.out_features)  # 3 chunks, the last one short
+    monkeypatch.setattr(kl_module, "KL_CHUNK_ELEMENTS", 40 * head.out_features)  # 3 chunks, the last one short
     fused = next_token_kl(head, x, x_hat)
     fused.backward()
     x_hat64 = x_hat.detach().double().requires_grad_(True)

@@ -7,16 +7,21 @@ import shutil
 import pytest
 import torch
 
-from trm_ray import downstream, spectrum, sweep
+from trm_ray import kl as kl_module
+from trm_ray import spectrum, sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
-from trm_ray.downstream import (fisher_basis, mean_fisher, next_token_damage, next_token_kl, quadratic_kl, start_basis,
-                                store_fisher_start, validation_rows)
-from trm_ray.model import LMHead, load_lm_head
+from trm_ray.kl import mean_fisher, next_token_damage, next_token_kl
+from trm_ray.pca import fisher_basis, quadratic_kl
+from trm_ray.references import start_basis, store_fisher_start
+from trm_ray.shards import validation_rows
+from trm_ray.kl import LMHead
+from trm_ray.model import load_lm_head
 from trm_ray.files import read_json, write_bytes, write_json
-from trm_ray.shards import MANIFEST, load_splits
+from trm_ray.shards import MANIFEST
+from trm_ray.train import load_splits
 from trm_ray.names import spectrum_files
-from trm_ray.spectrum import eigenvectors, manifest_key, training_mean
+from trm_ray.references import eigenvectors, manifest_key, stored, training_mean
 from trm_ray.sweep import limits
 from trm_ray.train import evaluate, hidden_batches, initial_model, objective_loss
 
@@ -52,7 +57,7 @@ def test_the_chunked_kl_and_its_gradient_equal_the_kl_of_all_rows_at_once(head_a
     logp = torch.log_softmax(x.double() @ u.T, -1)
     whole = (logp.exp() * (logp - torch.log_softmax(x_hat64 @ u.T, -1))).sum()
     (expected_grad,) = torch.autograd.grad(whole, x_hat64)
-    monkeypatch.setattr(downstream, "KL_CHUNK_ELEMENTS", 70 * lm_head.out_features)  # 5 chunks, the last one short
+    monkeypatch.setattr(kl_module, "KL_CHUNK_ELEMENTS", 70 * lm_head.out_features)  # 5 chunks, the last one short
     chunked = next_token_kl(lm_head, x, x_hat)
     chunked.backward()
     torch.testing.assert_close(chunked, whole.detach().float(), rtol=1e-5, atol=0)
@@ -201,9 +206,9 @@ def test_the_pca_kl_and_the_fisher_start_are_stored_once_per_shard_set_and_recom
     wider = limits(dataclasses.replace(cfg, sweep_d_values=[8, 16, 32]))["pca_downstream_kl"]
     assert calls[2:] == [("pca_kl", [32])] and {k: wider[k] for k in first} == first
     # Shards extracted again (here: from another revision of the model, as the manifest says) reuse none of it.
-    before = spectrum.manifest_key(shards_dir)
+    before = manifest_key(shards_dir)
     write_json(f"{shards_dir}/{MANIFEST}", {**read_json(f"{shards_dir}/{MANIFEST}"), "revision": "another"})
-    assert spectrum.stored(shards_dir, cfg.val_fraction, cfg.seed) is None
+    assert stored(shards_dir, cfg.val_fraction, cfg.seed) is None
     limits(cfg)
     assert [name for name, _ in calls[3:]] == ["fisher_start", "pca_kl"]
-    assert spectrum.stored(shards_dir, cfg.val_fraction, cfg.seed)["manifest"] == spectrum.manifest_key(shards_dir) != before
+    assert stored(shards_dir, cfg.val_fraction, cfg.seed)["manifest"] == manifest_key(shards_dir) != before

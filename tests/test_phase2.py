@@ -6,7 +6,7 @@ import torch
 from trm_ray import phase2
 from trm_ray.config import UserError, make_config
 from trm_ray.compressor import DimensionCompressor
-from trm_ray.model import LMHead
+from trm_ray.kl import LMHead
 
 CODES = {"context": 1, "close": 3}
 

@@ -8,10 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trm_ray import spectrum, sweep
+from trm_ray.names import spectrum_files
+from trm_ray.references import eigenvectors
 from trm_ray.compressor import DimensionCompressor
-from trm_ray.downstream import validation_rows
+from trm_ray.shards import validation_rows
 from trm_ray.files import read_json, write_json
-from trm_ray.shards import decode_hidden, load_splits
+from trm_ray.shards import decode_hidden
+from trm_ray.train import load_splits
 from trm_ray.train import initial_model, trial_config
 
 from test_train import fit, width_metrics
@@ -74,7 +77,7 @@ def test_pca_centred_references_are_about_the_training_mean(shards, limit):
 def test_a_spectrum_stored_without_the_centred_references_is_computed_again(shards, limit, tmp_path):
     copy = str(tmp_path / "shards")  # the session's spectrum stays as it is
     shutil.copytree(shards.shards_path, copy)
-    json_path, _ = spectrum.spectrum_files(copy, shards.val_fraction, shards.seed)
+    json_path, _ = spectrum_files(copy, shards.val_fraction, shards.seed)
     write_json(json_path, {k: v for k, v in limit.items() if "centred" not in k})  # what a pass before them wrote
     again = spectrum.load_or_compute(copy, shards.val_fraction, shards.seed)
     assert again["pca_centred_cosine_similarity"] == pytest.approx(limit["pca_centred_cosine_similarity"], rel=1e-9)
@@ -126,7 +129,7 @@ def test_downstream_kl_and_top1_agreement_match_a_direct_computation_on_the_whol
         assert r["ce_increase"] == pytest.approx(float(increase), rel=1e-3, abs=1e-6)
         agree = float((logq.argmax(-1) == logp.argmax(-1)).double().mean())
         assert r["top1_agreement"] == pytest.approx(agree, abs=1e-12)
-        top = spectrum.eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :r["d_compressed"]].float()
+        top = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :r["d_compressed"]].float()
         with torch.no_grad():
             pca_top1 = lm.lm_head(hidden @ top @ top.T).argmax(-1)
         assert r["pca_top1_agreement"] == pytest.approx(float((pca_top1 == logp.argmax(-1)).double().mean()), abs=1e-12)

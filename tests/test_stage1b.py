@@ -14,8 +14,9 @@ from trm_ray import phase2, sweep
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
 from trm_ray.extract import extract
-from trm_ray.shards import decode_hidden, is_validation_doc, load_splits, read_manifest, shard_paths
-from trm_ray.spectrum import training_mean
+from trm_ray.shards import decode_hidden, is_validation_doc, read_manifest, shard_paths
+from trm_ray.train import load_splits
+from trm_ray.references import training_mean
 from trm_ray.text import REGIONS, chat_settings, read_documents
 from trm_ray.train import evaluate, hidden_batches, initial_model, trial_config
 

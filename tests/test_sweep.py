@@ -9,10 +9,12 @@ import transformers
 from trm_ray import sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, load_yaml, make_config
-from trm_ray.downstream import next_token_damage, pca_kl, validation_rows
+from trm_ray.downstream import pca_kl
+from trm_ray.kl import next_token_damage
+from trm_ray.shards import validation_rows
 from trm_ray.model import load_lm_head
-from trm_ray.shards import load_splits
-from trm_ray.spectrum import training_mean
+from trm_ray.train import load_splits
+from trm_ray.references import training_mean
 from trm_ray.train import evaluate, hidden_batches
 
 

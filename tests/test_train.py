@@ -14,9 +14,10 @@ from trm_ray import compressor
 from trm_ray.compressor import (DimensionCompressor, Phase1Config, metrics_from_sums, orthonormality_error,
                                 orthonormalize_, read_checkpoint, reconstruction_sums, tangent_part)
 from trm_ray.config import Config, UserError, make_config
-from trm_ray.model import LMHead
+from trm_ray.kl import LMHead
 from trm_ray.report import shortfall_note
-from trm_ray.shards import load_splits, read_manifest, split_counts
+from trm_ray.shards import read_manifest, split_counts
+from trm_ray.train import load_splits
 from trm_ray.sweep import datasets, limits, trial_config_for
 from trm_ray.train import (ASHA_WAIT_S, EarlyStopping, epoch_rows, get_lr, make_optimizer, make_trainer,
                            objective_loss, optimizer_step, resumed_cuts)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trm_ray.config import UserError
+from trm_ray.kl import LMHead
 from trm_ray.text import load_tokenizer, looks_like_path
 
 CPU_FLOPS_PER_CORE = 50e9  # a generous sustained float32 matmul rate of one AVX-512 core
@@ -213,48 +214,6 @@ def logit_transform(config: Any) -> tuple[float, float | None]:
     return scale, softcap
 
 
-class LMHead(nn.Module):
-    """The model's output embedding alone, frozen, with the config's transform of its logits: used
-    like the nn.Linear it replaces (`weight` [V, D], `bias`, `in_features`, `out_features`), and
-    `forward(h)` is the model's own final logits, in float32.
-
-    `affine`: the logits are scale * (U h + b), so logits(x̂) - logits(x) = scale * (x̂ - x) Uᵀ and
-    the KL can be taken from that small residual alone (`trm_ray.downstream.logit_shift`); a
-    soft-capped head is not, and the KL code takes its transform and slope instead."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0, softcap: float | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = weight.shape
-        self.scale, self.softcap = scale, softcap
-
-    @property
-    def affine(self) -> bool:
-        return self.softcap is None
-
-    def raw(self, h: torch.Tensor) -> torch.Tensor:
-        """U h + b in the head's dtype, before the config's transform."""
-        return nn.functional.linear(h.to(self.weight.dtype), self.weight, self.bias)
-
-    def transform(self, raw: torch.Tensor) -> torch.Tensor:
-        """The config's transform of raw logits (elementwise)."""
-        logits = raw * self.scale if self.scale != 1.0 else raw
-        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
-
-    def slope(self, raw: torch.Tensor) -> torch.Tensor:
-        """d transform / d raw, elementwise: for soft-capping scale * (1 - tanh²(scale * raw / cap))."""
-        if self.softcap is None:
-            return torch.full_like(raw, self.scale)
-        return self.scale * (1 - torch.tanh(raw * self.scale / self.softcap) ** 2)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.transform(self.raw(h).float())
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:g}, softcap={self.softcap}"
-
-
 def head_parameters(config: Any) -> tuple[list[str], list[str], Callable[[str], str]]:
     """(the names the output embedding's weight goes by in the causal LM, those of its bias, the model's
     name for a checkpoint key). Tied embeddings: the input embedding's name too. Learnt from the model
@@ -374,6 +333,3 @@ def check_lm_head(model_name: str) -> bool:
     return True
 
 
-def log_probs(lm_head: LMHead, h: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities [N, V]: the matmul in the head's dtype, the transform and softmax in float32."""
-    return torch.log_softmax(lm_head(h), -1)

@@ -28,8 +28,9 @@ from torch import nn
 
 from trm_ray import spectrum
 from trm_ray.compressor import WEIGHT_KEY, load_checkpoint, metrics_from_sums, reconstruction_sums
-from trm_ray.downstream import damage_sums, grid_kl, split_tables
-from trm_ray.model import LMHead, load_lm_head
+from trm_ray.kl import LMHead, damage_sums, grid_kl
+from trm_ray.model import load_lm_head
+from trm_ray.shards import split_tables
 from trm_ray.files import read_bytes, write_bytes
 from trm_ray.shards import decode_hidden, read_manifest
 

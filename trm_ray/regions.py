@@ -6,7 +6,7 @@ token. A compressor's overall metrics weigh them by their counts (hundreds of co
 one closing state a conversation), so each region is scored apart: its reconstruction (mse,
 cosine, and pca_efficiency against the region's own PCA limit, `spectrum.load_or_compute` on
 that region's rows), and at the closing state what the LM head makes of the reconstruction
-(next-token KL and top-1 agreement with the original state, `downstream.next_token_damage`),
+(next-token KL and top-1 agreement with the original state, `kl.next_token_damage`),
 beside the same for the closing region's own PCA. Runs once per sweep on the exported
 checkpoints, as one Ray task (on a GPU with --use_gpu), over the whole validation set.
 """
@@ -20,7 +20,9 @@ import torch
 from trm_ray import spectrum
 from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
 from trm_ray.cluster import on_a_gpu
-from trm_ray.downstream import next_token_damage, split_tables
+from trm_ray.kl import next_token_damage
+from trm_ray.references import eigenvectors, training_mean
+from trm_ray.shards import split_tables
 from trm_ray.model import check_lm_head, load_lm_head
 from trm_ray.shards import decode_hidden, read_manifest
 from trm_ray.text import KEPT_REGIONS
@@ -42,7 +44,7 @@ def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed:
     manifest = read_manifest(shards_dir)
     codes = {r: manifest["regions"].index(r) for r in scored_regions(manifest)}
     models = {d: DimensionCompressor.from_checkpoint(path).to(device).eval() for d, path in checkpoints.items()}
-    mean = spectrum.training_mean(shards_dir, val_fraction, seed).to(device)  # the centred metrics', as the rows'
+    mean = training_mean(shards_dir, val_fraction, seed).to(device)  # the centred metrics', as the rows'
     sums: dict[tuple[int, str], torch.Tensor] = {}
     close = []
     for table in split_tables(shards_dir, val_fraction, seed):
@@ -66,7 +68,7 @@ def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed:
     x = torch.cat(close) if close else torch.empty(0)
     if with_head and len(x):
         lm_head = load_lm_head(model_name, device, torch.float32)
-        vecs = spectrum.eigenvectors(shards_dir, val_fraction, seed, "spectrum-close").float().to(device)
+        vecs = eigenvectors(shards_dir, val_fraction, seed, "spectrum-close").float().to(device)
         no_targets = torch.full((len(x),), -1)  # the first answer token is not in phase 2's shards
         for d, model in models.items():
             top = vecs[:, :d]

@@ -21,7 +21,8 @@ from trm_ray.downstream import add_downstream
 from trm_ray.phase2 import METRICS as PHASE2_METRICS
 from trm_ray.regions import add_region_metrics
 from trm_ray.files import atomic_output, exists, filesystem, read_bytes, write_json
-from trm_ray.spectrum import curve_points, eigenvectors, pca_metrics
+from trm_ray.pca import curve_points, pca_metrics
+from trm_ray.references import eigenvectors
 from trm_ray.tracking import tracking
 from trm_ray.names import KL_METRICS, METRICS, PCA_REFERENCES, width_key
 
@@ -117,7 +118,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
 def export_closed_form(cfg: Config, manifest: dict[str, Any], limit: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
     """Stage 1a's mse sweep from the PCA start, without SGD: the top-D' eigenvectors of the training second
     moment are the training MSE's optimum, and the spectrum pass already measured them on the validation
-    set (`spectrum.pca_metrics`). Each D' is exported with those metrics (its checkpoint, W&B run and row
+    set (`pca.pca_metrics`). Each D' is exported with those metrics (its checkpoint, W&B run and row
     as a trained one's), so the shards are read once after extraction. `config`: what a trial would get."""
     vecs = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)
     rows = []

@@ -1,4 +1,4 @@
-"""The hidden-state shards on disk: their layout, their manifest, and reading them with Ray Data.
+"""The hidden-state shards on disk: their layout, their manifest, and reading one side of the split.
 
 A shard directory holds `shard-NNNNN.parquet` files, one row per real token
 (`doc_id`, `position`, `token_id`, in stage 1b `region`, `hidden`), and a `manifest.json` written last: a
@@ -103,34 +103,6 @@ def side_tables(path: str, val_fraction: float, seed: int, val_side: bool, batch
             yield pa.Table.from_batches([part]).filter(pa.array(mask if val_side else ~mask))
 
 
-def load_splits(shards_dir: str, val_fraction: float, seed: int, shard_order_seed: int | None = None) -> tuple[Any, Any]:
-    """(train, val) Ray Datasets of token rows; validation is whole held-out documents.
-
-    One plain read task per shard, in shard order, or in the order `shard_order_seed` draws
-    (reproducible runs either way). Not `read_parquet`:
-    it indexes every file's footer on freshly started actors at each pass (5-7 s a pass
-    here, before the first row), and the manifest already says which shards there are."""
-    import ray.data
-
-    manifest = read_manifest(shards_dir)
-    rows = rows_per_block(manifest)
-    columns = ["doc_id", "hidden"] + (["region"] if manifest.get("regions") else [])  # stage 1b: what a row is
-
-    def read(val_side: bool):
-        def fn(batch: dict[str, np.ndarray]):
-            for path in batch["path"]:
-                yield from side_tables(str(path), val_fraction, seed, val_side, rows, columns)
-        return fn
-
-    paths = ray.data.from_items([{"path": p} for p in shard_paths(shards_dir, manifest)],
-                                override_num_blocks=len(manifest["shards"]))
-    paths.context.execution_options.preserve_order = True
-    if shard_order_seed is not None:  # one block per path: this permutes the reads, streaming stays
-        paths = paths.randomize_block_order(seed=shard_order_seed)
-    train, val = (paths.map_batches(read(side), batch_size=1, batch_format="numpy") for side in (False, True))
-    return train, val
-
-
 def value_bytes(storage_dtype: str) -> int:
     """Bytes per stored hidden-state value: bfloat16 bits (uint16) or float32."""
     return 2 if storage_dtype == "bfloat16" else 4
@@ -196,3 +168,42 @@ def check_hidden_size(manifest: dict[str, Any], shards_dir: str, hidden_size: in
             f"but {model_name} has {hidden_size}: point --shards_dir elsewhere or delete them to re-extract"
         )
 
+
+def split_tables(shards_dir: str, val_fraction: float, seed: int, val_side: bool = True) -> Iterator[pa.Table]:
+    """The validation (or training) rows of each shard in turn (whole documents, in document order)."""
+    manifest = read_manifest(shards_dir)
+    for path in shard_paths(shards_dir, manifest):  # only that side's row groups
+        yield from side_tables(path, val_fraction, seed, val_side, rows_per_block(manifest))
+
+
+def next_tokens(t: pa.Table) -> torch.Tensor:
+    """The next token of each row of `t` (-1: none stored): rows are whole documents in document order, so
+    row i+1 is the next token of row i when it is the same document's next position."""
+    doc, pos, tok = (t[c].to_numpy() for c in ("doc_id", "position", "token_id"))
+    follows = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
+    targets = np.full(len(doc), -1, dtype=np.int64)
+    targets[:-1][follows] = tok[1:][follows]
+    return torch.from_numpy(targets)
+
+
+def validation_rows(shards_dir: str, val_fraction: float, seed: int,
+                    max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `max_tokens` validation rows (None: all): hidden states [N, D] and the next token of each."""
+    tables, n = [], 0
+    for t in split_tables(shards_dir, val_fraction, seed):  # lazily: only as far as needed
+        tables.append(t)
+        n += t.num_rows
+        if max_tokens is not None and n >= max_tokens:
+            break
+    t = pa.concat_tables(tables).slice(0, max_tokens)
+    return decode_hidden(t["hidden"]), next_tokens(t)
+
+
+def region_code(manifest: dict[str, Any], region: str | None) -> int | None:
+    """The `region` column's value for `region` (None: every row); a UserError for shards without it."""
+    if region is None:
+        return None
+    if region not in manifest.get("regions", []):
+        raise UserError(f"these shards have no {region!r} region (theirs: {manifest.get('regions') or 'none, stage 1a'}): "
+                        "re-extract them as stage 1b shards")
+    return manifest["regions"].index(region)

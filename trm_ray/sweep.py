@@ -33,12 +33,14 @@ from trm_ray.cluster import on_a_gpu
 from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, pca_kl
 from trm_ray.extract import extract
 from trm_ray.names import LOWER_IS_BETTER, spectrum_files
+from trm_ray.references import stored
 from trm_ray.model import hidden_size_of, model_id
 from trm_ray.regions import print_regions
 from trm_ray.report import FAILURES, exclusions, export_closed_form, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.files import absolute, read_json, write_json
-from trm_ray.shards import load_splits, split_counts, value_bytes, verify_shards
+from trm_ray.shards import split_counts, value_bytes, verify_shards
+from trm_ray.train import load_splits
 from trm_ray.tracking import prepare_wandb
 from trm_ray.names import CHECKPOINT_FILE
 from trm_ray.train import make_trainer, trial_config
@@ -214,7 +216,7 @@ def limits(cfg: Config) -> dict[str, Any]:
         return {**limit, **on_a_gpu(cfg.use_gpu, phase2.references_and_start, cfg.model_name, cfg.shards_path,
                                     cfg.val_fraction, cfg.seed, cfg.d_values, {d: cfg.init_checkpoint(d) for d in cfg.d_values},
                                     phase2.start_path(cfg.output_dir))}
-    if cfg.init == "fisher" and cfg.stage == "1a" and spectrum.stored(cfg.shards_path, cfg.val_fraction, cfg.seed,
+    if cfg.init == "fisher" and cfg.stage == "1a" and stored(cfg.shards_path, cfg.val_fraction, cfg.seed,
                                                                       "fisher") is None:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",
               flush=True)

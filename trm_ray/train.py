@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -31,10 +32,12 @@ from trm_ray.cluster import scaling_config
 from trm_ray.names import CHECKPOINT_FILE, KL_METRICS, METRICS, RESUME_FILE, width_key
 from trm_ray import phase2
 from trm_ray.config import Config, FIELDS, make_config
-from trm_ray.downstream import damage_sums, grid_kl, start_basis
-from trm_ray.model import LMHead, load_lm_head
-from trm_ray.shards import load_splits, read_manifest, stored_hidden
-from trm_ray.spectrum import training_mean
+from trm_ray.kl import damage_sums, grid_kl
+from trm_ray.references import start_basis
+from trm_ray.kl import LMHead
+from trm_ray.model import load_lm_head
+from trm_ray.shards import read_manifest, rows_per_block, shard_paths, side_tables, stored_hidden
+from trm_ray.references import training_mean
 from trm_ray.tracking import publish, tracking
 
 
@@ -575,3 +578,31 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
             callbacks=callbacks or [],
         ),
     )
+
+
+def load_splits(shards_dir: str, val_fraction: float, seed: int, shard_order_seed: int | None = None) -> tuple[Any, Any]:
+    """(train, val) Ray Datasets of token rows; validation is whole held-out documents.
+
+    One plain read task per shard, in shard order, or in the order `shard_order_seed` draws
+    (reproducible runs either way). Not `read_parquet`:
+    it indexes every file's footer on freshly started actors at each pass (5-7 s a pass
+    here, before the first row), and the manifest already says which shards there are."""
+    import ray.data
+
+    manifest = read_manifest(shards_dir)
+    rows = rows_per_block(manifest)
+    columns = ["doc_id", "hidden"] + (["region"] if manifest.get("regions") else [])  # stage 1b: what a row is
+
+    def read(val_side: bool):
+        def fn(batch: dict[str, np.ndarray]):
+            for path in batch["path"]:
+                yield from side_tables(str(path), val_fraction, seed, val_side, rows, columns)
+        return fn
+
+    paths = ray.data.from_items([{"path": p} for p in shard_paths(shards_dir, manifest)],
+                                override_num_blocks=len(manifest["shards"]))
+    paths.context.execution_options.preserve_order = True
+    if shard_order_seed is not None:  # one block per path: this permutes the reads, streaming stays
+        paths = paths.randomize_block_order(seed=shard_order_seed)
+    train, val = (paths.map_batches(read(side), batch_size=1, batch_format="numpy") for side in (False, True))
+    return train, val
