@@ -4,7 +4,6 @@ trm_ray's optimisation step without Ray, and the ratio lines."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import posixpath
 from typing import Any, Callable
@@ -20,7 +19,8 @@ from trm_ray.extract import extraction_settings, shard_table, write_shard
 from trm_ray.kl import LMHead
 from trm_ray.files import write_json
 from trm_ray.shards import MANIFEST, decode_hidden, is_validation_doc, shard_name, shard_paths
-from trm_ray.train import compile_or_eager, get_lr, initial_model, make_optimizer, objective_loss, optimizer_step
+from trm_ray.loop import Stepper, compile_or_eager, make_optimizer
+from trm_ray.train import initial_model, objective_loss
 
 
 def gaussian_rows(gen: torch.Generator, n: int, hidden_size: int) -> torch.Tensor:
@@ -63,22 +63,13 @@ def read_train_rows(cfg: Config, manifest: dict[str, Any]) -> torch.Tensor:
 
 def bare_trainer(cfg: Config, d_model: int, d_compressed: int, steps_per_epoch: int,
                  lm_head: LMHead | None = None) -> tuple[DimensionCompressor, Callable[[torch.Tensor], float]]:
-    """trm_ray.train.train_loop_per_worker's optimisation without Ray: the same initialisation,
-    objective (`lm_head` for a KL one), AdamW step (clipped, rows kept orthonormal), get_lr schedule and (compiled
-    or eager) loss. `step(x)` makes one optimizer step on the rows `x` and returns its loss."""
+    """trm_ray's optimisation without Ray: the same initialisation, objective (`lm_head` for a KL one), and
+    `loop.Stepper` (its schedule, the clipped AdamW step with rows kept orthonormal) over a (compiled or
+    eager) loss. `step(x)` makes one optimizer step on the rows `x` and returns its loss."""
     model = initial_model(dataclasses.replace(cfg, d_compressed=d_compressed), {"d_model": d_model})
     loss_fn = compile_or_eager(objective_loss(cfg, lm_head), cfg.torch_compile)
-    optimizer = make_optimizer(model, cfg)
-    total_steps = steps_per_epoch * cfg.num_epochs
-    warmup_steps = max(1, int(cfg.warmup_ratio * total_steps))
-    steps = itertools.count()
-
-    def step(x: torch.Tensor) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(next(steps), total_steps, warmup_steps, cfg.learning_rate)
-        return optimizer_step([model], optimizer, loss_fn, x, cfg).item()
-
-    return model, step
+    step = Stepper(make_optimizer(model, cfg), loss_fn, cfg, steps_per_epoch * cfg.num_epochs)
+    return model, lambda x: step([model], x).item()
 
 
 def machine(load_at_start: float) -> str:

@@ -26,7 +26,7 @@ import torch
 from benchmarks.common import gaussian_rows, machine, print_ratio
 from trm_ray.kl import factored, grid_kl, next_token_kl
 from trm_ray.kl import LMHead
-from trm_ray.train import one_thread
+from trm_ray.loop import one_thread
 
 FULL = dict(d_model=2048, vocab=128_256, d_values=(64, 128, 256, 512, 1024), rows=4096)  # batch_size 8 x max_seq_length 512
 SMOKE = dict(d_model=64, vocab=1000, d_values=(8, 16, 32), rows=96)

@@ -40,7 +40,7 @@ from trm_ray.model import load_lm_head
 from trm_ray.quickstart import write_assets
 from trm_ray.references import eigenvectors, training_mean
 from trm_ray.sweep import limits
-from trm_ray.train import evaluate, one_thread
+from trm_ray.loop import evaluate, one_thread
 
 QUICKSTART = dict(num_samples=400, max_seq_length=64, docs_per_shard=50, sweep_d_values=[8, 16, 32], batch_size=4,
                   num_epochs=16)

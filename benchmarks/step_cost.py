@@ -1,7 +1,7 @@
 """The cost of keeping W's rows orthonormal: one optimizer step with --orthonormal (Riemannian Adam:
 tangent projection, float32 QR retraction, momentum transport) against the same step without.
 
-The step is trm_ray.train.optimizer_step on an MSE objective, batches of batch_size * max_seq_length
+The step is trm_ray.loop.optimizer_step on an MSE objective, batches of batch_size * max_seq_length
 rows (the defaults: 4,096), on one thread (a 1-CPU Ray worker). The retraction's QR is ~4 D'^2 D
 FLOP against ~6 N D D' for the step's matmuls, so its share grows with D' / N; a float64 QR runs at
 1/64 rate on GPUs such as the A10G. The median of the timed steps after two untimed ones.
@@ -22,7 +22,8 @@ import torch
 from benchmarks.common import machine, print_ratio
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import Config, make_config
-from trm_ray.train import make_optimizer, objective_loss, one_thread, optimizer_step
+from trm_ray.loop import make_optimizer, one_thread, optimizer_step
+from trm_ray.train import objective_loss
 
 FULL = dict(d_model=2048, d_values=(256, 1024), rows=4096, steps=8)
 SMOKE = dict(d_model=64, d_values=(16,), rows=128, steps=3)

@@ -53,7 +53,7 @@ from trm_ray.text import read_documents, tokenize
 from trm_ray.quickstart import write_assets
 from trm_ray.shards import is_validation_doc, shard_paths
 from trm_ray.references import training_mean
-from trm_ray.train import evaluate, one_thread
+from trm_ray.loop import evaluate, one_thread
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 # Compiling would take longer than the whole smoke run.

@@ -1,6 +1,6 @@
 """Training-loop overhead: tokens/s of trm_ray's Ray Train worker loop vs a bare PyTorch loop doing the same steps.
 
-Both train a DimensionCompressor(D, D') with AdamW, trm_ray.train.get_lr's schedule,
+Both train a DimensionCompressor(D, D') with AdamW, trm_ray.loop.get_lr's schedule,
 gradient clipping and batches of batch_size * max_seq_length token rows, on the same
 synthetic bf16 shards, on one thread (Ray gives a 1-CPU worker OMP_NUM_THREADS=1). The Ray
 side is the real thing: trm_ray.sweep.datasets (materialized, as in a sweep) feeding
@@ -34,7 +34,8 @@ from trm_ray.cluster import connect
 from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
 from trm_ray.sweep import datasets, trial_config_for
-from trm_ray.train import make_trainer, one_thread
+from trm_ray.loop import one_thread
+from trm_ray.train import make_trainer
 
 FULL = dict(d_model=2048, d_compressed=256, num_samples=256, max_seq_length=512, batch_size=8, num_epochs=4,
             docs_per_shard=256)

@@ -10,7 +10,8 @@ from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import make_config
 from trm_ray.kl import factored, grid_kl, next_token_kl
 from trm_ray.kl import LMHead
-from trm_ray.train import compile_or_eager, objective_loss
+from trm_ray.loop import compile_or_eager
+from trm_ray.train import objective_loss
 
 D, VOCAB, WIDTHS = 48, 500, (4, 8, 24)
 

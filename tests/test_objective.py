@@ -23,7 +23,8 @@ from trm_ray.train import load_splits
 from trm_ray.names import spectrum_files
 from trm_ray.references import eigenvectors, manifest_key, stored, training_mean
 from trm_ray.sweep import limits
-from trm_ray.train import evaluate, hidden_batches, initial_model, objective_loss
+from trm_ray.loop import evaluate
+from trm_ray.train import hidden_batches, initial_model, objective_loss
 
 from test_train import fit, width_metrics
 

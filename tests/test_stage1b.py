@@ -18,7 +18,8 @@ from trm_ray.shards import decode_hidden, is_validation_doc, read_manifest, shar
 from trm_ray.train import load_splits
 from trm_ray.references import training_mean
 from trm_ray.text import REGIONS, chat_settings, read_documents
-from trm_ray.train import evaluate, hidden_batches, initial_model, trial_config
+from trm_ray.loop import evaluate
+from trm_ray.train import hidden_batches, initial_model, trial_config
 
 
 def test_stage_1b_exports_beside_stage_1a(stage1b):

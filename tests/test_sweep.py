@@ -15,7 +15,8 @@ from trm_ray.shards import validation_rows
 from trm_ray.model import load_lm_head
 from trm_ray.train import load_splits
 from trm_ray.references import training_mean
-from trm_ray.train import evaluate, hidden_batches
+from trm_ray.loop import evaluate
+from trm_ray.train import hidden_batches
 
 
 def test_every_seed_flag_reaches_the_trainer(swept):

@@ -19,8 +19,8 @@ from trm_ray.report import shortfall_note
 from trm_ray.shards import read_manifest, split_counts
 from trm_ray.train import load_splits
 from trm_ray.sweep import datasets, limits, trial_config_for
-from trm_ray.train import (ASHA_WAIT_S, EarlyStopping, epoch_rows, get_lr, make_optimizer, make_trainer,
-                           objective_loss, optimizer_step, resumed_cuts)
+from trm_ray.loop import Comm, EarlyStopping, get_lr, make_optimizer, optimizer_step
+from trm_ray.train import ASHA_WAIT_S, epoch_rows, make_trainer, objective_loss, resumed_cuts
 
 from test_sweep import wandb_records
 
@@ -223,7 +223,8 @@ def test_ddp_with_two_workers_keeps_the_ranks_equal_and_matches_one_worker_at_th
         """The training loop, then this rank's weights after its last step saved (rank 0's alone reach the checkpoint)."""
         import ray.train
 
-        from trm_ray import train as loop
+        from trm_ray import loop
+        from trm_ray.train import train_loop_per_worker
 
         step, stepped = loop.optimizer_step, []
 
@@ -232,7 +233,7 @@ def test_ddp_with_two_workers_keeps_the_ranks_equal_and_matches_one_worker_at_th
             return step(models, *args)
 
         loop.optimizer_step = recorded
-        loop.train_loop_per_worker(config, train)
+        train_loop_per_worker(config, train)
         torch.save([m.weight.detach().cpu() for m in stepped], f"{out}/rank{ray.train.get_context().get_world_rank()}.pt")
 
     one = fit(shards, tmp_path, num_workers=1, batch_size=8)
@@ -262,7 +263,7 @@ def ddp_steps(rank: int, world: int, port: int, batches: torch.Tensor, out: str)
     loss = objective_loss(cfg, None)
     weights = []
     for batch in batches:
-        optimizer_step(models, optimizer, loss, batch.chunk(world)[rank], cfg, world)
+        optimizer_step(models, optimizer, loss, batch.chunk(world)[rank], cfg, Comm(rank, world))
         weights.append(torch.cat([m.weight.detach().clone() for m in models]))
     if rank == 0:
         torch.save(torch.stack(weights), out)

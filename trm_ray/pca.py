@@ -97,7 +97,7 @@ def pca_summary(m: dict[str, Any], evals: np.ndarray, evecs: np.ndarray, sums: d
 
 def pca_metrics(summary: dict[str, Any], d: int) -> dict[str, float]:
     """The validation metrics of the PCA compressor of width d (its rows the top-d eigenvectors), from the
-    spectrum pass's sums: what `train.evaluate` measures on the same rows, without reading them again."""
+    spectrum pass's sums: what `loop.evaluate` measures on the same rows, without reading them again."""
     return {k: summary[f"pca_{k}"][d] for k in PCA_METRICS}
 
 

@@ -22,7 +22,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
 
-from trm_ray.train import one_thread
+from trm_ray.loop import one_thread
 
 ADJECTIVES = "small large quiet bright old young green cold warm heavy light early late red blue".split()
 NOUNS = "river teacher student city forest engine planet library garden market cell signal window bridge farmer".split()

@@ -1,0 +1,111 @@
+"""`loop.fit` on rows in memory: one process, no Ray, a reporter that records (what the Ray Train worker
+feeds it from Ray Data, its ranks and Ray Train instead)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from trm_ray.compressor import DimensionCompressor, orthonormality_error
+from trm_ray.config import make_config
+from trm_ray.loop import EarlyStopping, Progress, Reporter, Width, evaluate, fit, make_optimizer
+from trm_ray.names import METRICS
+
+D, ROWS = 32, 64
+
+
+def rows(seed: int, batches: int) -> list[torch.Tensor]:
+    """Gaussian rows with a decaying scale per dimension: a subspace worth finding."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(ROWS, D, generator=gen) * torch.logspace(0.5, -1.5, D) for _ in range(batches)]
+
+
+TRAIN, VAL = rows(0, 6), rows(1, 2)
+CFG = make_config({"init": "orthogonal", "learning_rate": 0.02, "num_epochs": 4, "sweep": True, "sweep_d_values": [4, 8],
+                   "early_stopping_patience": 10})
+
+
+def mse(x: torch.Tensor, models: list[nn.Module]) -> torch.Tensor:
+    return torch.stack([nn.functional.mse_loss(m(x), x) for m in models])
+
+
+def validate(active: list[Width]) -> list[dict[str, float]]:
+    found = evaluate([w.model.eval() for w in active], VAL, torch.cat(TRAIN).double().mean(0))
+    for w, m in zip(active, found):
+        m["orthonormality_error"] = orthonormality_error(w.model.weight)
+    return found
+
+
+class Recorder(Reporter):
+    def __init__(self, cut: dict[int, list[int]] | None = None):
+        self.reports, self.cut, self.finished = [], cut or {}, False
+
+    def epoch(self, metrics, widths, optimizer, progress):
+        self.reports.append(dict(metrics))
+        return self.cut.get(progress.epoch, [])
+
+    def finish(self, widths):
+        self.finished = True
+
+
+def widths(cfg=CFG) -> list[Width]:
+    out = []
+    for d in cfg.d_values:
+        torch.manual_seed(cfg.seed)
+        width_cfg = dataclasses.replace(cfg, d_compressed=d)
+        out.append(Width(width_cfg, {"d_compressed": d}, DimensionCompressor(D, d),
+                         EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)))
+    return out
+
+
+def run(cfg=CFG, reporter=None, epochs=None):
+    """A trial of `cfg` on TRAIN; with `epochs`, interrupted after that many (its schedule still cfg's)."""
+    trained = widths(cfg)
+    optimizer = make_optimizer(nn.ModuleList([w.model for w in trained]), cfg)
+    reporter = reporter or Recorder()
+    progress = fit(trained, optimizer, mse, lambda epoch: TRAIN, validate, dataclasses.replace(cfg, num_epochs=epochs or cfg.num_epochs),
+                   len(TRAIN) * cfg.num_epochs, METRICS, reporter)
+    return trained, optimizer, reporter, progress
+
+
+def test_a_seeded_run_in_memory_follows_its_pinned_loss_curve():
+    _, _, reporter, progress = run()
+    assert progress == Progress(epoch=4, step=24, tokens_seen=4 * 6 * ROWS)
+    curve = [[r[f"d{d}/train_loss"] for d in (4, 8)] for r in reporter.reports]
+    for epoch, (found, pinned) in enumerate(zip(curve, PINNED_CURVE, strict=True)):
+        assert found == pytest.approx(pinned, rel=1e-5), f"epoch {epoch + 1}"
+    assert reporter.finished and [r["epoch"] for r in reporter.reports] == [1, 2, 3, 4]
+
+
+# Each epoch's mean training loss of D' = 4 and 8 (torch 2.13, CPU, one thread or more: the sums are small).
+PINNED_CURVE = [[0.915763, 0.718533], [0.655038, 0.357636], [0.553923, 0.265247], [0.521927, 0.242061]]
+
+
+def test_the_start_is_scored_first_and_the_first_report_carries_its_scores():
+    _, _, reporter, _ = run(dataclasses.replace(CFG, learning_rate=0.0))
+    first, second = reporter.reports[:2]
+    assert first["d4/initial_mse"] == pytest.approx(first["d4/mse"], rel=1e-6)  # lr 0: only the retraction's rounding
+    assert first["d4/best_mse"] <= first["d4/initial_mse"]  # the start was the first candidate
+    assert "d4/initial_mse" not in second
+
+
+def test_a_width_the_reporter_cuts_stops_and_the_others_train_on():
+    trained, _, reporter, _ = run(reporter=Recorder(cut={2: [4]}))
+    assert [r["d_values_training"] for r in reporter.reports] == [2, 2, 1, 1]
+    assert "d4/mse" not in reporter.reports[2] and trained[0].stopped == "stopped by ASHA"
+
+
+def test_a_run_resumed_after_an_epoch_ends_where_the_uninterrupted_one_does():
+    whole, _, _, _ = run()
+    first, optimizer, _, progress = run(epochs=1)
+    resumed = copy.deepcopy(first)
+    state = copy.deepcopy(optimizer.state_dict())
+    optimizer = make_optimizer(nn.ModuleList([w.model for w in resumed]), CFG, state)
+    fit(resumed, optimizer, mse, lambda epoch: TRAIN, validate, CFG, len(TRAIN) * CFG.num_epochs, METRICS, Recorder(),
+        start=progress)
+    for a, b in zip(whole, resumed):
+        torch.testing.assert_close(b.model.weight, a.model.weight, rtol=0, atol=0)
