@@ -66,7 +66,7 @@ def bare_trainer(cfg: Config, d_model: int, d_compressed: int, steps_per_epoch: 
     """trm_ray's optimisation without Ray: the same initialisation, objective (`lm_head` for a KL one), and
     `loop.Stepper` (its schedule, the clipped AdamW step with rows kept orthonormal) over a (compiled or
     eager) loss. `step(x)` makes one optimizer step on the rows `x` and returns its loss."""
-    model = initial_model(dataclasses.replace(cfg, d_compressed=d_compressed), {"d_model": d_model})
+    model = initial_model(dataclasses.replace(cfg, d_compressed=d_compressed), d_model)
     loss_fn = compile_or_eager(objective_loss(cfg, lm_head), cfg.torch_compile)
     step = Stepper(make_optimizer(model, cfg), loss_fn, cfg, steps_per_epoch * cfg.num_epochs)
     return model, lambda x: step([model], x).item()

@@ -35,7 +35,7 @@ from trm_ray.cluster import connect
 from trm_ray.compressor import read_checkpoint
 from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
-from trm_ray.sweep import datasets, trial_config_for
+from trm_ray.sweep import datasets, trial_spec
 from trm_ray.names import CHECKPOINT_FILE, width_key
 from trm_ray.train import make_trainer
 
@@ -69,7 +69,7 @@ def train_each(cfg: Config, manifest: dict[str, Any], storage: str) -> tuple[dic
     counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
     train, val = datasets(cfg, manifest)
     t0 = time.perf_counter()
-    result = make_trainer(trial_config_for(cfg, manifest, counts, limit, storage), train, val).fit()
+    result = make_trainer(trial_spec(cfg, manifest, counts, limit, storage).flat(), train, val).fit()
     if result.error is not None:
         raise result.error
     wall = time.perf_counter() - t0

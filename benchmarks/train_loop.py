@@ -33,7 +33,7 @@ from trm_ray import spectrum
 from trm_ray.cluster import connect
 from trm_ray.config import Config, make_config
 from trm_ray.shards import split_counts
-from trm_ray.sweep import datasets, trial_config_for
+from trm_ray.sweep import datasets, trial_spec
 from trm_ray.loop import one_thread
 from trm_ray.train import make_trainer
 
@@ -59,7 +59,7 @@ class EpochLog(UserCallback):
 def ray_rates(cfg: Config, manifest: dict[str, Any], limit: dict[str, Any], work_dir: str) -> tuple[list[float], float]:
     """Per-epoch tokens/s that train_loop_per_worker reported, and the wall time of the whole fit()."""
     counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
-    config = trial_config_for(cfg, manifest, counts, limit, os.path.join(work_dir, "ray_results"))
+    config = trial_spec(cfg, manifest, counts, limit, os.path.join(work_dir, "ray_results")).flat()
     log = os.path.join(work_dir, "epochs.jsonl")
     t0 = time.perf_counter()
     train, val = datasets(cfg, manifest)

@@ -14,7 +14,7 @@ import torch
 from trm_ray import publish, sweep
 from trm_ray.compressor import DimensionCompressor, load_checkpoint, plain_state, save_checkpoint
 from trm_ray.train import load_splits
-from trm_ray.train import hidden_batches, initial_model, trial_config
+from trm_ray.train import hidden_batches, initial_model
 
 LLM_TRM = Path(__file__).resolve().parents[2] / "shared" / "llm-trm"
 if not (LLM_TRM / "src").is_dir():
@@ -154,7 +154,7 @@ def test_a_checkpoint_of_the_old_layout_still_starts_stage_1b_and_publishes_conv
     torch.save({"compressor": {"weight": new["compressor"]["compress.weight"]}, "config": {"d_compressed": 8, "d_model": 64},
                 "best_loss": new["best_loss"], "best_metrics": new["best_metrics"]}, old)
     start = dataclasses.replace(cfg, stage="1b", sweep=False, d_compressed=8, compressor_checkpoint=str(old))
-    model = initial_model(*trial_config({**dataclasses.asdict(start), "d_model": 64}))
+    model = initial_model(start, 64)
     torch.testing.assert_close(plain_state(model), new["compressor"], rtol=0, atol=0)
     # Published, it comes out in LLM-TRM's layout.
     (tmp_path / "old" / "sweep_results.json").write_text(

@@ -77,7 +77,7 @@ def test_a_kl_objective_from_the_pca_start_starts_at_the_reference_validation_kl
     lm_head, _, _ = head_and_rows
     cfg = dataclasses.replace(shards, objective="kl", init="pca", d_compressed=16)
     reference = limits(cfg)["pca_downstream_kl"]  # what a sweep hands its trials, per D' of its grid
-    model = initial_model(cfg, {"d_model": 64})
+    model = initial_model(cfg, 64)
     top = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)[:, :16].float()
     torch.testing.assert_close(model.weight, top.T)
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
@@ -123,9 +123,9 @@ def test_a_kl_sweep_starts_from_the_fisher_basis_and_beats_pca_on_the_quadratic_
     sigma = x.T @ x / len(x)
     pca = eigenvectors(cfg.shards_path, cfg.val_fraction, cfg.seed)
     for d in (4, 8, 16, 32):
-        model = initial_model(dataclasses.replace(cfg, d_compressed=d), {"d_model": 64})
+        model = initial_model(dataclasses.replace(cfg, d_compressed=d), 64)
         assert quadratic_model(fisher, sigma, model.weight.T) <= quadratic_model(fisher, sigma, pca[:, :d]) * (1 + 1e-3), d
-    model = initial_model(cfg, {"d_model": 64})
+    model = initial_model(cfg, 64)
     torch.testing.assert_close(model.weight, basis[:, :16].T.float())  # at D'=16 the Fisher basis is the better start
     assert quadratic_model(fisher, sigma, model.weight.T) < quadratic_model(fisher, sigma, pca[:, :16])
     fisher_kl = next_token_damage(lm_head, hidden, targets, model)["kl"]  # and the head reading it agrees

@@ -15,7 +15,7 @@ from trm_ray.shards import validation_rows
 from trm_ray.files import read_json, write_json
 from trm_ray.shards import decode_hidden
 from trm_ray.train import load_splits
-from trm_ray.train import initial_model, trial_config
+from trm_ray.train import initial_model
 
 from test_train import fit, width_metrics
 
@@ -95,7 +95,7 @@ def test_pca_init_starts_from_the_top_eigenvectors(shards, limit):
     _, evecs = np.linalg.eigh(x.T @ x)
     top = evecs[:, ::-1][:, :16]
     cfg = dataclasses.replace(shards, init="pca", d_compressed=16, sweep=False)
-    model = initial_model(*trial_config({**dataclasses.asdict(cfg), "d_model": 64}))
+    model = initial_model(cfg, 64)
     w = model.weight.detach().double().numpy()
     np.testing.assert_allclose(w @ w.T, np.eye(16), atol=1e-5)  # orthonormal rows
     np.testing.assert_allclose(w.T @ w, top @ top.T, atol=1e-5)  # spanning the top-16 subspace

@@ -19,7 +19,8 @@ from trm_ray.train import load_splits
 from trm_ray.references import training_mean
 from trm_ray.text import REGIONS, chat_settings, read_documents
 from trm_ray.loop import evaluate
-from trm_ray.train import hidden_batches, initial_model, trial_config
+from trm_ray.spec import config_of
+from trm_ray.train import hidden_batches, initial_model
 
 
 def test_stage_1b_exports_beside_stage_1a(stage1b):
@@ -33,8 +34,7 @@ def test_stage_1b_mse_starts_from_the_stage_1a_weights(stage1b):
     cfg, rows, rows_1a = stage1b
     # The weights the worker builds before its first step are the 1a checkpoint's.
     for d, r_1a in ((8, rows_1a[0]), (16, rows_1a[1])):
-        config = {**sweep.dataclasses.asdict(cfg), "objective": "mse", "d_compressed": d, "d_model": 64}
-        model = initial_model(*trial_config(config))
+        model = initial_model(config_of({**sweep.dataclasses.asdict(cfg), "objective": "mse", "d_compressed": d}), 64)
         torch.testing.assert_close(model.weight, DimensionCompressor.from_checkpoint(r_1a["checkpoint"]).weight, rtol=0, atol=0)
 
 
@@ -59,7 +59,7 @@ def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores
 
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
     for d, r, r_1a in zip((8, 16), rows, rows_1a):
-        model = initial_model(*trial_config({**sweep.dataclasses.asdict(cfg), "d_compressed": d, "d_model": 64}))
+        model = initial_model(config_of({**sweep.dataclasses.asdict(cfg), "d_compressed": d}), 64)
         start = model.weight.detach().double()
         candidates = [DimensionCompressor.from_checkpoint(r_1a["checkpoint"]).weight.detach().double()]
         for lam in phase2.MIX_GRID:

@@ -18,7 +18,7 @@ from trm_ray.kl import LMHead
 from trm_ray.report import shortfall_note
 from trm_ray.shards import read_manifest, split_counts
 from trm_ray.train import load_splits
-from trm_ray.sweep import datasets, limits, trial_config_for
+from trm_ray.sweep import datasets, limits, trial_spec
 from trm_ray.loop import Comm, EarlyStopping, get_lr, make_optimizer, optimizer_step
 from trm_ray.train import ASHA_WAIT_S, epoch_rows, make_trainer, objective_loss, resumed_cuts
 
@@ -205,7 +205,7 @@ def fit(cfg, tmp_path, num_workers, batch_size, group="", **overrides):
                                       "sweep": False, "num_epochs": 4, "learning_rate": 0.02, "use_wandb": False,
                                       "torch_compile": False, **overrides})
     limit = limits(cfg)
-    config = trial_config_for(cfg, manifest, counts, limit, str(tmp_path / f"w{num_workers}"), group)
+    config = trial_spec(cfg, manifest, counts, limit, str(tmp_path / f"w{num_workers}"), group).flat()
     train, val = datasets(cfg, manifest)
     return make_trainer(config, train, val).fit()
 

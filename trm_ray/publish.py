@@ -26,7 +26,7 @@ from trm_ray.compressor import load_checkpoint, save_checkpoint
 from trm_ray.config import FIELDS, UserError, make_config
 from trm_ray.files import read_json
 from trm_ray.text import looks_like_path
-from trm_ray.train import trial_config
+from trm_ray.spec import config_of
 
 HUB_FILE = "compressor.pt"  # the name phase 2 downloads
 
@@ -96,7 +96,7 @@ def exported_row(output_dir: str, d_compressed: int, stage: str) -> dict[str, An
 
 
 def model_card(row: dict[str, Any], settings: dict[str, Any], repo: str | None) -> str:
-    cfg = trial_config(settings)[0]
+    cfg = config_of(settings)
     d, d_prime = settings["hidden_size"], settings["d_compressed"]
     hub = not looks_like_path(cfg.dataset) and not os.path.exists(cfg.dataset)
     source = cfg.dataset + (f" ({cfg.dataset_config}, split {cfg.dataset_split})" if hub and cfg.dataset_config else "")
@@ -170,7 +170,7 @@ def write_folder(output_dir: str, d_compressed: int, stage: str, repo: str | Non
     from before trm_ray took LLM-TRM's layout is converted here), README.md and the sweep's plot."""
     row = exported_row(output_dir, d_compressed, stage)
     ckpt = load_checkpoint(row["checkpoint"], d_compressed=d_compressed)
-    plot = trial_config(ckpt["config"].to_dict())[0].results_path("report", "png")
+    plot = config_of(ckpt["config"].to_dict()).results_path("report", "png")
     settings = public_settings(ckpt["config"].to_dict())
     settings.setdefault("hidden_size", row["d_model"])
     settings.setdefault("d_compressed", d_compressed)

@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from trm_ray.files import read_json, write_json
 from trm_ray.names import cuts_name, width_key
-from trm_ray.train import trial_config
+from trm_ray.spec import config_of
 
 
 class WidthCuts:
@@ -94,7 +94,7 @@ class PerWidthASHA(FIFOScheduler):
 
     @staticmethod
     def widths(trial: Any) -> list[int]:
-        return trial_config(trial.config)[0].d_values
+        return config_of(trial.config).d_values
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self.cuts()
@@ -108,7 +108,7 @@ class PerWidthASHA(FIFOScheduler):
         return {**result, self.width_metric: result[key]} if key in result else {}
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        label = trial_config(trial.config)[0].trial_label
+        label = config_of(trial.config).trial_label
         cut = self.cut.setdefault(label, [])
         for d in self.widths(trial):
             if d not in cut and self._for(d).on_trial_result(tune_controller, trial,

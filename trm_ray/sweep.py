@@ -26,24 +26,22 @@ from ray.train import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from trm_ray import phase2, spectrum
-from trm_ray.cluster import trial_resources
+from trm_ray.cluster import on_a_gpu, trial_resources
 from trm_ray.compressor import load_checkpoint
-from trm_ray.config import Config, FIELDS, UserError, build_parser, config_from_args, make_config
-from trm_ray.cluster import on_a_gpu
+from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
 from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, pca_kl
 from trm_ray.extract import extract
-from trm_ray.names import LOWER_IS_BETTER, spectrum_files
-from trm_ray.references import stored
+from trm_ray.files import absolute, read_json, write_json
 from trm_ray.model import hidden_size_of, model_id
+from trm_ray.names import CHECKPOINT_FILE, LOWER_IS_BETTER, spectrum_files
+from trm_ray.references import stored
 from trm_ray.regions import print_regions
 from trm_ray.report import FAILURES, exclusions, export_closed_form, export_results, print_table
 from trm_ray.scheduler import PerWidthASHA
-from trm_ray.files import absolute, read_json, write_json
 from trm_ray.shards import split_counts, value_bytes, verify_shards
-from trm_ray.train import load_splits
+from trm_ray.spec import REFERENCES, TrialSpec, config_of
 from trm_ray.tracking import prepare_wandb
-from trm_ray.names import CHECKPOINT_FILE
-from trm_ray.train import make_trainer, trial_config
+from trm_ray.train import load_splits, make_trainer
 
 
 class ReportToTune(UserCallback):
@@ -162,7 +160,7 @@ def remove_left_placement_groups() -> None:
 
 def trial_name(t: Any) -> str:
     """Readable and deterministic (a timestamp in a name breaks a restore): lr0.005, the trial's learning rate."""
-    return trial_config(t.config)[0].trial_label
+    return config_of(t.config).trial_label
 
 
 def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -233,14 +231,13 @@ def limits(cfg: Config) -> dict[str, Any]:
     return {**limit, "pca_downstream_kl": {str(d): kl[str(d)] for d in cfg.d_values}}
 
 
-def trial_config_for(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],
-                     train_storage: str, group: str = "", command: str = "") -> dict[str, Any]:
-    """What a trial's training loop gets: every Config field plus facts derived from the shards, and
-    the command that started the sweep (each checkpoint's config carries it to its model card)."""
-    return {**dataclasses.asdict(cfg), "d_model": manifest["hidden_size"], "train_tokens": counts["train_tokens"],
-            "pca_mse": {str(d): limit["pca_mse"][d] for d in cfg.d_values},
-            **{k: limit[k] for k in ("pca_downstream_kl", "context_pca_mse", "close_pca_downstream_kl") if k in limit},
-            "train_storage": train_storage, "group": group, "command": command}
+def trial_spec(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],
+               train_storage: str, group: str = "", command: str = "") -> TrialSpec:
+    """What a trial's training loop gets: the settings, facts derived from the shards, the references of
+    each D' of the grid, and the command that started the sweep."""
+    references = {"pca_mse": {d: limit["pca_mse"][d] for d in cfg.d_values},
+                  **{k: {int(d): v for d, v in limit[k].items()} for k in REFERENCES[1:] if k in limit}}
+    return TrialSpec(cfg, manifest["hidden_size"], counts["train_tokens"], references, train_storage, group, command)
 
 
 def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[str, Any]]:
@@ -264,7 +261,7 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
     if cfg.closed_form:
         print("sweep: --objective mse from --init pca has its optimum in closed form: exporting the PCA compressors with "
               "the spectrum pass's validation metrics, no SGD epoch (--no_closed_form or --num_epochs trains them)", flush=True)
-        config = trial_config_for(cfg, manifest, counts, limit, "", f"{name}-{uuid.uuid4().hex[:8]}", command)
+        config = trial_spec(cfg, manifest, counts, limit, "", f"{name}-{uuid.uuid4().hex[:8]}", command).flat()
         rows = export_closed_form(cfg, manifest, limit, config)
         print_table(rows, cfg)
         return rows
@@ -278,7 +275,7 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
     # The W&B group: unique per sweep, fixed for its lifetime (it is part of the restored Tune state).
     group = f"{name}-{uuid.uuid4().hex[:8]}"
     # A trial per learning rate, each training every D' (one read of each batch for all of them).
-    param_space = {**trial_config_for(cfg, manifest, counts, limit, os.path.join(storage, f"{name}_train"), group, command),
+    param_space = {**trial_spec(cfg, manifest, counts, limit, os.path.join(storage, f"{name}_train"), group, command).flat(),
                    "learning_rate": tune.grid_search(cfg.sweep_learning_rates or [cfg.learning_rate])}
     tokens_per_epoch = counts["train_tokens"] - cfg.num_workers  # an equal split across workers drops a row or so
     scheduler = PerWidthASHA(

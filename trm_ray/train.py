@@ -23,21 +23,16 @@ from torch import nn
 from trm_ray import phase2
 from trm_ray.cluster import scaling_config
 from trm_ray.compressor import DimensionCompressor, load_checkpoint, orthonormality_error
-from trm_ray.config import FIELDS, Config, make_config
+from trm_ray.config import Config
 from trm_ray.kl import LMHead, grid_kl
 from trm_ray.loop import (Comm, EarlyStopping, Progress, Reporter, Width, compile_or_eager, evaluate, fit, make_optimizer,
                           save_best, stop_cut)
 from trm_ray.model import load_lm_head
 from trm_ray.names import CHECKPOINT_FILE, KL_METRICS, METRICS, RESUME_FILE, width_key
 from trm_ray.references import start_basis, training_mean
+from trm_ray.spec import TrialSpec
 from trm_ray.shards import read_manifest, rows_per_block, shard_paths, side_tables, stored_hidden
 from trm_ray.tracking import publish, tracking
-
-
-def trial_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
-    """Split a trial's flat config dict into the user's Config and the run's derived facts."""
-    cfg = make_config({k: v for k, v in config.items() if k in FIELDS})
-    return cfg, {k: v for k, v in config.items() if k not in FIELDS}
 
 
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None,
@@ -93,13 +88,13 @@ def objective_loss(cfg: Config, lm_head: LMHead | None,
     return loss
 
 
-def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
+def initial_model(cfg: Config, d_model: int) -> DimensionCompressor:
     """Stage 1a: the --init start (orthogonal, PCA, or for a KL objective PCA in the LM head's Fisher
     metric, or PCA's where that is better: `start_basis`); stage 1b starts from the stage 1a weights
     of the same D and D', or for `--objective phase2` from the best closed form the sweep found for
     its regions, which may be those weights (`phase2.start_weight`)."""
     torch.manual_seed(cfg.seed)
-    model = DimensionCompressor(run["d_model"], cfg.d_compressed)
+    model = DimensionCompressor(d_model, cfg.d_compressed)
     start = cfg.init_checkpoint(cfg.d_compressed)
     if cfg.init != "orthogonal" and not start:
         basis = start_basis(cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.init, cfg.d_compressed)
@@ -109,7 +104,7 @@ def initial_model(cfg: Config, run: dict[str, Any]) -> DimensionCompressor:
         with torch.no_grad():
             model.weight.copy_(phase2.start_weight(cfg.output_dir, cfg.d_compressed))
     elif start:
-        ckpt = load_checkpoint(start, d_model=run["d_model"], d_compressed=cfg.d_compressed)
+        ckpt = load_checkpoint(start, d_model=d_model, d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
     return model
 
@@ -207,11 +202,11 @@ def best_keys(cfg: Config) -> tuple[str, ...]:
     return METRICS if cfg.objective == "mse" else (*METRICS, *KL_METRICS)
 
 
-def validation(cfg: Config, run: dict[str, Any], references: dict[int, tuple[float, float]] | None, val_shard: Any,
+def validation(spec: TrialSpec, references: dict[int, tuple[float, float]] | None, val_shard: Any,
                lm_head: LMHead | None, comm: Comm, rows: int) -> Callable[[list[Width]], list[dict[str, float]]]:
     """The scoring of every active D' on one read of the validation set (a phase-2 objective: each region
     scored apart too), beside the PCA references of the same width."""
-    regions = references is not None
+    cfg, regions = spec.cfg, references is not None
     # Validation scores in float32 like the export and the PCA reference: bf16 logits (what a GPU trains
     # with) would put a noise floor under the small KLs of a wide D', and downstream_efficiency on it.
     score_head = lm_head
@@ -231,11 +226,11 @@ def validation(cfg: Config, run: dict[str, Any], references: dict[int, tuple[flo
             found = evaluate(models, hidden_batches(val_shard, rows, comm.device), mean, score_head)
         for w, m in zip(active, found):
             # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
-            pca_mse = run["pca_mse"][str(w.d)]
+            pca_mse = spec.references["pca_mse"][w.d]
             m.update({"pca_mse": pca_mse, "pca_efficiency": pca_mse / m["mse"],
                       "orthonormality_error": orthonormality_error(w.model.weight)})
             if lm_head is not None and not regions:  # the same ratio for what the LM head reads (> 1: better than PCA)
-                pca_kl = run["pca_downstream_kl"][str(w.d)]
+                pca_kl = spec.references["pca_downstream_kl"][w.d]
                 m.update({"pca_downstream_kl": pca_kl, "downstream_efficiency": pca_kl / m["downstream_kl"]})
         return found
 
@@ -246,11 +241,12 @@ class TrainReporter(Reporter):
     """The loop's reports through Ray: W&B and Ray's gauges for each width (rank 0), every epoch's report to
     Ray Train with the whole resumable state as its checkpoint, and ASHA's decision on it read back."""
 
-    def __init__(self, cfg: Config, run: dict[str, Any], widths: Sequence[Width], rank: int):
-        self.cfg, self.group, self.rank = cfg, run["group"], rank
-        self.logs = {w.d: tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=run["group"],
+    def __init__(self, spec: TrialSpec, widths: Sequence[Width], rank: int):
+        cfg = spec.cfg
+        self.cfg, self.group, self.rank = cfg, spec.group, rank
+        self.logs = {w.d: tracking(cfg.use_wandb, rank, project=cfg.wandb_project, group=spec.group,
                                    name=cfg.wandb_name(w.d), config=w.config, directory=cfg.output_dir) for w in widths}
-        self.cuts = asha_cuts(run["group"]) if rank == 0 else None
+        self.cuts = asha_cuts(spec.group) if rank == 0 else None
 
     def width(self, w: Width, metrics: dict[str, Any], epoch: dict[str, Any]) -> None:
         self.logs[w.d].log({**metrics, "epoch": epoch["epoch"], "tokens_seen": epoch["tokens_seen"], "lr": epoch["lr"]})
@@ -291,14 +287,15 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg, run = trial_config(config)
+    spec = TrialSpec.from_flat(config)
+    cfg = spec.cfg
     quiet_ray_logs()
     ctx = ray.train.get_context()
     comm = Comm(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     widths = []
     for d in cfg.d_values:
         width_cfg = dataclasses.replace(cfg, d_compressed=d)
-        widths.append(Width(width_cfg, {**config, "d_compressed": d}, initial_model(width_cfg, run),
+        widths.append(Width(width_cfg, {**config, "d_compressed": d}, initial_model(width_cfg, spec.d_model),
                             EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)))
     start, state = resume(widths, cfg)
     # On the worker's device; each step averages the gradients over the ranks itself (optimizer_step).
@@ -307,11 +304,11 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     # Loaded once per worker: what phase 2 decompresses into, so what a KL objective trains against.
     lm_head = load_lm_head(cfg.model_name, comm.device) if cfg.objective != "mse" else None
     regions = cfg.objective == "phase2"  # the loss and the scores weigh phase 2's regions apart
-    references = ({d: (run["context_pca_mse"][str(d)], run["close_pca_downstream_kl"][str(d)]) for d in cfg.d_values}
-                  if regions else None)
+    references = ({d: (spec.references["context_pca_mse"][d], spec.references["close_pca_downstream_kl"][d])
+                   for d in cfg.d_values} if regions else None)
     loss_fn = compile_or_eager(objective_loss(cfg, lm_head, references), cfg.torch_compile)
     rows = cfg.batch_size * cfg.max_seq_length
-    reporter = TrainReporter(cfg, run, widths, comm.rank)
+    reporter = TrainReporter(spec, widths, comm.rank)
     if start is not None:
         if reporter.cuts is not None:
             stop_cut(widths, resumed_cuts(reporter.cuts, cfg.trial_label, start.tokens_seen, state.get("job")), start.epoch)
@@ -329,8 +326,8 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
         return hidden_batches(rank_share(epoch_rows(train, cfg, epoch), comm.rank, comm.world), rows, comm.device,
                               shuffle_seed=cfg.seed * 1000 + epoch, regions=regions)
 
-    validate = validation(cfg, run, references, ray.train.get_dataset_shard("val"), lm_head, comm, rows)
-    fit(widths, optimizer, loss_fn, batches, validate, cfg, math.ceil(run["train_tokens"] / comm.world / rows) * cfg.num_epochs,
+    validate = validation(spec, references, ray.train.get_dataset_shard("val"), lm_head, comm, rows)
+    fit(widths, optimizer, loss_fn, batches, validate, cfg, math.ceil(spec.train_tokens / comm.world / rows) * cfg.num_epochs,
         best_keys(cfg), reporter, comm, start)
 
 
@@ -340,7 +337,8 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    cfg, run = trial_config(config)
+    spec = TrialSpec.from_flat(config)
+    cfg = spec.cfg
     # Blocks in an order drawn from (seed, epoch) + a seeded shuffle buffer: a data order that
     # changes every epoch yet is the same on every run, so a resumed or recompiled run can be
     # compared with an uninterrupted one. The training loop reads `train` itself, one block order
@@ -356,7 +354,7 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=ray.train.RunConfig(
             name=cfg.trial_label,
-            storage_path=run["train_storage"],
+            storage_path=spec.train_storage,
             # The one checkpoint kept is the latest: it resumes the trial and its compressor.pt is the trial's best.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="epoch", checkpoint_score_order="max"),
