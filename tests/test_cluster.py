@@ -67,7 +67,7 @@ cluster.shutdown()
 def three_nodes(ray_cluster, monkeypatch):
     """A head and two worker nodes on this machine (2 CPUs each); yields the head's dashboard URL."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the nodes require the token, and clients send it
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session's Ray (cli.connect sets it): not this cluster's
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session's Ray (cluster.connect sets it): not this cluster's
     proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, str(free_port()), str(free_port())],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     yield f"http://{proc.stdout.readline().strip()}"

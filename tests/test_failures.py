@@ -37,7 +37,7 @@ def test_a_truncated_shard_is_refused_naming_the_file(shard_copy):
     data = open(victim, "rb").read()
     open(victim, "wb").write(data[: len(data) // 2])
     with pytest.raises(UserError, match="shard-00002.parquet is missing, corrupt or truncated"):
-        sweep.prepare(shard_copy)
+        sweep.shards(shard_copy)
 
 
 def test_shards_of_mixed_hidden_sizes_are_refused(shard_copy):
@@ -48,7 +48,7 @@ def test_shards_of_mixed_hidden_sizes_are_refused(shard_copy):
         table["token_id"].to_numpy(), "float32")
     pq.write_table(narrow, victim)
     with pytest.raises(UserError, match="shard-00001.parquet has hidden size 32, the manifest says 64"):
-        sweep.prepare(shard_copy)
+        sweep.shards(shard_copy)
 
 
 def test_a_missing_shard_directory_is_refused(shards, tmp_path):

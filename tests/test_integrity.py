@@ -15,14 +15,15 @@ import torch
 from ray.tune import Result
 
 from trm_ray import extract as extract_mod
-from trm_ray import downstream, report, spectrum, sweep
+from trm_ray import downstream, scoring, spectrum, sweep
 from trm_ray.references import eigenvectors
 from trm_ray.cluster import forwarded_env, local_cpus
 from trm_ray.compressor import save_checkpoint
 from trm_ray.names import METRICS
 from trm_ray.config import UserError, build_parser, make_config
 from trm_ray.model import check_layer, hidden_size_of
-from trm_ray.report import _copy, budget_line, export_results, smallest_within_budget
+from trm_ray.report import _copy, budget_line, export_results, save_rows, smallest_within_budget
+from trm_ray.scoring import score
 from trm_ray.files import read_bytes, write_bytes, write_json
 from trm_ray.text import read_documents
 from trm_ray.names import CHECKPOINT_FILE
@@ -152,6 +153,8 @@ def test_repeated_grid_values_are_refused(values, message):
 def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, tmp_path):
     cfg = export_config(tmp_path / "out", downstream=True, model_name=str(tmp_path / "not-a-model"))
     rows = export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    score(rows, cfg, MANIFEST)
+    save_rows(rows, cfg, MANIFEST, LIMIT)
     assert rows[0]["mse"] == 0.1 and rows[0]["downstream_error"].startswith("UserError: model path ")
     assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
     assert os.path.exists(cfg.export_path(8))
@@ -164,11 +167,12 @@ def test_a_failing_region_pass_is_reported_as_itself_and_keeps_the_downstream_kl
     monkeypatch.setattr(downstream, "on_a_gpu", lambda use_gpu, fn, *args: {8: {"downstream_kl": 0.0125}})
     manifest = {**MANIFEST, "keep_tokens": "phase2", "regions": ["context", "close"]}  # two regions: scored apart
     (row,) = export_results([trial_result(tmp_path, 0.001, {8: 0.1})], cfg, manifest, CHECKPOINT_FILE, LIMIT)
+    score([row], cfg, manifest)
     assert row["downstream_kl"] == 0.0125 and "downstream_error" not in row
     assert row["regions_error"].startswith(f"UserError: shard directory {cfg.shards_path} does not exist")
     out = capsys.readouterr().out
     assert "the per-region scores failed (UserError: shard directory" in out and "downstream KL failed" not in out
-    assert any(k in row for k in report.FAILURES)  # a failed pass is a failed sweep: exit status 1
+    assert any(k in row for k in scoring.FAILURES)  # a failed pass is a failed sweep: exit status 1
 
 
 def test_an_output_dir_named_results_gets_its_plot_inside_it(tmp_path):

@@ -17,7 +17,8 @@ LAYERS = {
     "math": ("compressor", "kl", "pca", "loop"),
     "data": ("text", "model", "shards", "references"),
     # phase2 sits here because it runs the spectrum's pass itself; its math belongs in "math" (see its module).
-    "shell": ("cluster", "extract", "spectrum", "downstream", "phase2", "regions", "train", "scheduler", "tracking"),
+    "shell": ("cluster", "extract", "spectrum", "downstream", "phase2", "regions", "scoring", "train", "scheduler",
+              "tracking"),
     "results": ("report", "publish"),
     "entry": ("sweep", "quickstart"),
 }

@@ -169,11 +169,11 @@ def test_stage_1b_rows_carry_per_region_metrics_equal_to_a_direct_computation(st
 def test_stage_1b_without_a_stage_1a_checkpoint_is_refused(stage1b, tmp_path):
     cfg, _, _ = stage1b
     with pytest.raises(UserError, match="stage1a_best.pt does not exist: run stage 1a first"):
-        sweep.prepare(sweep.dataclasses.replace(cfg, output_dir=str(tmp_path)))
+        sweep.check_starts(sweep.dataclasses.replace(cfg, output_dir=str(tmp_path)))
 
 
 def test_stage_1b_from_a_checkpoint_of_another_d_prime_names_both_shapes(stage1b, swept):
     cfg, _, rows_1a = stage1b
     wrong = sweep.dataclasses.replace(cfg, sweep=False, d_compressed=16, compressor_checkpoint=rows_1a[0]["checkpoint"])
     with pytest.raises(UserError, match="D'xD = 8x64, but this run needs 16x64"):
-        sweep.prepare(wrong)
+        sweep.check_starts(wrong)

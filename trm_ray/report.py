@@ -1,4 +1,5 @@
-"""After the sweep: copy each D's best checkpoint into the seed's layout and summarise them.
+"""After the sweep: copy each D's best checkpoint into the seed's layout, one row a D', and summarise them
+(json, csv, the plot and the table printed); the passes that score the rows further are `trm_ray.scoring`'s.
 
 The numbers in `sweep_results.json` are read back from the exported checkpoint files
 themselves (their `best_metrics`), so the summary can never disagree with what was saved.
@@ -17,12 +18,11 @@ import pyarrow.fs as pafs
 
 from trm_ray.compressor import WEIGHT_KEY, load_checkpoint, orthonormality_error, read_checkpoint, save_checkpoint
 from trm_ray.config import Config
-from trm_ray.downstream import add_downstream
 from trm_ray.phase2 import METRICS as PHASE2_METRICS
-from trm_ray.regions import add_region_metrics
 from trm_ray.files import atomic_output, exists, filesystem, read_bytes, write_json
 from trm_ray.pca import curve_points, pca_metrics
 from trm_ray.references import eigenvectors
+from trm_ray.scoring import PASSES
 from trm_ray.tracking import tracking
 from trm_ray.names import KL_METRICS, METRICS, PCA_REFERENCES, width_key
 
@@ -112,7 +112,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
         if failures:  # with an lr grid, a D' may have an exported trial and failed ones
             row["error"] = "; ".join(failures)
         rows.append(row)
-    return finish_rows(rows, cfg, manifest, limit)
+    return save_rows(rows, cfg, manifest, limit)
 
 
 def export_closed_form(cfg: Config, manifest: dict[str, Any], limit: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,7 +136,7 @@ def export_closed_form(cfg: Config, manifest: dict[str, Any], limit: dict[str, A
                      "obtained_by": "closed_form", "initial_cosine_similarity": metrics["cosine_similarity"],
                      "best_epoch": 0, "epochs_trained": 0, "stop_reason": CLOSED_FORM, "checkpoint": os.path.abspath(dest),
                      "note": None})
-    return finish_rows(rows, cfg, manifest, limit)
+    return save_rows(rows, cfg, manifest, limit)
 
 
 CLOSED_FORM = "closed form: the top-D' eigenvectors of the training second moment (no SGD epoch)"
@@ -153,26 +153,9 @@ def pca_columns(limit: dict[str, Any], d: int, mse: float) -> dict[str, float]:
             **{f"pca_{k}": limit[f"pca_{k}"][d] for k in PCA_REFERENCES}}
 
 
-# The passes over the exported rows after the export, each with the column that says why it failed.
-PASSES = ((add_downstream, "downstream_error", "the downstream KL"), (add_region_metrics, "regions_error", "the per-region scores"))
-FAILURES = ("error", *(column for _, column, _ in PASSES))  # a row with any of these: the sweep failed
-
-
-def finish_rows(rows: list[dict[str, Any]], cfg: Config, manifest: dict[str, Any], limit: dict[str, Any]) -> list[dict[str, Any]]:
-    """Save the exported rows, then add the LM head's and the regions' columns, save again and plot.
-    The rows are saved before those passes, and each pass fails alone (no output embeddings, out of
-    memory): it costs only its own columns, and its row column names it, not the other pass."""
-    write_results(rows, cfg)
-    for add, column, what in PASSES:
-        try:
-            add(rows, cfg, manifest)
-        except Exception as e:  # anything at all: the trained results are already safe on disk
-            cause = getattr(e, "cause", None) or e  # a Ray task's own exception, not Ray's wrapper
-            failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
-            print(f"sweep: {what} failed ({failure}); the results are saved without it", flush=True)
-            for row in rows:
-                if "checkpoint" in row:
-                    row[column] = failure
+def save_rows(rows: list[dict[str, Any]], cfg: Config, manifest: dict[str, Any], limit: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mark each measured row against --kl_budget, write the results (json, csv) and plot them: right after the
+    export, so the trained results are safe on disk before any pass over them (`scoring.score`), and again after."""
     for row in rows:
         if "downstream_kl" in row:
             row["within_kl_budget"] = row["downstream_kl"] <= cfg.kl_budget

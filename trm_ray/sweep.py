@@ -33,11 +33,12 @@ from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, pca_kl
 from trm_ray.extract import extract
 from trm_ray.files import absolute, read_json, write_json
 from trm_ray.model import hidden_size_of, model_id
-from trm_ray.names import CHECKPOINT_FILE, LOWER_IS_BETTER, spectrum_files
-from trm_ray.references import stored
+from trm_ray.names import CHECKPOINT_FILE, LOWER_IS_BETTER
+from trm_ray.references import store, stored, stored_json
 from trm_ray.regions import print_regions
-from trm_ray.report import FAILURES, exclusions, export_closed_form, export_results, print_table
+from trm_ray.report import exclusions, export_closed_form, export_results, print_table, save_rows
 from trm_ray.scheduler import PerWidthASHA
+from trm_ray.scoring import FAILURES, score
 from trm_ray.shards import split_counts, value_bytes, verify_shards
 from trm_ray.spec import REFERENCES, TrialSpec, config_of
 from trm_ray.tracking import prepare_wandb
@@ -180,13 +181,14 @@ def datasets(cfg: Config, manifest: dict[str, Any]) -> tuple[Any, Any]:
     return train, val
 
 
-def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
-    """Shards (extracted now if missing), checked against the model, its LM head and the D' values, and their spectrum."""
+def check_starts(cfg: Config) -> None:
+    """Before any extraction: every D' fits the model, stage 1b's start (the stage 1a checkpoint of each D')
+    is there and loads, and the LM head the run will read gives the model's own logits (`check_head`)."""
     d_model = hidden_size_of(cfg.model_name)
     for d in cfg.d_values:
         if not 0 < d < d_model:
             raise UserError(f"D' = {d} is not in 1..{d_model - 1}: {cfg.model_name} has hidden size D = {d_model}")
-    for d in cfg.d_values:  # before any extraction: a 1b run never silently starts from scratch
+    for d in cfg.d_values:  # a 1b run never silently starts from scratch
         path = cfg.init_checkpoint(d)
         if path and not os.path.exists(path):
             raise UserError(f"stage 1b starts from a stage 1a checkpoint, and {path} does not exist: "
@@ -194,10 +196,13 @@ def prepare(cfg: Config) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]
         if path:
             load_checkpoint(path, d_model=d_model, d_compressed=d)
     check_head(cfg)
+
+
+def shards(cfg: Config) -> tuple[dict[str, Any], dict[str, int]]:
+    """The shards' manifest (extracted now if missing), every shard checked against it, and the split's counts."""
     manifest = extract(cfg)
     verify_shards(cfg.shards_path, manifest)
-    counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
-    return manifest, counts, limits(cfg)
+    return manifest, split_counts(manifest, cfg.val_fraction, cfg.seed)
 
 
 def limits(cfg: Config) -> dict[str, Any]:
@@ -219,15 +224,12 @@ def limits(cfg: Config) -> dict[str, Any]:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",
               flush=True)
         on_a_gpu(cfg.use_gpu, fisher_start, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed)
-    path = spectrum_files(cfg.shards_path, cfg.val_fraction, cfg.seed, "pca_kl")[0]
-    key = {"manifest": limit["manifest"], "model_name": cfg.model_name}
-    cached = read_json(path) or {}
-    kl = cached.get("kl", {}) if {k: cached.get(k) for k in key} == key else {}
+    kl = (stored_json(cfg.shards_path, cfg.val_fraction, cfg.seed, "pca_kl", model_name=cfg.model_name) or {}).get("kl", {})
     missing = [d for d in cfg.d_values if str(d) not in kl]
     if missing:
         print(f"sweep: next-token KL of the PCA reconstruction of D' = {missing} on the validation set", flush=True)
         kl.update(on_a_gpu(cfg.use_gpu, pca_kl, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, missing))
-        write_json(path, {**key, "kl": kl})
+        store(cfg.shards_path, cfg.val_fraction, cfg.seed, "pca_kl", summary={"model_name": cfg.model_name, "kl": kl})
     return {**limit, "pca_downstream_kl": {str(d): kl[str(d)] for d in cfg.d_values}}
 
 
@@ -241,30 +243,62 @@ def trial_spec(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], li
 
 
 def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[str, Any]]:
+    """The whole sweep, in the order it happens; returns its result rows."""
     import ray
-    from ray import tune
 
-    # Absolute paths: trials and tasks run in other working directories.
-    cfg = dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir),
-                              model_name=model_id(cfg.model_name))
-    # Before anything runs: a trial that can never start is refused now.
-    concurrent = trials_that_fit(cfg, ray.cluster_resources())
-    manifest, counts, limit = prepare(cfg)
-    d_model = manifest["hidden_size"]
-    print(f"sweep: D={d_model}, D' in {cfg.d_values}; {counts['train_tokens']:,} train tokens "
+    cfg = resolved(cfg)
+    concurrent = trials_that_fit(cfg, ray.cluster_resources())  # before anything runs: a trial that can never start
+    check_starts(cfg)
+    manifest, counts = shards(cfg)
+    limit = limits(cfg)
+    announce(cfg, manifest, counts)
+    if cfg.closed_form:
+        rows = closed_form(cfg, manifest, counts, limit, command)
+    else:
+        grid = tune_trials(cfg, manifest, counts, limit, concurrent, overwrite, command)
+        remove_left_placement_groups()
+        rows = export_results(grid, cfg, manifest, CHECKPOINT_FILE, limit)
+    score(rows, cfg, manifest)
+    save_rows(rows, cfg, manifest, limit)
+    print_table(rows, cfg)
+    print_regions(rows, manifest)
+    return rows
+
+
+def resolved(cfg: Config) -> Config:
+    """Absolute paths (trials and tasks run in other working directories) and the model's full id."""
+    return dataclasses.replace(cfg, shards_dir=absolute(cfg.shards_path), output_dir=absolute(cfg.output_dir),
+                               model_name=model_id(cfg.model_name))
+
+
+def announce(cfg: Config, manifest: dict[str, Any], counts: dict[str, int]) -> None:
+    print(f"sweep: D={manifest['hidden_size']}, D' in {cfg.d_values}; {counts['train_tokens']:,} train tokens "
           f"({counts['train_docs']} docs), {counts['val_tokens']:,} validation tokens ({counts['val_docs']} docs)",
           flush=True)
     print(f"sweep: left out of training, metrics and the PCA limit: {exclusions(manifest)}", flush=True)
 
-    name = f"stage{cfg.stage}_{'sweep' if cfg.sweep else f'd{cfg.d_compressed}'}"
+
+def experiment_name(cfg: Config) -> str:
+    return f"stage{cfg.stage}_{'sweep' if cfg.sweep else f'd{cfg.d_compressed}'}"
+
+
+def closed_form(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],
+                command: str) -> list[dict[str, Any]]:
+    """--closed_form: the PCA compressors exported with the spectrum pass's metrics, no trial."""
+    print("sweep: --objective mse from --init pca has its optimum in closed form: exporting the PCA compressors with "
+          "the spectrum pass's validation metrics, no SGD epoch (--no_closed_form or --num_epochs trains them)", flush=True)
+    spec = trial_spec(cfg, manifest, counts, limit, "", f"{experiment_name(cfg)}-{uuid.uuid4().hex[:8]}", command)
+    return export_closed_form(cfg, manifest, limit, spec.flat())
+
+
+def tune_trials(cfg: Config, manifest: dict[str, Any], counts: dict[str, int], limit: dict[str, Any],
+                concurrent: int | None, overwrite: bool, command: str) -> Any:
+    """A Tune trial per learning rate, each training every D' (one read of each batch for all of them), under
+    the per-width ASHA; a sweep interrupted with the same settings resumes. Returns Tune's result grid."""
+    from ray import tune
+
+    name = experiment_name(cfg)
     storage = os.path.join(cfg.output_dir, "ray_results")
-    if cfg.closed_form:
-        print("sweep: --objective mse from --init pca has its optimum in closed form: exporting the PCA compressors with "
-              "the spectrum pass's validation metrics, no SGD epoch (--no_closed_form or --num_epochs trains them)", flush=True)
-        config = trial_spec(cfg, manifest, counts, limit, "", f"{name}-{uuid.uuid4().hex[:8]}", command).flat()
-        rows = export_closed_form(cfg, manifest, limit, config)
-        print_table(rows, cfg)
-        return rows
     exp_dir = os.path.join(storage, name)
     resume = should_resume(exp_dir, cfg, overwrite)
     if not resume:
@@ -274,7 +308,6 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
 
     # The W&B group: unique per sweep, fixed for its lifetime (it is part of the restored Tune state).
     group = f"{name}-{uuid.uuid4().hex[:8]}"
-    # A trial per learning rate, each training every D' (one read of each batch for all of them).
     param_space = {**trial_spec(cfg, manifest, counts, limit, os.path.join(storage, f"{name}_train"), group, command).flat(),
                    "learning_rate": tune.grid_search(cfg.sweep_learning_rates or [cfg.learning_rate])}
     tokens_per_epoch = counts["train_tokens"] - cfg.num_workers  # an equal split across workers drops a row or so
@@ -305,12 +338,7 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
-    grid = tuner.fit()
-    remove_left_placement_groups()
-    rows = export_results(grid, cfg, manifest, CHECKPOINT_FILE, limit)
-    print_table(rows, cfg)
-    print_regions(rows, manifest)
-    return rows
+    return tuner.fit()
 
 
 def resumed_config(output_dir: str, stage: str | None = None) -> Config:
