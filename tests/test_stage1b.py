@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trm_ray import phase2, sweep
+from trm_ray import downstream, phase2, sweep
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
 from trm_ray.extract import extract
@@ -62,7 +62,7 @@ def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores
         model = initial_model(config_of({**sweep.dataclasses.asdict(cfg), "d_compressed": d}), 64)
         start = model.weight.detach().double()
         candidates = [DimensionCompressor.from_checkpoint(r_1a["checkpoint"]).weight.detach().double()]
-        for lam in phase2.MIX_GRID:
+        for lam in downstream.MIX_GRID:
             mixed = sigma["context"] / sigma["context"].trace() + lam * sigma["close"] / sigma["close"].trace()
             candidates.append(torch.linalg.eigh(mixed)[1][:, -d:].T)
         best = min(score(w, d) for w in candidates)

@@ -6,20 +6,23 @@ reconstruction's KL every epoch is measured against (`pca_kl`); and `--init fish
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable, Iterator
 
 import torch
 
 from trm_ray.cluster import on_a_gpu
-from trm_ray.compressor import DimensionCompressor
+from trm_ray.compressor import WEIGHT_KEY, DimensionCompressor, load_checkpoint
 from trm_ray.config import UserError
-from trm_ray.files import read_json
+from trm_ray.files import read_json, write_bytes
 from trm_ray.kl import damage_metrics, damage_sums, grid_kl, mean_fisher
 from trm_ray.model import check_lm_head, load_lm_head
 from trm_ray.names import spectrum_files
 from trm_ray.pca import moment_matrix
+from trm_ray.phase2 import REGIONS, phase2_score, region_codes
 from trm_ray.references import eigenvectors, store_fisher_start
-from trm_ray.shards import decode_hidden, next_tokens, split_tables
+from trm_ray.shards import decode_hidden, next_tokens, read_manifest, split_tables
+from trm_ray.spectrum import load_or_compute
 
 
 def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int,
@@ -123,3 +126,60 @@ def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any
     found = on_a_gpu(cfg.use_gpu, measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, checkpoints)
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))
+
+
+MIX_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # λ of the mixed second moments phase 2's start is chosen from
+START_TOKENS = 2 ** 16  # training closing states (at most) the start is chosen on
+
+
+def _close_rows(shards_dir: str, val_fraction: float, seed: int, val_side: bool, code: int, limit: int | None) -> torch.Tensor:
+    rows, n = [], 0
+    for table in split_tables(shards_dir, val_fraction, seed, val_side=val_side):
+        x = decode_hidden(table["hidden"])[torch.from_numpy(table["region"].to_numpy() == code)]
+        rows.append(x)
+        n += len(x)
+        if limit is not None and n >= limit:
+            break
+    return torch.cat(rows)[:limit]
+
+
+@torch.no_grad()
+def references_and_start(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
+                         stage1a: dict[int, str], start_path: str) -> dict[str, dict[str, float]]:
+    """The references each epoch is scored against (`context_pca_mse`, `close_pca_downstream_kl` per D', on the
+    validation rows), and the start of each D', written to `start_path` (the sweep's own: it depends on its
+    stage 1a weights): the best on the training rows, by `phase2_score`, of the stage 1a weights (`stage1a`:
+    D' -> checkpoint) and the mixed second moments' top-D' eigenvectors for every λ of MIX_GRID."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm_head = load_lm_head(model_name, device, torch.float32)
+    code = region_codes(read_manifest(shards_dir))["close"]
+    summary = {r: load_or_compute(shards_dir, val_fraction, seed, region=r) for r in REGIONS}
+    vecs = {r: eigenvectors(shards_dir, val_fraction, seed, f"spectrum-{r}") for r in REGIONS}
+    sigma = {r: moment_matrix(summary[r], vecs[r]) for r in REGIONS}
+    mixed = {lam: torch.linalg.eigh(sigma["context"] / sigma["context"].trace() + lam * sigma["close"] / sigma["close"].trace())[1].flip(1)
+             for lam in MIX_GRID}
+    close_pca = {d: vecs["close"][:, :d].T.float().to(device) for d in d_values}
+    val_close = _close_rows(shards_dir, val_fraction, seed, True, code, None).to(device)
+    train_close = _close_rows(shards_dir, val_fraction, seed, False, code, START_TOKENS).to(device)
+    val_kl = grid_kl(lm_head, val_close, list(close_pca.values())).cpu() / max(len(val_close), 1)
+    train_ref = grid_kl(lm_head, train_close, list(close_pca.values())).cpu() / len(train_close)
+    context_total = float(sigma["context"].trace())
+    starts = {}
+    for i, d in enumerate(d_values):
+        candidates = {f"mix{lam:g}": mixed[lam][:, :d].T for lam in MIX_GRID}
+        candidates["stage1a"] = load_checkpoint(stage1a[d], d_model=sigma["context"].shape[0], d_compressed=d)["compressor"][WEIGHT_KEY].double()
+        limit = context_total - sum(summary["context"]["eigenvalues"][:d])
+        kl = grid_kl(lm_head, train_close, [w.float().to(device) for w in candidates.values()]).cpu() / len(train_close)
+        scores = {}
+        for (name, w), k in zip(candidates.items(), kl.tolist()):
+            residual = context_total - float((w @ sigma["context"] @ w.T).trace())  # for orthonormal rows
+            scores[name] = phase2_score(k, float(train_ref[i]), limit / max(residual, 1e-30))
+        best = min(scores, key=scores.get)
+        starts[d] = candidates[best].float().contiguous()
+        print(f"phase2: D'={d} starts from {best} (training phase2_score {scores[best]:.4g}; stage 1a's "
+              f"{scores['stage1a']:.4g})", flush=True)
+    buf = io.BytesIO()
+    torch.save(starts, buf)
+    write_bytes(start_path, buf.getvalue())
+    return {"context_pca_mse": {str(d): summary["context"]["pca_mse"][d] for d in d_values},
+            "close_pca_downstream_kl": {str(d): k for d, k in zip(d_values, val_kl.tolist())}}

@@ -19,6 +19,9 @@ KL_METRICS = ("downstream_kl", "pca_downstream_kl", "downstream_efficiency")  # 
 # What each epoch's report carries that ASHA can rank on (anything else would never arrive, and ASHA
 # would silently stop nothing).
 KL_ONLY_METRICS = ("downstream_efficiency", "downstream_kl")  # measured only when the loss reads the LM head
+# What each epoch's validation reports for --objective phase2 (trm_ray.phase2), and the checkpoint keeps with its best weights.
+PHASE2_METRICS = ("context_mse", "context_cosine_similarity", "context_pca_mse", "context_pca_efficiency", "close_downstream_kl",
+           "close_top1_agreement", "close_pca_downstream_kl", "phase2_score")
 ASHA_METRICS = ("pca_efficiency", *PCA_METRICS, "train_loss", *KL_ONLY_METRICS, "phase2_score")
 LOWER_IS_BETTER = ("mse", "relative_error", "train_loss", "downstream_kl", "phase2_score")
 

@@ -12,36 +12,24 @@ closing state counts as much as its weight says however rare it is (~0.35% of th
 
 Selection (early stopping, the best epoch, ASHA, the export) follows `phase2_score`: the closing
 state's KL relative to its PCA's, with a steep penalty once the context falls below CONTEXT_FLOOR
-of its limit. What has a closed form is not trained: the start is the best, on the training rows,
+of its limit. What has a closed form is not trained: the start (`downstream.references_and_start`) is the best, on the training rows,
 of the stage 1a weights and the top-D' eigenvectors of the mixed second moment
 Σ_context / tr Σ_context + λ Σ_close / tr Σ_close over a grid of λ (one eigenproblem each).
 """
 
 from __future__ import annotations
 
-import io
-import posixpath
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from trm_ray import spectrum
-from trm_ray.compressor import WEIGHT_KEY, load_checkpoint, metrics_from_sums, reconstruction_sums
+from trm_ray.compressor import metrics_from_sums, reconstruction_sums
 from trm_ray.kl import LMHead, damage_sums, grid_kl
-from trm_ray.model import load_lm_head
-from trm_ray.shards import split_tables
-from trm_ray.files import read_bytes, write_bytes
-from trm_ray.shards import decode_hidden, read_manifest
 
 REGIONS = ("context", "close")
 CONTEXT_FLOOR = 0.98  # context_pca_efficiency a phase-2 compressor must keep (the goal of stage 1b)
 FLOOR_PENALTY = 100.0  # score per unit of mse/limit below the floor: 1% under it costs as much as doubling the close KL
-MIX_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # λ of the mixed second moments the start is chosen from
-START_TOKENS = 2 ** 16  # training closing states (at most) the start is chosen on
-# What each epoch's validation reports for a phase-2 objective, and the checkpoint keeps with its best weights.
-METRICS = ("context_mse", "context_cosine_similarity", "context_pca_mse", "context_pca_efficiency", "close_downstream_kl",
-           "close_top1_agreement", "close_pca_downstream_kl", "phase2_score")
 
 
 def phase2_score(close_kl: float, close_pca_kl: float, context_pca_efficiency: float) -> float:
@@ -108,67 +96,3 @@ def add_scores(m: dict[str, float], context_pca_mse: float, close_pca_kl: float)
     eff = context_pca_mse / m["context_mse"]
     m.update({"context_pca_mse": context_pca_mse, "context_pca_efficiency": eff, "close_pca_downstream_kl": close_pca_kl,
               "phase2_score": phase2_score(m["close_downstream_kl"], close_pca_kl, eff)})
-
-
-def _close_rows(shards_dir: str, val_fraction: float, seed: int, val_side: bool, code: int, limit: int | None) -> torch.Tensor:
-    rows, n = [], 0
-    for table in split_tables(shards_dir, val_fraction, seed, val_side=val_side):
-        x = decode_hidden(table["hidden"])[torch.from_numpy(table["region"].to_numpy() == code)]
-        rows.append(x)
-        n += len(x)
-        if limit is not None and n >= limit:
-            break
-    return torch.cat(rows)[:limit]
-
-
-@torch.no_grad()
-def references_and_start(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
-                         stage1a: dict[int, str], start_path: str) -> dict[str, dict[str, float]]:
-    """The references each epoch is scored against (`context_pca_mse`, `close_pca_downstream_kl` per D', on the
-    validation rows), and the start of each D', written to `start_path` (the sweep's own: it depends on its
-    stage 1a weights): the best on the training rows, by `phase2_score`, of the stage 1a weights (`stage1a`:
-    D' -> checkpoint) and the mixed second moments' top-D' eigenvectors for every λ of MIX_GRID."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm_head = load_lm_head(model_name, device, torch.float32)
-    code = region_codes(read_manifest(shards_dir))["close"]
-    summary = {r: spectrum.load_or_compute(shards_dir, val_fraction, seed, region=r) for r in REGIONS}
-    vecs = {r: spectrum.eigenvectors(shards_dir, val_fraction, seed, f"spectrum-{r}") for r in REGIONS}
-    sigma = {r: spectrum.moment_matrix(summary[r], vecs[r]) for r in REGIONS}
-    mixed = {lam: torch.linalg.eigh(sigma["context"] / sigma["context"].trace() + lam * sigma["close"] / sigma["close"].trace())[1].flip(1)
-             for lam in MIX_GRID}
-    close_pca = {d: vecs["close"][:, :d].T.float().to(device) for d in d_values}
-    val_close = _close_rows(shards_dir, val_fraction, seed, True, code, None).to(device)
-    train_close = _close_rows(shards_dir, val_fraction, seed, False, code, START_TOKENS).to(device)
-    val_kl = grid_kl(lm_head, val_close, list(close_pca.values())).cpu() / max(len(val_close), 1)
-    train_ref = grid_kl(lm_head, train_close, list(close_pca.values())).cpu() / len(train_close)
-    context_total = float(sigma["context"].trace())
-    starts = {}
-    for i, d in enumerate(d_values):
-        candidates = {f"mix{lam:g}": mixed[lam][:, :d].T for lam in MIX_GRID}
-        candidates["stage1a"] = load_checkpoint(stage1a[d], d_model=sigma["context"].shape[0], d_compressed=d)["compressor"][WEIGHT_KEY].double()
-        limit = context_total - sum(summary["context"]["eigenvalues"][:d])
-        kl = grid_kl(lm_head, train_close, [w.float().to(device) for w in candidates.values()]).cpu() / len(train_close)
-        scores = {}
-        for (name, w), k in zip(candidates.items(), kl.tolist()):
-            residual = context_total - float((w @ sigma["context"] @ w.T).trace())  # for orthonormal rows
-            scores[name] = phase2_score(k, float(train_ref[i]), limit / max(residual, 1e-30))
-        best = min(scores, key=scores.get)
-        starts[d] = candidates[best].float().contiguous()
-        print(f"phase2: D'={d} starts from {best} (training phase2_score {scores[best]:.4g}; stage 1a's "
-              f"{scores['stage1a']:.4g})", flush=True)
-    buf = io.BytesIO()
-    torch.save(starts, buf)
-    write_bytes(start_path, buf.getvalue())
-    return {"context_pca_mse": {str(d): summary["context"]["pca_mse"][d] for d in d_values},
-            "close_pca_downstream_kl": {str(d): k for d, k in zip(d_values, val_kl.tolist())}}
-
-
-def start_path(output_dir: str) -> str:
-    """Where a phase-2 sweep keeps the start of each D' for its trials."""
-    return posixpath.join(output_dir, "phase2_start_stage1b.pt")
-
-
-def start_weight(output_dir: str, d: int) -> torch.Tensor:
-    """The start `references_and_start` chose for width d ([d, D])."""
-    return torch.load(io.BytesIO(read_bytes(start_path(output_dir))), weights_only=True)[d]
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 from typing import Any
 
 import torch
@@ -96,3 +97,13 @@ def start_basis(shards_dir: str, val_fraction: float, seed: int, init: str, d: i
         if found["quadratic_kl"]["fisher"][d] <= found["quadratic_kl"]["pca"][d]:
             return found["eigenvectors"][:, :d]
     return eigenvectors(shards_dir, val_fraction, seed)[:, :d]
+
+
+def start_path(output_dir: str) -> str:
+    """Where a phase-2 sweep keeps the start of each D' for its trials."""
+    return posixpath.join(output_dir, "phase2_start_stage1b.pt")
+
+
+def start_weight(output_dir: str, d: int) -> torch.Tensor:
+    """The start `references_and_start` chose for width d ([d, D])."""
+    return torch.load(io.BytesIO(read_bytes(start_path(output_dir))), weights_only=True)[d]

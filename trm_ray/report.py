@@ -18,13 +18,12 @@ import pyarrow.fs as pafs
 
 from trm_ray.compressor import WEIGHT_KEY, load_checkpoint, orthonormality_error, read_checkpoint, save_checkpoint
 from trm_ray.config import Config
-from trm_ray.phase2 import METRICS as PHASE2_METRICS
 from trm_ray.files import atomic_output, exists, filesystem, read_bytes, write_json
 from trm_ray.pca import curve_points, pca_metrics
 from trm_ray.references import eigenvectors
 from trm_ray.scoring import PASSES
 from trm_ray.tracking import tracking
-from trm_ray.names import KL_METRICS, METRICS, PCA_REFERENCES, width_key
+from trm_ray.names import KL_METRICS, METRICS, PCA_REFERENCES, PHASE2_METRICS, width_key
 
 
 

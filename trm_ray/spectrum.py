@@ -29,10 +29,6 @@ from trm_ray.pca import curve_points, eigen, moment_sums, moment_zeros, pca_summ
 from trm_ray.references import store, stored_json
 from trm_ray.shards import decode_hidden, read_manifest, region_code, rows_per_block, shard_paths, side_tables
 
-# phase2.py reads these two as spectrum.<name>; they go when its reading of the spectrum moves out of it.
-from trm_ray.pca import moment_matrix  # noqa: E402,F401
-from trm_ray.references import eigenvectors  # noqa: E402,F401
-
 
 def summed(shards_dir: str, val_side: bool, val_fraction: float, seed: int, fn: Callable[..., dict[str, Any]],
            zeros: dict[str, Any], *args: Any, region: str | None = None) -> dict[str, Any]:

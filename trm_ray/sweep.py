@@ -25,16 +25,16 @@ from typing import Any
 from ray.train import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from trm_ray import phase2, spectrum
+from trm_ray import spectrum
 from trm_ray.cluster import on_a_gpu, trial_resources
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
-from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, pca_kl
+from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, pca_kl, references_and_start
 from trm_ray.extract import extract
 from trm_ray.files import absolute, read_json, write_json
 from trm_ray.model import hidden_size_of, model_id
 from trm_ray.names import CHECKPOINT_FILE, LOWER_IS_BETTER
-from trm_ray.references import store, stored, stored_json
+from trm_ray.references import start_path, store, stored, stored_json
 from trm_ray.regions import print_regions
 from trm_ray.report import exclusions, export_closed_form, export_results, print_table, save_rows
 from trm_ray.scheduler import PerWidthASHA
@@ -216,9 +216,9 @@ def limits(cfg: Config) -> dict[str, Any]:
     if cfg.objective == "phase2":
         print(f"sweep: phase 2's references (the context's PCA limit, the closing states' PCA KL) and the best closed-form "
               f"start of D' = {cfg.d_values}", flush=True)
-        return {**limit, **on_a_gpu(cfg.use_gpu, phase2.references_and_start, cfg.model_name, cfg.shards_path,
+        return {**limit, **on_a_gpu(cfg.use_gpu, references_and_start, cfg.model_name, cfg.shards_path,
                                     cfg.val_fraction, cfg.seed, cfg.d_values, {d: cfg.init_checkpoint(d) for d in cfg.d_values},
-                                    phase2.start_path(cfg.output_dir))}
+                                    start_path(cfg.output_dir))}
     if cfg.init == "fisher" and cfg.stage == "1a" and stored(cfg.shards_path, cfg.val_fraction, cfg.seed,
                                                                       "fisher") is None:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",

@@ -28,8 +28,8 @@ from trm_ray.kl import LMHead, grid_kl
 from trm_ray.loop import (Comm, EarlyStopping, Progress, Reporter, Width, compile_or_eager, evaluate, fit, make_optimizer,
                           save_best, stop_cut)
 from trm_ray.model import load_lm_head
-from trm_ray.names import CHECKPOINT_FILE, KL_METRICS, METRICS, RESUME_FILE, width_key
-from trm_ray.references import start_basis, training_mean
+from trm_ray.names import CHECKPOINT_FILE, KL_METRICS, METRICS, PHASE2_METRICS, RESUME_FILE, width_key
+from trm_ray.references import start_basis, start_weight, training_mean
 from trm_ray.spec import TrialSpec
 from trm_ray.shards import read_manifest, rows_per_block, shard_paths, side_tables, stored_hidden
 from trm_ray.tracking import publish, tracking
@@ -92,7 +92,7 @@ def initial_model(cfg: Config, d_model: int) -> DimensionCompressor:
     """Stage 1a: the --init start (orthogonal, PCA, or for a KL objective PCA in the LM head's Fisher
     metric, or PCA's where that is better: `start_basis`); stage 1b starts from the stage 1a weights
     of the same D and D', or for `--objective phase2` from the best closed form the sweep found for
-    its regions, which may be those weights (`phase2.start_weight`)."""
+    its regions, which may be those weights (`references.start_weight`)."""
     torch.manual_seed(cfg.seed)
     model = DimensionCompressor(d_model, cfg.d_compressed)
     start = cfg.init_checkpoint(cfg.d_compressed)
@@ -102,7 +102,7 @@ def initial_model(cfg: Config, d_model: int) -> DimensionCompressor:
             model.weight.copy_(basis.T)
     if start and cfg.objective == "phase2":
         with torch.no_grad():
-            model.weight.copy_(phase2.start_weight(cfg.output_dir, cfg.d_compressed))
+            model.weight.copy_(start_weight(cfg.output_dir, cfg.d_compressed))
     elif start:
         ckpt = load_checkpoint(start, d_model=d_model, d_compressed=cfg.d_compressed)
         model.load_state_dict(ckpt["compressor"])
@@ -198,7 +198,7 @@ def resume(widths: Sequence[Width], cfg: Config) -> tuple[Progress | None, dict[
 def best_keys(cfg: Config) -> tuple[str, ...]:
     """The metrics a width's best checkpoint keeps: the reconstruction's, and what the objective is scored on."""
     if cfg.objective == "phase2":
-        return (*METRICS, *phase2.METRICS)
+        return (*METRICS, *PHASE2_METRICS)
     return METRICS if cfg.objective == "mse" else (*METRICS, *KL_METRICS)
 
 
