@@ -21,6 +21,7 @@ from benchmarks import (data_feed, extract, kl_grid_step, kl_objective, quality,
 RATIO_LINE = re.compile(r"ratio (\S+): (\S+)x \(")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("bench", [train_loop, data_feed, sweep_cost, quality, extract, kl_objective, row_groups, step_cost,
                                    kl_grid_step],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
@@ -33,6 +34,7 @@ def test_smoke_mode_prints_a_finite_positive_ratio_for_each_figure(bench, ray_cl
         assert math.isfinite(float(value)) and float(value) > 0, f"{name}: {value}"
 
 
+@pytest.mark.integration
 def test_gpu_run_tiny_runs_extraction_spectrum_sweep_and_downstream_kl_and_prints_rates(ray_cluster, capsys, tmp_path):
     from benchmarks import gpu_run
 

@@ -88,6 +88,7 @@ def submit_when_an_agent_is_up(client, entrypoint, wait_s=120):
             time.sleep(3)
 
 
+@pytest.mark.integration
 def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_nodes, shards, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors

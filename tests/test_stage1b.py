@@ -20,6 +20,7 @@ from trm_ray.text import REGIONS, chat_settings, read_documents
 from trm_ray.train import evaluate, hidden_batches, initial_model, trial_config
 
 
+@pytest.mark.integration
 def test_stage_1b_exports_beside_stage_1a(stage1b):
     cfg, rows, rows_1a = stage1b
     assert [r["d_compressed"] for r in rows] == [8, 16]
@@ -27,6 +28,7 @@ def test_stage_1b_exports_beside_stage_1a(stage1b):
         assert r["checkpoint"] == r_1a["checkpoint"].replace("stage1a_best.pt", "stage1b_best.pt")
 
 
+@pytest.mark.integration
 def test_stage_1b_mse_starts_from_the_stage_1a_weights(stage1b):
     cfg, rows, rows_1a = stage1b
     # The weights the worker builds before its first step are the 1a checkpoint's.
@@ -36,6 +38,7 @@ def test_stage_1b_mse_starts_from_the_stage_1a_weights(stage1b):
         torch.testing.assert_close(model.weight, DimensionCompressor.from_checkpoint(r_1a["checkpoint"]).weight, rtol=0, atol=0)
 
 
+@pytest.mark.integration
 def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores_it_first(stage1b):
     cfg, rows, rows_1a = stage1b
     assert cfg.objective == "phase2"  # stage 1b's default on phase 2's shards
@@ -70,6 +73,7 @@ def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores
         assert r["initial_cosine_similarity"] == pytest.approx(scored["cosine_similarity"], abs=1e-6)
 
 
+@pytest.mark.integration
 def test_phase2_reports_each_regions_scores_every_epoch_and_selects_on_phase2_score(stage1b):
     cfg, rows, _ = stage1b
     reports = [json.loads(line) for line in open(glob.glob(f"{cfg.output_dir}/ray_results/stage1b_sweep/lr*/result.json")[0])]
@@ -92,6 +96,7 @@ def kl(head: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
+@pytest.mark.integration
 def test_thinking_shards_hold_only_the_thinking_span_and_record_it_as_reasoning(stage1b, tmp_path):
     cfg, _, _ = stage1b
     cfg = dataclasses.replace(cfg, keep_tokens="thinking", objective="mse", shards_dir=str(tmp_path / "thinking"))
@@ -114,6 +119,7 @@ def test_thinking_shards_hold_only_the_thinking_span_and_record_it_as_reasoning(
     assert specials.isdisjoint(np.unique(table["token_id"].to_numpy()).tolist())
 
 
+@pytest.mark.integration
 def test_phase2_shards_record_each_rows_region(stage1b):
     cfg, _, _ = stage1b
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
@@ -136,6 +142,7 @@ def test_phase2_shards_record_each_rows_region(stage1b):
         assert len(tokens) == len(context) + 1  # nothing of the reasoning or the answer
 
 
+@pytest.mark.integration
 def test_stage_1b_rows_carry_per_region_metrics_equal_to_a_direct_computation(stage1b):
     cfg, rows, _ = stage1b
     manifest = read_manifest(cfg.shards_path)
@@ -164,12 +171,14 @@ def test_stage_1b_rows_carry_per_region_metrics_equal_to_a_direct_computation(st
         assert row["close_pca_downstream_kl"] > 0 and 0 <= row["close_pca_top1_agreement"] <= 1
 
 
+@pytest.mark.integration
 def test_stage_1b_without_a_stage_1a_checkpoint_is_refused(stage1b, tmp_path):
     cfg, _, _ = stage1b
     with pytest.raises(UserError, match="stage1a_best.pt does not exist: run stage 1a first"):
         sweep.prepare(sweep.dataclasses.replace(cfg, output_dir=str(tmp_path)))
 
 
+@pytest.mark.integration
 def test_stage_1b_from_a_checkpoint_of_another_d_prime_names_both_shapes(stage1b, swept):
     cfg, _, rows_1a = stage1b
     wrong = sweep.dataclasses.replace(cfg, sweep=False, d_compressed=16, compressor_checkpoint=rows_1a[0]["checkpoint"])
