@@ -40,6 +40,16 @@ def assets(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def shards(ray_cluster, assets, tmp_path_factory):
+    """A config whose shards are extracted (once per session)."""
+    from trm_ray.extract import extract
+
+    cfg = small_config(assets, tmp_path_factory.mktemp("run"))
+    extract(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
 def swept(shards, tmp_path_factory):
     """The quickstart flow end to end through the CLI (3 D', ASHA, export), on the session's shards."""
     out = tmp_path_factory.mktemp("sweep")
