@@ -23,7 +23,6 @@ import json
 import os
 import tempfile
 import time
-from typing import Any
 
 import torch
 

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine
-from trm_ray import spectrum
 from trm_ray.references import eigenvectors
 from trm_ray.cluster import connect
 from trm_ray.compressor import DimensionCompressor, orthonormality_error

@@ -15,8 +15,10 @@ os.environ.setdefault("WANDB_API_KEY", "trm-test-key-" + "7" * 27)
 
 import pytest  # noqa: E402
 
-from trm_ray.config import Config, make_config  # noqa: E402
+from trm_ray.config import make_config  # noqa: E402
 from trm_ray.quickstart import write_assets  # noqa: E402
+
+from helpers import SEED_FLAGS, SWEPT_WINDOW, moved_copy, small_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,36 +39,14 @@ def assets(tmp_path_factory) -> dict[str, str]:
     return write_assets(tmp_path_factory.mktemp("assets"), num_docs=120)
 
 
-def small_config(assets: dict[str, str], out_dir, **overrides) -> Config:
-    """The quickstart, shrunk: 120 documents, 3 D', few epochs."""
-    values = dict(
-        model_name=assets["model"], dataset=assets["corpus"], num_samples=120, max_seq_length=64,
-        docs_per_shard=20, output_dir=str(out_dir), sweep=True, sweep_d_values=[8, 16, 32], batch_size=4,
-        num_epochs=3, learning_rate=0.01, grace_period=3, num_cpus=8,
-    )
-    values.update(overrides)
-    return make_config(values)
-
-
 @pytest.fixture(scope="session")
-def shards(ray_cluster, assets, tmp_path_factory) -> Config:
+def shards(ray_cluster, assets, tmp_path_factory):
     """A config whose shards are extracted (once per session)."""
     from trm_ray.extract import extract
 
     cfg = small_config(assets, tmp_path_factory.mktemp("run"))
     extract(cfg)
     return cfg
-
-
-SEED_FLAGS = ["--stage", "1a", "--batch_size", "4", "--num_epochs", "3", "--learning_rate", "0.01",
-              "--num_samples", "120", "--max_seq_length", "64", "--seed", "42", "--early_stopping",
-              "--early_stopping_patience", "5", "--no_torch_compile", "--use_wandb", "--wandb_project", "trm-test",
-              "--wandb_run_name", "qs", "--sweep", "--sweep_d_values", "8", "16", "32", "--num_workers", "1",
-              "--no_use_gpu", "--address", "auto"]
-
-
-# When the `swept` sweep ran (tests that read what it logged, e.g. Ray's task events, look in this window).
-SWEPT_WINDOW: dict[str, float] = {}
 
 
 @pytest.fixture(scope="session")
@@ -85,12 +65,23 @@ def swept(shards, tmp_path_factory):
     return cfg, json.loads((out / "sweep_results.json").read_text())
 
 
+@pytest.fixture
+def swept_copy(swept, tmp_path):
+    """The `swept` sweep's output in a private copy (its paths pointing into the copy), free to resume,
+    extend or publish from: the session's sweep stays as it ran, whatever order the tests run in."""
+    cfg, _ = swept
+    out = moved_copy(cfg.output_dir, str(tmp_path / "swept"))
+    return dataclasses.replace(cfg, output_dir=out), json.loads(open(f"{out}/sweep_results.json").read())
+
+
 @pytest.fixture(scope="session")
-def stage1b(swept, assets):
-    """Stage 1b on phase 2's regions of the reasoning corpus, starting from the 1a sweep's checkpoints."""
+def stage1b(swept, assets, tmp_path_factory):
+    """Stage 1b on phase 2's regions of the reasoning corpus, starting from the 1a sweep's checkpoints (in a
+    copy of the 1a sweep's output directory, which stays as it ran)."""
     from trm_ray import sweep
 
-    cfg_1a, rows_1a = swept
+    out = moved_copy(swept[0].output_dir, str(tmp_path_factory.mktemp("stage1b") / "out"))
+    cfg_1a, rows_1a = dataclasses.replace(swept[0], output_dir=out), json.loads(open(f"{out}/sweep_results.json").read())
     argv = ["--stage", "1b", "--keep_tokens", "phase2", "--model_name", cfg_1a.model_name, "--dataset", assets["reasoning"],
             "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "40", "--output_dir", cfg_1a.output_dir,
             "--sweep", "--sweep_d_values", "8", "16", "--num_epochs", "2", "--batch_size", "4", "--learning_rate", "0.003",
@@ -100,3 +91,64 @@ def stage1b(swept, assets):
     cfg = sweep.config_from_args(parser.parse_args(argv))
     rows = json.loads(open(f"{cfg_1a.output_dir}/sweep_results_stage1b.json").read())
     return cfg, rows, rows_1a
+
+
+# --- Unit and integration tests -------------------------------------------------------------------------------
+# An integration test starts Ray (the session's `ray_cluster`, or a Ray of its own), a subprocess that starts
+# Ray, or a sweep; it is marked `integration`. Every other test is a unit test, and must start no Ray at all.
+
+RAY_FIXTURES = {"ray_cluster", "shards", "swept", "swept_copy", "stage1b"}  # each starts (or needs) the session's Ray
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that asks for the session's Ray but is not marked `integration` is an error; the unit tests run
+    first (stable order otherwise), so that none of them can find a running Ray and use it unnoticed."""
+    unmarked = [item.nodeid for item in items
+                if item.get_closest_marker("integration") is None and RAY_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError("these tests use the session's Ray but are not marked integration:\n  " + "\n  ".join(unmarked))
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+
+
+def ray_sessions(temp_dir: str) -> list[str]:
+    root = os.path.join(temp_dir, "ray")
+    return sorted(n for n in os.listdir(root) if n.startswith("session_2")) if os.path.isdir(root) else []  # not session_latest
+
+
+@pytest.fixture(autouse=True)
+def _a_unit_test_starts_no_ray(request):
+    """Fails a unit test (one not marked `integration`) that started Ray, in this process or in a subprocess.
+
+    In this process: Ray is initialised after the test (it was not before). In a subprocess: RAY_TMPDIR points
+    this test's Rays at a directory of its own, where any local Ray it started leaves a session_* folder."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    import shutil
+    import sys
+    import tempfile
+
+    def initialised() -> bool:
+        ray = sys.modules.get("ray")  # never imported: never started
+        return ray is not None and ray.is_initialized()
+
+    before = initialised()
+    temp_dir = tempfile.mkdtemp(prefix="unit-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        started_here = not before and initialised()
+        if started_here:
+            sys.modules["ray"].shutdown()
+        sessions = ray_sessions(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    if started_here or sessions:
+        pytest.fail(f"{request.node.nodeid} is a unit test but started Ray "
+                    f"({'in the test process' if started_here else 'in a subprocess: ' + ', '.join(sessions)}): "
+                    "mark it @pytest.mark.integration, or keep Ray out of it", pytrace=False)

@@ -1,7 +1,7 @@
 """Every benchmark's --smoke mode runs end to end and prints its ratio lines.
 
 These check the scripts, not the speed: no timing thresholds, only that each ratio line is
-there and holds a finite positive number. They run in-process on the session's Ray (a
+there and holds a finite positive number. Those on Ray run in-process on the session's Ray (a
 second local Ray beside it would make Ray's own actors ask which cluster to join).
 """
 
@@ -21,10 +21,15 @@ from benchmarks import (data_feed, extract, kl_grid_step, kl_objective, quality,
 RATIO_LINE = re.compile(r"ratio (\S+): (\S+)x \(")
 
 
-@pytest.mark.parametrize("bench", [train_loop, data_feed, sweep_cost, quality, extract, kl_objective, row_groups, step_cost,
-                                   kl_grid_step],
+ON_RAY = [train_loop, data_feed, sweep_cost, quality, extract, kl_objective]  # integration: they run on the session's Ray
+RAY_FREE = [row_groups, step_cost, kl_grid_step]  # unit: plain torch and pyarrow, no Ray
+
+
+@pytest.mark.parametrize("bench", [*(pytest.param(b, marks=pytest.mark.integration) for b in ON_RAY), *RAY_FREE],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
-def test_smoke_mode_prints_a_finite_positive_ratio_for_each_figure(bench, ray_cluster, capsys):
+def test_smoke_mode_prints_a_finite_positive_ratio_for_each_figure(bench, request, capsys):
+    if request.node.get_closest_marker("integration"):
+        request.getfixturevalue("ray_cluster")
     returned = bench.main(["--smoke"])
     out = capsys.readouterr().out
     printed = dict(RATIO_LINE.findall(out))
@@ -33,6 +38,7 @@ def test_smoke_mode_prints_a_finite_positive_ratio_for_each_figure(bench, ray_cl
         assert math.isfinite(float(value)) and float(value) > 0, f"{name}: {value}"
 
 
+@pytest.mark.integration
 def test_gpu_run_tiny_runs_extraction_spectrum_sweep_and_downstream_kl_and_prints_rates(ray_cluster, capsys, tmp_path):
     from benchmarks import gpu_run
 

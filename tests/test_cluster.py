@@ -88,6 +88,7 @@ def submit_when_an_agent_is_up(client, entrypoint, wait_s=120):
             time.sleep(3)
 
 
+@pytest.mark.integration
 def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_nodes, shards, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
@@ -95,7 +96,7 @@ def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_n
     out = tmp_path / "out"  # every node of this cluster sees it: shared storage for shards and checkpoints
     entrypoint = (f"python -m trm_ray.sweep --model_name {shards.model_name} --dataset {shards.dataset} "
                   f"--shards_dir {shards.shards_path} --num_samples 120 --max_seq_length 64 --docs_per_shard 20 "
-                  f"--output_dir {out} --sweep --sweep_d_values 8 16 32 --num_epochs 2 --batch_size 4 "
+                  f"--output_dir {out} --sweep --sweep_d_values 8 16 32 --num_epochs 1 --batch_size 4 "
                   "--sweep_learning_rates 0.05 0.02 0.01 --no_wandb --no_torch_compile --no_downstream --address auto")
     # Three trials (a learning rate each, every D' in each), for the cluster to spread over its nodes.
     url = three_nodes

@@ -23,6 +23,7 @@ def read_rows(cfg):
     return manifest, table
 
 
+@pytest.mark.integration
 def test_extracted_hidden_states_equal_a_direct_model_call(shards):
     manifest, table = read_rows(shards)
     tokenizer = AutoTokenizer.from_pretrained(shards.model_name)
@@ -82,6 +83,7 @@ def test_batches_group_similar_lengths_within_the_token_budget_and_cover_every_d
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
 
 
+@pytest.mark.integration
 def test_manifest_records_model_layer_sizes_and_counts(shards):
     manifest, table = read_rows(shards)
     assert manifest["model"] == shards.model_name
@@ -98,6 +100,7 @@ def test_manifest_records_model_layer_sizes_and_counts(shards):
     assert manifest["layer_cut"] == "blocks"  # the model cut after its blocks (all of them, for -1)
 
 
+@pytest.mark.integration
 def test_a_middle_layer_of_a_model_that_cannot_be_cut_is_extracted_from_its_hidden_states(ray_cluster, assets, tmp_path):
     # OPT's project_out follows the final norm: no cut gives a middle layer, the whole model's hidden_states[2] does.
     from transformers import OPTConfig, OPTForCausalLM
@@ -138,6 +141,7 @@ def test_nonfinite_hidden_states_are_refused():
         shard_table(torch.tensor([[1.0, float("nan")]]), np.array([0]), np.array([0]), np.array([1]), "float32")
 
 
+@pytest.mark.integration
 def test_existing_shards_are_reused_not_re_extracted(shards, monkeypatch):
     monkeypatch.setattr(extract_mod, "read_documents", lambda cfg: pytest.fail("re-read the corpus"))
     assert extract(shards)["num_tokens"] == read_manifest(shards.shards_path)["num_tokens"]
@@ -150,6 +154,7 @@ def run_cli(argv, capsys):
     return exit_info.value.code, err
 
 
+@pytest.mark.integration
 def test_missing_model_path_is_a_one_line_error(ray_cluster, assets, tmp_path, capsys):
     code, err = run_cli(["--model_name", str(tmp_path / "no-such-model"), "--dataset", assets["corpus"],
                          "--shards_dir", str(tmp_path / "s")], capsys)
@@ -158,6 +163,7 @@ def test_missing_model_path_is_a_one_line_error(ray_cluster, assets, tmp_path, c
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
+@pytest.mark.integration
 def test_empty_corpus_is_a_one_line_error_and_leaves_no_manifest(ray_cluster, assets, tmp_path, capsys):
     corpus = tmp_path / "empty.jsonl"
     corpus.write_text(json.dumps({"text": "   "}) + "\n")

@@ -21,7 +21,7 @@ from trm_ray.compressor import read_checkpoint
 from trm_ray.config import UserError, load_yaml
 from trm_ray.shards import decode_hidden
 
-from test_train import fit, width_metrics
+from helpers import fit, moved_copy, width_metrics
 
 
 @pytest.fixture
@@ -32,6 +32,7 @@ def shard_copy(shards, tmp_path):
     return dataclasses.replace(shards, shards_dir=str(path), output_dir=str(tmp_path / "out"))
 
 
+@pytest.mark.integration
 def test_a_truncated_shard_is_refused_naming_the_file(shard_copy):
     victim = os.path.join(shard_copy.shards_dir, "shard-00002.parquet")
     data = open(victim, "rb").read()
@@ -40,6 +41,7 @@ def test_a_truncated_shard_is_refused_naming_the_file(shard_copy):
         sweep.shards(shard_copy)
 
 
+@pytest.mark.integration
 def test_shards_of_mixed_hidden_sizes_are_refused(shard_copy):
     victim = os.path.join(shard_copy.shards_dir, "shard-00001.parquet")
     table = pq.read_table(victim)
@@ -51,6 +53,7 @@ def test_shards_of_mixed_hidden_sizes_are_refused(shard_copy):
         sweep.shards(shard_copy)
 
 
+@pytest.mark.integration
 def test_a_missing_shard_directory_is_refused(shards, tmp_path):
     from trm_ray.shards import read_manifest
 
@@ -58,6 +61,7 @@ def test_a_missing_shard_directory_is_refused(shards, tmp_path):
         read_manifest(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.integration
 def test_extraction_refuses_a_disk_too_small_for_its_shards(shards, tmp_path, monkeypatch, capsys):
     Usage = type(shutil.disk_usage("/"))
     monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
@@ -80,6 +84,7 @@ def extract_in_time(cfg):
         pool.shutdown(wait=False)
 
 
+@pytest.mark.integration
 def test_extraction_asks_for_the_cpus_that_are_free_and_fails_in_bounded_time_naming_what_holds_them(
         shards, tmp_path, ray_cluster, monkeypatch):
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -105,6 +110,7 @@ def test_extraction_asks_for_the_cpus_that_are_free_and_fails_in_bounded_time_na
     assert manifest["num_docs"] == shards.num_samples
 
 
+@pytest.mark.integration
 def test_an_extraction_replica_that_keeps_dying_fails_extraction_saying_so(shards, tmp_path, ray_cluster, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -126,6 +132,7 @@ def test_an_extraction_replica_that_keeps_dying_fails_extraction_saying_so(shard
             running.result(timeout=120)
 
 
+@pytest.mark.integration
 def test_an_interrupted_extraction_resumes_without_redoing_finished_shards(shards, tmp_path, monkeypatch):
     cfg = dataclasses.replace(shards, shards_dir=str(tmp_path / "s"))
     os.makedirs(cfg.shards_dir)
@@ -146,24 +153,13 @@ def test_invalid_yaml_is_a_one_line_error(tmp_path):
         load_yaml(path)
 
 
-def moved_copy(src: str, dst: str) -> str:
-    """A copy of a sweep's output directory, the absolute paths in its JSON and CSV files (the sweep's
-    settings, the reports' checkpoint paths) pointing into the copy."""
-    shutil.copytree(src, dst)
-    for path in glob.glob(f"{dst}/**/*", recursive=True):
-        if path.endswith((".json", ".csv")) and not os.path.basename(path).startswith("basic-variant-state"):  # a pickle
-            text = open(path).read()
-            if src in text:
-                open(path, "w").write(text.replace(src, dst))
-    return dst
-
-
 def trained_files(out: str) -> dict[str, float]:
     """What training writes (Train's checkpoints and run state, W&B runs), with modification times."""
     paths = glob.glob(f"{out}/ray_results/*_train/**", recursive=True) + glob.glob(f"{out}/wandb/**", recursive=True)
     return {path: os.path.getmtime(path) for path in paths if os.path.isfile(path)}
 
 
+@pytest.mark.integration
 def test_the_same_sweep_command_again_resumes_and_reruns_nothing(swept, tmp_path, capsys):
     cfg, rows = swept
     out = moved_copy(cfg.output_dir, str(tmp_path / "out"))  # the session's sweep stays as it ran
@@ -176,8 +172,9 @@ def test_the_same_sweep_command_again_resumes_and_reruns_nothing(swept, tmp_path
     assert [r["checkpoint"] for r in again] == [os.path.join(out, f"d{d}", "stage1a_best.pt") for d in (8, 16, 32)]
 
 
-def test_a_different_sweep_into_the_same_output_dir_is_refused(swept):
-    cfg, _ = swept
+@pytest.mark.integration
+def test_a_different_sweep_into_the_same_output_dir_is_refused(swept_copy):
+    cfg, _ = swept_copy  # were it not refused, it would overwrite the session's sweep
     with pytest.raises(UserError, match="holds another sweep's results .*learning_rate.* --overwrite"):
         sweep.run(dataclasses.replace(sweep.resumed_config(cfg.output_dir), learning_rate=0.2))
 
@@ -196,6 +193,7 @@ def registered_epoch(root) -> int:
     return max(epochs)
 
 
+@pytest.mark.integration
 def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp_path, ray_cluster):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "trm_ray.sweep", "--model_name", shards.model_name, "--dataset", shards.dataset,
@@ -226,6 +224,7 @@ def test_a_sweep_whose_driver_was_killed_resumes_to_the_same_results(shards, tmp
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: Adam's moments must follow the model onto it on resume")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("objective,use_gpu,num_workers",
                          [("mse", False, 1), ("kl", False, 1), ("mse", False, 2), pytest.param("mse", True, 1, marks=GPU)],
                          ids=["mse", "kl", "ddp", "mse-gpu"])
@@ -259,6 +258,7 @@ def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkp
         assert killed[key] == pytest.approx(clean[key], rel=1e-4), key
 
 
+@pytest.mark.integration
 def test_a_worker_replaced_while_asha_decides_trains_no_epoch_of_the_width_asha_stopped(shards, tmp_path, ray_cluster):
     from concurrent.futures import ThreadPoolExecutor
 

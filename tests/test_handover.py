@@ -16,6 +16,8 @@ from trm_ray.compressor import DimensionCompressor, load_checkpoint, plain_state
 from trm_ray.train import load_splits
 from trm_ray.train import hidden_batches, initial_model
 
+from helpers import moved_copy
+
 LLM_TRM = Path(__file__).resolve().parents[2] / "shared" / "llm-trm"
 if not (LLM_TRM / "src").is_dir():
     pytest.skip(f"LLM-TRM's code is not at {LLM_TRM}", allow_module_level=True)
@@ -73,6 +75,7 @@ def single_run(shards, tmp_path_factory):
     return row
 
 
+@pytest.mark.integration
 def test_phase2_loads_every_exported_checkpoint_and_reconstructs_as_trm_ray_does(swept, stage1b, single_run):
     cfg, rows_1a = swept
     _, rows_1b, _ = stage1b
@@ -83,6 +86,7 @@ def test_phase2_loads_every_exported_checkpoint_and_reconstructs_as_trm_ray_does
         assert_same_reconstruction(theirs, row["checkpoint"], x)
 
 
+@pytest.mark.integration
 def test_the_seeds_stage_1b_starts_from_trm_rays_stage_1a_checkpoints(swept, tmp_path):
     cfg, rows = swept
     x = validation_states(cfg)
@@ -98,8 +102,9 @@ def push_to_hub_module():
     return module
 
 
-def test_publish_writes_the_folder_phase_2_downloads_with_a_card_of_the_real_figures(swept, capsys):
-    cfg, rows = swept
+@pytest.mark.integration
+def test_publish_writes_the_folder_phase_2_downloads_with_a_card_of_the_real_figures(swept_copy, capsys):
+    cfg, rows = swept_copy  # publishing writes into the sweep's output directory
     row = rows[1]
     publish.main([cfg.output_dir, "--d_compressed", str(row["d_compressed"])])
     out = capsys.readouterr().out
@@ -125,8 +130,10 @@ def test_publish_writes_the_folder_phase_2_downloads_with_a_card_of_the_real_fig
     assert f"| Cosine Similarity | {row['cosine_similarity']:.4f} |" in theirs_card
 
 
-def test_an_upload_without_a_network_is_one_line_and_keeps_the_folder(stage1b, capsys, monkeypatch):
+@pytest.mark.integration
+def test_an_upload_without_a_network_is_one_line_and_keeps_the_folder(stage1b, capsys, monkeypatch, tmp_path):
     cfg, rows, _ = stage1b
+    cfg = dataclasses.replace(cfg, output_dir=moved_copy(cfg.output_dir, str(tmp_path / "out")))  # it publishes into it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as exit_info:
         publish.main([cfg.output_dir, "--d_compressed", "8", "--stage", "1b", "--repo", "someone/llm-trm-compressor"])
@@ -139,13 +146,15 @@ def test_an_upload_without_a_network_is_one_line_and_keeps_the_folder(stage1b, c
     assert "stage 1b" in card and f"--compressor_checkpoint someone/llm-trm-compressor" in card
 
 
-def test_publishing_a_d_prime_the_sweep_did_not_train_names_those_it_did(swept, capsys):
-    cfg, _ = swept
+@pytest.mark.integration
+def test_publishing_a_d_prime_the_sweep_did_not_train_names_those_it_did(swept_copy, capsys):
+    cfg, _ = swept_copy
     with pytest.raises(SystemExit):
         publish.main([cfg.output_dir, "--d_compressed", "12"])
     assert capsys.readouterr().err.strip() == f"error: the stage 1a results in {cfg.output_dir} have no D' = 12; they have 8, 16, 32"
 
 
+@pytest.mark.integration
 def test_a_checkpoint_of_the_old_layout_still_starts_stage_1b_and_publishes_converted(swept, tmp_path):
     cfg, rows = swept
     new = load_checkpoint(rows[0]["checkpoint"])

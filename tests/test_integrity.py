@@ -120,6 +120,7 @@ def test_a_nan_trial_never_beats_a_finite_one_of_the_same_d_prime(tmp_path):
     assert row["error"] == "lr 0.5: validation mse is nan" and "checkpoint" not in row
 
 
+@pytest.mark.integration
 def test_a_diverging_trial_stops_after_its_first_epoch_and_exports_its_start_with_the_reason(shards, tmp_path):
     # Free rows (--no_orthonormal): the retraction would keep even this rate's weights finite.
     cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep=False, d_compressed=8,
@@ -150,6 +151,7 @@ def test_repeated_grid_values_are_refused(values, message):
         make_config(values)
 
 
+@pytest.mark.integration
 def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, tmp_path):
     cfg = export_config(tmp_path / "out", downstream=True, model_name=str(tmp_path / "not-a-model"))
     rows = export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
@@ -224,6 +226,7 @@ def test_two_processes_writing_one_file_both_succeed_and_every_read_is_a_whole_f
     assert os.listdir(tmp_path) == ["spectrum.pt"]  # no temporary file left behind
 
 
+@pytest.mark.integration
 def test_each_split_keeps_its_own_spectrum(shards, tmp_path):
     shards_dir = str(tmp_path / "shards")
     shutil.copytree(shards.shards_path, shards_dir, ignore=shutil.ignore_patterns("spectrum*"))
@@ -236,6 +239,7 @@ def test_each_split_keeps_its_own_spectrum(shards, tmp_path):
     assert not torch.equal(eigenvectors(shards_dir, 0.1, 7), vecs)
 
 
+@pytest.mark.integration
 def test_shards_extracted_with_a_relative_model_path_are_the_sweeps_shards(shards, tmp_path, monkeypatch):
     model = os.path.abspath(shards.model_name)
     monkeypatch.chdir(os.path.dirname(model))
@@ -365,6 +369,7 @@ def test_a_local_ray_has_room_for_the_trials_the_cores_can_run(monkeypatch):
     assert local_cpus(grid) == 64
 
 
+@pytest.mark.integration
 def test_a_validation_pass_reads_only_the_validation_documents_row_groups(shards, tmp_path):
     import pyarrow.parquet as pq
 

@@ -7,11 +7,12 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from trm_ray.cluster import forwarded_env
 from trm_ray.extract import extract
 
-from conftest import SWEPT_WINDOW
-from test_train import fit, width_metrics
+from helpers import SWEPT_WINDOW, fit, width_metrics
 
 
 def scrape(ray) -> str:
@@ -31,6 +32,7 @@ def record(seen: dict, text: str) -> None:
         seen.setdefault((name, source.group(1)), []).append(float(value))
 
 
+@pytest.mark.integration
 def test_extraction_and_a_running_trial_publish_their_metrics_on_the_prometheus_endpoint(shards, tmp_path, ray_cluster):
     small = dataclasses.replace(shards, shards_dir=str(tmp_path / "shards"), num_samples=40)
 
@@ -81,6 +83,7 @@ def files_containing(root: str, secret: bytes) -> list[str]:
     return found
 
 
+@pytest.mark.integration
 def test_the_wandb_key_reaches_no_job_record_log_or_result(swept, ray_cluster):
     from ray.util.state import list_jobs
 
@@ -95,6 +98,7 @@ def test_the_wandb_key_reaches_no_job_record_log_or_result(swept, ray_cluster):
     assert os.path.exists(os.path.join(cfg.output_dir, "wandb"))  # the offline W&B runs were scanned too
 
 
+@pytest.mark.integration
 def test_a_sweep_that_succeeded_shows_no_failed_task_and_logs_none_of_rays_alarms(swept, ray_cluster):
     """The dashboard's job page counts the failed tasks; the session's log files hold every line Ray printed.
 

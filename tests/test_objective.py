@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trm_ray import kl as kl_module
-from trm_ray import spectrum, sweep
+from trm_ray import sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
 from trm_ray.kl import mean_fisher, next_token_damage, next_token_kl
@@ -26,7 +26,7 @@ from trm_ray.sweep import limits
 from trm_ray.loop import evaluate
 from trm_ray.train import hidden_batches, initial_model, objective_loss
 
-from test_train import fit, width_metrics
+from helpers import fit, width_metrics
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def head_and_rows(shards):
     return lm_head, hidden, targets
 
 
+@pytest.mark.integration
 def test_the_training_kl_equals_the_downstream_modules_kl_on_the_same_rows(shards, head_and_rows):
     lm_head, hidden, targets = head_and_rows
     torch.manual_seed(0)
@@ -50,6 +51,7 @@ def test_the_training_kl_equals_the_downstream_modules_kl_on_the_same_rows(shard
     assert mixed == pytest.approx(mse + 0.5 * measured, rel=1e-5)
 
 
+@pytest.mark.integration
 def test_the_chunked_kl_and_its_gradient_equal_the_kl_of_all_rows_at_once(head_and_rows, monkeypatch):
     lm_head, hidden, _ = head_and_rows
     x = hidden[:300]
@@ -73,6 +75,7 @@ def test_a_kl_objective_on_another_layer_than_the_last_is_a_one_line_error():
         make_config({"objective": "ce"})
 
 
+@pytest.mark.integration
 def test_a_kl_objective_from_the_pca_start_starts_at_the_reference_validation_kl(shards, head_and_rows):
     lm_head, _, _ = head_and_rows
     cfg = dataclasses.replace(shards, objective="kl", init="pca", d_compressed=16)
@@ -87,6 +90,7 @@ def test_a_kl_objective_from_the_pca_start_starts_at_the_reference_validation_kl
     assert reference["8"] > reference["16"] > reference["32"] > 0
 
 
+@pytest.mark.integration
 def test_the_mean_fisher_information_gives_the_kl_of_a_small_step_to_second_order(head_and_rows):
     lm_head, hidden, _ = head_and_rows
     x = hidden[:400]
@@ -108,6 +112,7 @@ def quadratic_model(fisher, sigma, top):
     return 0.5 * float(torch.trace(fisher @ rest @ sigma @ rest))
 
 
+@pytest.mark.integration
 def test_a_kl_sweep_starts_from_the_fisher_basis_and_beats_pca_on_the_quadratic_kl_of_the_training_rows(shards, head_and_rows):
     lm_head, hidden, targets = head_and_rows
     cfg = make_config({"objective": "kl", "shards_dir": shards.shards_path, "model_name": shards.model_name,
@@ -157,6 +162,7 @@ def test_the_fisher_start_is_never_worse_than_pcas_under_the_quadratic_kl(tmp_pa
     assert raw_worse > 0  # the orthonormalised Fisher basis alone is sometimes worse than PCA's
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("orthonormal", [True, False], ids=["orthonormal-rows", "free-rows"])
 def test_a_kl_trial_with_the_kl_defaults_lowers_validation_kl_below_pcas(shards, tmp_path, orthonormal):
     defaults = make_config({"objective": "kl"})  # the Fisher start, the KL learning rate
@@ -193,6 +199,7 @@ def test_the_kl_through_a_bf16_head_has_no_rounding_floor_and_matches_float64_on
     assert float((x_hat.grad.double() - x_hat64.grad).norm() / x_hat64.grad.norm()) < 0.05
 
 
+@pytest.mark.integration
 def test_the_pca_kl_and_the_fisher_start_are_stored_once_per_shard_set_and_recomputed_for_new_shards(shards, tmp_path,
                                                                                                      monkeypatch):
     shards_dir = str(tmp_path / "shards")

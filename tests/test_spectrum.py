@@ -17,7 +17,7 @@ from trm_ray.shards import decode_hidden
 from trm_ray.train import load_splits
 from trm_ray.train import initial_model
 
-from test_train import fit, width_metrics
+from helpers import fit, width_metrics
 
 
 def rows_of(ds) -> np.ndarray:
@@ -29,6 +29,7 @@ def limit(shards):
     return spectrum.load_or_compute(shards.shards_path, shards.val_fraction, shards.seed)
 
 
+@pytest.mark.integration
 def test_spectrum_matches_numpy_eigh_on_the_same_rows(shards, limit):
     train, val = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
     x, v = rows_of(train), rows_of(val)
@@ -45,6 +46,7 @@ def test_spectrum_matches_numpy_eigh_on_the_same_rows(shards, limit):
         assert limit["train_pca_mse"][d] == pytest.approx(((x - x @ top @ top.T) ** 2).mean(), rel=1e-6)
 
 
+@pytest.mark.integration
 def test_pca_explained_variance_is_the_validation_rows_like_the_trained_compressors(shards, limit):
     train, val = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
     x, v = rows_of(train), rows_of(val)
@@ -55,6 +57,7 @@ def test_pca_explained_variance_is_the_validation_rows_like_the_trained_compress
         assert limit["pca_explained_variance"][d] == pytest.approx(1 - err / (v ** 2).sum(), rel=1e-8)
 
 
+@pytest.mark.integration
 def test_pca_centred_references_are_about_the_training_mean(shards, limit):
     train, val = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
     x, v = rows_of(train), rows_of(val)
@@ -74,6 +77,7 @@ def test_pca_centred_references_are_about_the_training_mean(shards, limit):
             assert limit["pca_centred_cosine_similarity"][d] < limit["pca_cosine_similarity"][d]
 
 
+@pytest.mark.integration
 def test_a_spectrum_stored_without_the_centred_references_is_computed_again(shards, limit, tmp_path):
     copy = str(tmp_path / "shards")  # the session's spectrum stays as it is
     shutil.copytree(shards.shards_path, copy)
@@ -84,11 +88,13 @@ def test_a_spectrum_stored_without_the_centred_references_is_computed_again(shar
     assert read_json(json_path) == again
 
 
+@pytest.mark.integration
 def test_spectrum_is_stored_beside_the_shards_and_reused(shards, limit, monkeypatch):
     monkeypatch.setattr(spectrum, "compute_spectrum", lambda *a: pytest.fail("recomputed"))
     assert spectrum.load_or_compute(shards.shards_path, shards.val_fraction, shards.seed) == limit
 
 
+@pytest.mark.integration
 def test_pca_init_starts_from_the_top_eigenvectors(shards, limit):
     train, _ = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
     x = rows_of(train)
@@ -101,6 +107,7 @@ def test_pca_init_starts_from_the_top_eigenvectors(shards, limit):
     np.testing.assert_allclose(w.T @ w, top @ top.T, atol=1e-5)  # spanning the top-16 subspace
 
 
+@pytest.mark.integration
 def test_pca_init_reaches_pca_efficiency_099_in_its_first_epoch(shards, tmp_path):
     # The start is already optimal: a small learning rate keeps Adam from wandering off it.
     result = fit(shards, tmp_path, num_workers=1, batch_size=4, init="pca", num_epochs=1, learning_rate=0.001)
@@ -110,6 +117,7 @@ def test_pca_init_reaches_pca_efficiency_099_in_its_first_epoch(shards, tmp_path
     assert m["initial_pca_efficiency"] == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.integration
 def test_downstream_kl_and_top1_agreement_match_a_direct_computation_on_the_whole_validation_set(swept):
     cfg, rows = swept
     lm = AutoModelForCausalLM.from_pretrained(cfg.model_name).eval()
@@ -137,6 +145,7 @@ def test_downstream_kl_and_top1_agreement_match_a_direct_computation_on_the_whol
     assert [r["downstream_kl"] for r in rows] == sorted((r["downstream_kl"] for r in rows), reverse=True)
 
 
+@pytest.mark.integration
 def test_sweep_rows_carry_the_pca_limit_and_its_efficiency(swept, limit):
     _, rows = swept
     for r in rows:
@@ -150,6 +159,7 @@ def test_sweep_rows_carry_the_pca_limit_and_its_efficiency(swept, limit):
         assert r["centred_explained_variance"] <= r["pca_centred_explained_variance"] + 1e-3
 
 
+@pytest.mark.integration
 def test_asha_keeps_every_d_prime_and_stops_the_slow_learning_rates(shards, tmp_path):
     cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep_d_values=[8, 32],
                               sweep_learning_rates=[0.05, 0.0001], num_epochs=4, grace_period=1, early_stopping=False,

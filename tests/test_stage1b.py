@@ -23,6 +23,7 @@ from trm_ray.spec import config_of
 from trm_ray.train import hidden_batches, initial_model
 
 
+@pytest.mark.integration
 def test_stage_1b_exports_beside_stage_1a(stage1b):
     cfg, rows, rows_1a = stage1b
     assert [r["d_compressed"] for r in rows] == [8, 16]
@@ -30,6 +31,7 @@ def test_stage_1b_exports_beside_stage_1a(stage1b):
         assert r["checkpoint"] == r_1a["checkpoint"].replace("stage1a_best.pt", "stage1b_best.pt")
 
 
+@pytest.mark.integration
 def test_stage_1b_mse_starts_from_the_stage_1a_weights(stage1b):
     cfg, rows, rows_1a = stage1b
     # The weights the worker builds before its first step are the 1a checkpoint's.
@@ -38,6 +40,7 @@ def test_stage_1b_mse_starts_from_the_stage_1a_weights(stage1b):
         torch.testing.assert_close(model.weight, DimensionCompressor.from_checkpoint(r_1a["checkpoint"]).weight, rtol=0, atol=0)
 
 
+@pytest.mark.integration
 def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores_it_first(stage1b):
     cfg, rows, rows_1a = stage1b
     assert cfg.objective == "phase2"  # stage 1b's default on phase 2's shards
@@ -72,6 +75,7 @@ def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores
         assert r["initial_cosine_similarity"] == pytest.approx(scored["cosine_similarity"], abs=1e-6)
 
 
+@pytest.mark.integration
 def test_phase2_reports_each_regions_scores_every_epoch_and_selects_on_phase2_score(stage1b):
     cfg, rows, _ = stage1b
     reports = [json.loads(line) for line in open(glob.glob(f"{cfg.output_dir}/ray_results/stage1b_sweep/lr*/result.json")[0])]
@@ -94,6 +98,7 @@ def kl(head: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
+@pytest.mark.integration
 def test_thinking_shards_hold_only_the_thinking_span_and_record_it_as_reasoning(stage1b, tmp_path):
     cfg, _, _ = stage1b
     cfg = dataclasses.replace(cfg, keep_tokens="thinking", objective="mse", shards_dir=str(tmp_path / "thinking"))
@@ -116,6 +121,7 @@ def test_thinking_shards_hold_only_the_thinking_span_and_record_it_as_reasoning(
     assert specials.isdisjoint(np.unique(table["token_id"].to_numpy()).tolist())
 
 
+@pytest.mark.integration
 def test_phase2_shards_record_each_rows_region(stage1b):
     cfg, _, _ = stage1b
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
@@ -138,6 +144,7 @@ def test_phase2_shards_record_each_rows_region(stage1b):
         assert len(tokens) == len(context) + 1  # nothing of the reasoning or the answer
 
 
+@pytest.mark.integration
 def test_stage_1b_rows_carry_per_region_metrics_equal_to_a_direct_computation(stage1b):
     cfg, rows, _ = stage1b
     manifest = read_manifest(cfg.shards_path)
@@ -166,12 +173,14 @@ def test_stage_1b_rows_carry_per_region_metrics_equal_to_a_direct_computation(st
         assert row["close_pca_downstream_kl"] > 0 and 0 <= row["close_pca_top1_agreement"] <= 1
 
 
+@pytest.mark.integration
 def test_stage_1b_without_a_stage_1a_checkpoint_is_refused(stage1b, tmp_path):
     cfg, _, _ = stage1b
     with pytest.raises(UserError, match="stage1a_best.pt does not exist: run stage 1a first"):
         sweep.check_starts(sweep.dataclasses.replace(cfg, output_dir=str(tmp_path)))
 
 
+@pytest.mark.integration
 def test_stage_1b_from_a_checkpoint_of_another_d_prime_names_both_shapes(stage1b, swept):
     cfg, _, rows_1a = stage1b
     wrong = sweep.dataclasses.replace(cfg, sweep=False, d_compressed=16, compressor_checkpoint=rows_1a[0]["checkpoint"])

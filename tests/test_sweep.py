@@ -18,7 +18,10 @@ from trm_ray.references import training_mean
 from trm_ray.loop import evaluate
 from trm_ray.train import hidden_batches
 
+from helpers import wandb_records
 
+
+@pytest.mark.integration
 def test_every_seed_flag_reaches_the_trainer(swept):
     cfg, rows = swept
     trained_with = read_checkpoint(rows[0]["checkpoint"])["config"].to_dict()  # the settings the workers got
@@ -30,6 +33,7 @@ def test_every_seed_flag_reaches_the_trainer(swept):
     assert {k: trained_with[k] for k in expected} == expected  # learning_rate: the flag beat the YAML's 0.5
 
 
+@pytest.mark.integration
 def test_sweep_exports_one_checkpoint_per_d_prime_in_the_seed_layout(swept):
     cfg, rows = swept
     assert [r["d_compressed"] for r in rows] == [8, 16, 32]
@@ -44,6 +48,7 @@ def test_sweep_exports_one_checkpoint_per_d_prime_in_the_seed_layout(swept):
     assert cos == sorted(cos) and cos[-1] > 0.98
 
 
+@pytest.mark.integration
 def test_exported_checkpoints_load_safely_and_reproduce_the_reported_validation_cosine(swept):
     cfg, rows = swept
     _, val = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed)
@@ -61,6 +66,7 @@ def test_exported_checkpoints_load_safely_and_reproduce_the_reported_validation_
             assert metrics[k] == pytest.approx(r[k], abs=1e-4)
 
 
+@pytest.mark.integration
 def test_an_mse_sweep_from_pca_exports_the_closed_form_with_the_metrics_its_weights_measure(shards, tmp_path):
     # The defaults of stage 1a (no --num_epochs): PCA is the optimum, so no trial runs and no epoch is spent.
     cfg = make_config({**{k: getattr(shards, k) for k in ("model_name", "dataset", "num_samples", "max_seq_length",
@@ -88,6 +94,7 @@ def test_an_mse_sweep_from_pca_exports_the_closed_form_with_the_metrics_its_weig
         assert r["pca_downstream_kl"] == pytest.approx(pca_reference[str(r["d_compressed"])], rel=1e-5)
 
 
+@pytest.mark.integration
 def test_a_sweep_over_a_model_without_an_lm_head_exports_every_d_prime_says_so_once_and_succeeds(assets, ray_cluster,
                                                                                                   tmp_path, capsys):
     model = tmp_path / "tiny-bert"  # a sentence encoder: BertModel's weight files hold no LM head
@@ -118,6 +125,7 @@ def run_cli(argv, capsys):
     return exit_info.value.code, capsys.readouterr().err.strip()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("d", ["0", "64", "100", "-4"])
 def test_d_prime_outside_1_to_d_minus_1_is_a_one_line_error(shards, tmp_path, capsys, d):
     code, err = run_cli(["--model_name", shards.model_name, "--shards_dir", shards.shards_path,
@@ -131,6 +139,7 @@ def test_non_integer_d_prime_is_rejected_by_the_parser(capsys):
     assert code == 2 and "invalid int value: '12.5'" in err
 
 
+@pytest.mark.integration
 def test_shards_of_another_hidden_size_are_refused(shards, tmp_path, capsys):
     manifest = json.loads(open(os.path.join(shards.shards_path, "manifest.json")).read())
     other = tmp_path / "shards"
@@ -167,27 +176,7 @@ def test_every_shipped_config_parses():
         make_config(load_yaml(os.path.join("tune_configs", name)))
 
 
-def wandb_records(path):
-    """Records of an offline W&B run file (LevelDB log format: 32 KiB blocks, 7-byte record headers)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, records, chunk, pos = open(path, "rb").read(), [], b"", 7  # 7-byte file header: ":W&B", magic, version
-    while pos + 7 <= len(data):
-        block_left = 32768 - pos % 32768
-        if block_left < 7:
-            pos += block_left
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST
-            record = pb.Record()
-            record.ParseFromString(chunk)
-            records.append(record)
-            chunk = b""
-    return records
-
-
+@pytest.mark.integration
 def test_offline_wandb_run_holds_the_metric_history_and_the_best_checkpoint_artifact(swept):
     cfg, rows = swept
     run_dirs = sorted(glob.glob(os.path.join(cfg.output_dir, "wandb", "offline-run-*-qs-d16")))
@@ -217,6 +206,7 @@ print(f"placement groups left: {len(left)}", flush=True)
 """
 
 
+@pytest.mark.integration
 def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shards, tmp_path):
     import signal
     import subprocess
@@ -273,6 +263,7 @@ def test_a_trial_stopped_after_train_replaced_its_reported_checkpoint_exports_th
     assert best_checkpoint_path(result) == str(reported[-1])
 
 
+@pytest.mark.integration
 def test_a_resumed_sweep_keeps_the_rungs_and_cuts_asha_recorded_before_the_interruption(ray_cluster, tmp_path):
     import pickle
     import time
@@ -317,6 +308,7 @@ def test_a_resumed_sweep_keeps_the_rungs_and_cuts_asha_recorded_before_the_inter
     assert pickle.loads(pickle.dumps(restored)).cut == restored.cut  # and a second resume keeps it
 
 
+@pytest.mark.integration
 def test_tune_retries_a_trial_whose_node_was_lost_as_often_as_train_retries_its_workers(swept):
     from ray.tune import ExperimentAnalysis
 

@@ -1,4 +1,3 @@
-import dataclasses
 import glob
 import io
 import sys
@@ -8,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from trm_ray import spectrum
 from trm_ray import train as train_module
 from trm_ray import compressor
 from trm_ray.compressor import (DimensionCompressor, Phase1Config, metrics_from_sums, orthonormality_error,
@@ -17,12 +15,10 @@ from trm_ray.config import Config, UserError, make_config
 from trm_ray.kl import LMHead
 from trm_ray.report import shortfall_note
 from trm_ray.shards import read_manifest, split_counts
-from trm_ray.train import load_splits
-from trm_ray.sweep import datasets, limits, trial_spec
 from trm_ray.loop import Comm, EarlyStopping, get_lr, make_optimizer, optimizer_step
-from trm_ray.train import ASHA_WAIT_S, epoch_rows, make_trainer, objective_loss, resumed_cuts
+from trm_ray.train import ASHA_WAIT_S, epoch_rows, load_splits, objective_loss, resumed_cuts
 
-from test_sweep import wandb_records
+from helpers import fit, wandb_records, width_metrics
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -169,6 +165,7 @@ def doc_ids(ds) -> set[int]:
     return {int(d) for b in ds.iter_batches(batch_format="pyarrow") for d in b["doc_id"].to_numpy()}
 
 
+@pytest.mark.integration
 def test_validation_documents_are_never_seen_in_training(shards):
     train, val = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
     train_docs, val_docs = doc_ids(train), doc_ids(val)
@@ -180,6 +177,7 @@ def test_validation_documents_are_never_seen_in_training(shards):
     assert train.count() == counts["train_tokens"] and val.count() == counts["val_tokens"]
 
 
+@pytest.mark.integration
 def test_each_epoch_reads_the_same_rows_in_its_own_seeded_block_order(shards):
     train, _ = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
     cached = train.materialize()
@@ -197,24 +195,7 @@ def test_a_corpus_too_small_for_the_validation_split_is_refused():
         split_counts({"num_docs": 2, "doc_tokens": [5, 7]}, 0.1, 42)
 
 
-def fit(cfg, tmp_path, num_workers, batch_size, group="", **overrides):
-    """One TorchTrainer run (no Tune) on the session's shards, of the sweep `group`; returns its Result."""
-    manifest = read_manifest(cfg.shards_path)
-    counts = split_counts(manifest, cfg.val_fraction, cfg.seed)
-    cfg = dataclasses.replace(cfg, **{"num_workers": num_workers, "batch_size": batch_size, "d_compressed": 16,
-                                      "sweep": False, "num_epochs": 4, "learning_rate": 0.02, "use_wandb": False,
-                                      "torch_compile": False, **overrides})
-    limit = limits(cfg)
-    config = trial_spec(cfg, manifest, counts, limit, str(tmp_path / f"w{num_workers}"), group).flat()
-    train, val = datasets(cfg, manifest)
-    return make_trainer(config, train, val).fit()
-
-
-def width_metrics(result, d=16):
-    """A trial's last report as one D' sees it: its own metrics (d16/mse as mse) and the trial's shared ones."""
-    return {k.removeprefix(f"d{d}/"): v for k, v in result.metrics.items() if "/" not in k or k.startswith(f"d{d}/")}
-
-
+@pytest.mark.integration
 def test_ddp_with_two_workers_keeps_the_ranks_equal_and_matches_one_worker_at_the_same_global_batch(shards, tmp_path,
                                                                                                      monkeypatch):
     out = str(tmp_path)
@@ -252,10 +233,12 @@ def test_ddp_with_two_workers_keeps_the_ranks_equal_and_matches_one_worker_at_th
 
 def ddp_steps(rank: int, world: int, port: int, batches: torch.Tensor, out: str) -> None:
     """Train two compressors with trm_ray's step (which averages their gradients over the ranks), each
-    rank on its share of every batch; rank 0 saves both Ws after every step."""
+    rank on its share of every batch; rank 0 saves both Ws after every step. One rank (world 1) needs no
+    process group: the step averages nothing then."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = make_config({"init": "orthogonal", "learning_rate": 0.02})
     torch.manual_seed(0)
     models = [DimensionCompressor(batches.shape[-1], d) for d in (4, 8)]
@@ -267,7 +250,8 @@ def ddp_steps(rank: int, world: int, port: int, batches: torch.Tensor, out: str)
         weights.append(torch.cat([m.weight.detach().clone() for m in models]))
     if rank == 0:
         torch.save(torch.stack(weights), out)
-    dist.destroy_process_group()
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def test_ddp_steps_equal_one_process_on_the_whole_batch_at_every_step(tmp_path):
@@ -277,17 +261,20 @@ def test_ddp_steps_equal_one_process_on_the_whole_batch_at_every_step(tmp_path):
 
     batches = torch.randn(12, 64, 32, generator=torch.Generator().manual_seed(1)) * torch.logspace(0.5, -0.5, 32)
     runs = {}
+    with torch.random.fork_rng():  # one process on the whole batch: this one (its seed kept from the other tests)
+        ddp_steps(0, 1, 0, batches, str(tmp_path / "w1.pt"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_steps, args=(2, port, batches, str(tmp_path / "w2.pt")), nprocs=2)
     for world in (1, 2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(ddp_steps, args=(world, port, batches, str(tmp_path / f"w{world}.pt")), nprocs=world)
         runs[world] = torch.load(tmp_path / f"w{world}.pt")
     assert float((runs[1][-1] - runs[1][0]).norm()) > 0.1  # an orthogonal start: the steps move W
     for step, (one, two) in enumerate(zip(runs[1], runs[2])):
         torch.testing.assert_close(two, one, atol=1e-5, rtol=0, msg=f"step {step}")
 
 
+@pytest.mark.integration
 def test_the_defaults_reach_the_pca_limit_at_the_widest_d_prime_with_orthonormal_rows(shards, tmp_path):
     defaults = Config()
     result = fit(shards, tmp_path, num_workers=1, batch_size=defaults.batch_size, d_compressed=32,
@@ -320,6 +307,7 @@ def test_early_stopping_counts_epochs_without_a_min_delta_improvement():
     assert stops == [False, False, False, False, False, False, False, True]  # epochs 6-8 improve < 0.1%
 
 
+@pytest.mark.integration
 def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why(shards, tmp_path):
     # learning_rate 0: the weights never move, so validation mse is flat from epoch 1.
     result = fit(shards, tmp_path, num_workers=1, batch_size=8, learning_rate=0.0, num_epochs=10,
@@ -328,6 +316,7 @@ def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why(shards, t
     assert "early stopping" in result.metrics["d16/stop_reason"]
 
 
+@pytest.mark.integration
 def test_a_trial_restarted_after_every_width_stopped_reports_them_all_again_and_logs_their_artifacts(shards, tmp_path):
     # learning_rate 0: no epoch beats the start, so early stopping stops both widths after epoch 1 of 3.
     settings = dict(sweep=True, sweep_d_values=[8, 16], learning_rate=0.0, num_epochs=3, early_stopping_patience=1,
@@ -350,6 +339,7 @@ def test_a_trial_restarted_after_every_width_stopped_reports_them_all_again_and_
         assert [(a.name, a.type) for a in artifacts] == [(f"compressor-stage1a-d{d}", "model")]
 
 
+@pytest.mark.integration
 def test_a_trial_resumed_by_a_later_sweep_takes_the_restored_cuts_without_waiting_for_a_decision(ray_cluster):
     from trm_ray.scheduler import WidthCuts
 
@@ -365,6 +355,7 @@ def test_a_trial_resumed_by_a_later_sweep_takes_the_restored_cuts_without_waitin
     assert time.monotonic() - began < ASHA_WAIT_S / 4  # no wait for a decision that the earlier driver took or lost
 
 
+@pytest.mark.integration
 def test_compiled_and_eager_training_give_the_same_metrics(shards, tmp_path, monkeypatch):
     eager = fit(shards, tmp_path / "eager", num_workers=1, batch_size=8, num_epochs=2, torch_compile=False)
     compiled = fit(shards, tmp_path / "compiled", num_workers=1, batch_size=8, num_epochs=2, torch_compile=True)

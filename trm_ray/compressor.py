@@ -9,7 +9,6 @@ across batches and DDP ranks and give exactly the token-weighted value over the 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
