@@ -109,3 +109,12 @@ def test_a_run_resumed_after_an_epoch_ends_where_the_uninterrupted_one_does():
         start=progress)
     for a, b in zip(whole, resumed):
         torch.testing.assert_close(b.model.weight, a.model.weight, rtol=0, atol=0)
+
+
+def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why():
+    # learning_rate 0: the weights never move, so validation mse is flat from epoch 1.
+    trained, _, reporter, _ = run(dataclasses.replace(CFG, learning_rate=0.0, num_epochs=10, early_stopping_patience=2))
+    last = reporter.reports[-1]
+    assert last["epoch"] == 2  # the start (epoch 0) sets the best, epochs 1 and 2 do not beat it
+    for w in trained:
+        assert "early stopping" in last[f"d{w.d}/stop_reason"]
