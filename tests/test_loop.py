@@ -14,14 +14,15 @@ from trm_ray.compressor import DimensionCompressor, orthonormality_error
 from trm_ray.config import make_config
 from trm_ray.loop import EarlyStopping, Progress, Reporter, Width, evaluate, fit, make_optimizer
 from trm_ray.names import METRICS
+from trm_ray.pca import eigen, moment_sums, pca_summary, pca_val_sums
 
 D, ROWS = 32, 64
 
 
-def rows(seed: int, batches: int) -> list[torch.Tensor]:
+def rows(seed: int, batches: int, dim: int = D, per_batch: int = ROWS) -> list[torch.Tensor]:
     """Gaussian rows with a decaying scale per dimension: a subspace worth finding."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(ROWS, D, generator=gen) * torch.logspace(0.5, -1.5, D) for _ in range(batches)]
+    return [torch.randn(per_batch, dim, generator=gen) * torch.logspace(0.5, -1.5, dim) for _ in range(batches)]
 
 
 TRAIN, VAL = rows(0, 6), rows(1, 2)
@@ -118,3 +119,41 @@ def test_a_trial_on_a_plateau_stops_after_patience_epochs_and_says_why():
     assert last["epoch"] == 2  # the start (epoch 0) sets the best, epochs 1 and 2 do not beat it
     for w in trained:
         assert "early stopping" in last[f"d{w.d}/stop_reason"]
+
+
+def pca_trial(cfg, train, val):
+    """A trial of `cfg` from the PCA start of `train`, validated as the Ray Train worker does: each width's
+    metrics beside the PCA limit of its D' on `val` (pca_mse, pca_efficiency) and its orthonormality error."""
+    x = torch.cat(train).double()
+    evals, evecs = eigen((x.T @ x).numpy())
+    mean = x.mean(0)
+    limit = pca_summary(moment_sums(x), evals, evecs, pca_val_sums(torch.cat(val).double(), evecs, mean.numpy()))["pca_mse"]
+    trained = []
+    for d in cfg.d_values:
+        model = DimensionCompressor(x.shape[1], d)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor(evecs[:, :d].T))
+        trained.append(Width(dataclasses.replace(cfg, d_compressed=d), {"d_compressed": d}, model,
+                             EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)))
+
+    def validate_pca(active):
+        found = evaluate([w.model.eval() for w in active], val, mean)
+        for w, m in zip(active, found):
+            m.update({"pca_mse": limit[w.d], "pca_efficiency": limit[w.d] / m["mse"],
+                      "orthonormality_error": orthonormality_error(w.model.weight)})
+        return found
+
+    reporter = Recorder()
+    optimizer = make_optimizer(nn.ModuleList([w.model for w in trained]), cfg)
+    fit(trained, optimizer, mse, lambda epoch: train, validate_pca, cfg, len(train) * cfg.num_epochs, METRICS, reporter)
+    return trained, reporter
+
+
+def test_pca_init_reaches_pca_efficiency_099_in_its_first_epoch():
+    # The start is already optimal: a small learning rate keeps Adam from wandering off it.
+    cfg = make_config({"d_compressed": 16, "init": "pca", "num_epochs": 1, "learning_rate": 0.001})
+    _, reporter = pca_trial(cfg, rows(0, 16, dim=64, per_batch=256), rows(1, 4, dim=64, per_batch=256))
+    m = reporter.reports[-1]
+    assert m["epoch"] == 1
+    assert m["d16/pca_efficiency"] >= 0.99
+    assert m["d16/initial_pca_efficiency"] == pytest.approx(1.0, abs=1e-6)
