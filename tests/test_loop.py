@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from trm_ray.compressor import DimensionCompressor, orthonormality_error
+from trm_ray.compressor import DimensionCompressor, orthonormality_error, read_checkpoint
 from trm_ray.config import make_config
-from trm_ray.loop import EarlyStopping, Progress, Reporter, Width, evaluate, fit, make_optimizer
+from trm_ray.loop import EarlyStopping, Progress, Reporter, Width, evaluate, fit, make_optimizer, save_best
 from trm_ray.names import METRICS
 from trm_ray.pca import eigen, moment_sums, pca_summary, pca_val_sums
 
@@ -157,3 +157,18 @@ def test_pca_init_reaches_pca_efficiency_099_in_its_first_epoch():
     assert m["epoch"] == 1
     assert m["d16/pca_efficiency"] >= 0.99
     assert m["d16/initial_pca_efficiency"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_defaults_reach_the_pca_limit_at_the_widest_d_prime_with_orthonormal_rows(tmp_path):
+    defaults = make_config({"d_compressed": 32})  # of 64: the widest D' of the session's sweep, at its hidden size
+    assert (defaults.init, defaults.orthonormal) == ("pca", True)
+    trained, reporter = pca_trial(defaults, rows(0, 16, dim=64, per_batch=256), rows(1, 4, dim=64, per_batch=256))
+    [widest] = trained
+    save_best(str(tmp_path / "compressor.pt"), widest)
+    best = read_checkpoint(tmp_path / "compressor.pt")
+    # The last trained epoch's own metrics: the best candidates include the PCA start itself.
+    last = widest.last
+    assert widest.d == 32 and (last["epochs_trained"] == defaults.num_epochs or "early stopping" in last["stop_reason"])
+    assert last["pca_mse"] / last["mse"] >= 0.995
+    assert last["orthonormality_error"] <= 1e-6
+    assert best["best_metrics"]["orthonormality_error"] == pytest.approx(orthonormality_error(best["compressor"]["compress.weight"]), abs=1e-9)
