@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from trm_ray.compressor import DimensionCompressor, orthonormality_error, read_checkpoint
+from trm_ray.compressor import DimensionCompressor, Phase1Config, orthonormality_error, read_checkpoint
 from trm_ray.config import make_config
-from trm_ray.loop import EarlyStopping, Progress, Reporter, Width, evaluate, fit, make_optimizer, save_best
+from trm_ray.loop import EarlyStopping, Progress, Reporter, Width, compile_or_eager, evaluate, fit, make_optimizer, save_best
 from trm_ray.names import METRICS
+from trm_ray.train import objective_loss
 from trm_ray.pca import eigen, moment_sums, pca_summary, pca_val_sums
 
 D, ROWS = 32, 64
@@ -172,3 +174,23 @@ def test_the_defaults_reach_the_pca_limit_at_the_widest_d_prime_with_orthonormal
     assert last["pca_mse"] / last["mse"] >= 0.995
     assert last["orthonormality_error"] <= 1e-6
     assert best["best_metrics"]["orthonormality_error"] == pytest.approx(orthonormality_error(best["compressor"]["compress.weight"]), abs=1e-9)
+
+
+def test_compiled_and_eager_training_give_the_same_metrics(tmp_path, monkeypatch):
+    cfg = dataclasses.replace(CFG, sweep=False, d_compressed=16, num_epochs=2)
+    found = {}
+    for compiled in (False, True):  # the worker's loss: the objective's, through compile_or_eager
+        trained = widths(cfg)
+        reporter = Recorder()
+        fit(trained, make_optimizer(nn.ModuleList([w.model for w in trained]), cfg),
+            compile_or_eager(objective_loss(cfg, None), compiled), lambda epoch: TRAIN, validate, cfg,
+            len(TRAIN) * cfg.num_epochs, METRICS, reporter)
+        found[compiled] = (reporter.reports[-1], trained[0])
+    (eager, _), (compiled, width) = found[False], found[True]
+    for key in ("d16/mse", "d16/cosine_similarity", "d16/train_loss"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key  # fused kernels round differently
+    save_best(str(tmp_path / "compressor.pt"), width)
+    # Read as LLM-TRM reads it (its config class bound to __main__.Phase1Config), without trm_ray's loader.
+    monkeypatch.setattr(sys.modules["__main__"], "Phase1Config", Phase1Config, raising=False)
+    state = torch.load(tmp_path / "compressor.pt", weights_only=False)["compressor"]
+    assert list(state) == ["compress.weight"]  # LLM-TRM's name, no _orig_mod. / module. prefixes

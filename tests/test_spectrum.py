@@ -17,8 +17,6 @@ from trm_ray.shards import decode_hidden
 from trm_ray.train import load_splits
 from trm_ray.train import initial_model
 
-from helpers import fit, width_metrics
-
 
 def rows_of(ds) -> np.ndarray:
     return np.concatenate([decode_hidden(b["hidden"]).double().numpy() for b in ds.iter_batches(batch_format="pyarrow")])
