@@ -22,7 +22,7 @@ from trm_ray.compressor import save_checkpoint
 from trm_ray.names import METRICS
 from trm_ray.config import UserError, build_parser, make_config
 from trm_ray.model import check_layer, hidden_size_of
-from trm_ray.report import _copy, budget_line, export_results, save_rows, smallest_within_budget
+from trm_ray.report import _copy, budget_line, export_results, plot_report, save_rows, smallest_within_budget
 from trm_ray.scoring import score
 from trm_ray.files import read_bytes, write_bytes, write_json
 from trm_ray.text import read_documents
@@ -156,7 +156,7 @@ def test_a_failing_downstream_pass_keeps_the_summary_and_says_why(ray_cluster, t
     cfg = export_config(tmp_path / "out", downstream=True, model_name=str(tmp_path / "not-a-model"))
     rows = export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
     score(rows, cfg, MANIFEST)
-    save_rows(rows, cfg, MANIFEST, LIMIT)
+    save_rows(rows, cfg)
     assert rows[0]["mse"] == 0.1 and rows[0]["downstream_error"].startswith("UserError: model path ")
     assert json.loads((tmp_path / "out" / "sweep_results.json").read_text()) == rows
     assert os.path.exists(cfg.export_path(8))
@@ -179,7 +179,9 @@ def test_a_failing_region_pass_is_reported_as_itself_and_keeps_the_downstream_kl
 
 def test_an_output_dir_named_results_gets_its_plot_inside_it(tmp_path):
     out = tmp_path / "results" / "run"
-    export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], export_config(out), MANIFEST, CHECKPOINT_FILE, LIMIT)
+    cfg = export_config(out)
+    rows = export_results([trial_result(tmp_path, 0.001, {8: 0.1, 16: 0.05})], cfg, MANIFEST, CHECKPOINT_FILE, LIMIT)
+    plot_report(rows, LIMIT, cfg, MANIFEST)
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["sweep_report.png", "sweep_results.csv",
                                                                     "sweep_results.json"]
     assert not (tmp_path / "report").exists()

@@ -64,7 +64,7 @@ def exclusions(manifest: dict[str, Any]) -> str:
 
 def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_file: str,
                    limit: dict[str, Any]) -> list[dict[str, Any]]:
-    """Export the best trial's checkpoint per D' and write the results (json, csv) and the plot."""
+    """Export the best trial's checkpoint per D' and write the results (json, csv)."""
     d_model = manifest["hidden_size"]
     best: dict[int, dict[str, Any]] = {}
     errors: dict[int, list[str]] = {}  # trials that errored: the sweep failed
@@ -111,7 +111,7 @@ def export_results(grid: Any, cfg: Config, manifest: dict[str, Any], checkpoint_
         if failures:  # with an lr grid, a D' may have an exported trial and failed ones
             row["error"] = "; ".join(failures)
         rows.append(row)
-    return save_rows(rows, cfg, manifest, limit)
+    return save_rows(rows, cfg)
 
 
 def export_closed_form(cfg: Config, manifest: dict[str, Any], limit: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -135,7 +135,7 @@ def export_closed_form(cfg: Config, manifest: dict[str, Any], limit: dict[str, A
                      "obtained_by": "closed_form", "initial_cosine_similarity": metrics["cosine_similarity"],
                      "best_epoch": 0, "epochs_trained": 0, "stop_reason": CLOSED_FORM, "checkpoint": os.path.abspath(dest),
                      "note": None})
-    return save_rows(rows, cfg, manifest, limit)
+    return save_rows(rows, cfg)
 
 
 CLOSED_FORM = "closed form: the top-D' eigenvectors of the training second moment (no SGD epoch)"
@@ -152,14 +152,14 @@ def pca_columns(limit: dict[str, Any], d: int, mse: float) -> dict[str, float]:
             **{f"pca_{k}": limit[f"pca_{k}"][d] for k in PCA_REFERENCES}}
 
 
-def save_rows(rows: list[dict[str, Any]], cfg: Config, manifest: dict[str, Any], limit: dict[str, Any]) -> list[dict[str, Any]]:
-    """Mark each measured row against --kl_budget, write the results (json, csv) and plot them: right after the
-    export, so the trained results are safe on disk before any pass over them (`scoring.score`), and again after."""
+def save_rows(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """Mark each measured row against --kl_budget and write the results (json, csv): right after the export, so
+    the trained results are safe on disk before any pass over them (`scoring.score`), and again after. The
+    plot (`plot_report`) is drawn once, from the final rows."""
     for row in rows:
         if "downstream_kl" in row:
             row["within_kl_budget"] = row["downstream_kl"] <= cfg.kl_budget
     write_results(rows, cfg)
-    plot_report(rows, limit, cfg, manifest, cfg.results_path("report", "png"))
     return rows
 
 
@@ -192,7 +192,7 @@ def write_results(rows: list[dict[str, Any]], cfg: Config) -> None:
 SEED_EXPECTED_COSINE = {64: 0.85, 128: 0.92, 256: 0.96, 512: 0.98, 1024: 0.99}
 
 
-def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, manifest: dict[str, Any], path: str) -> None:
+def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, manifest: dict[str, Any]) -> None:
     """Against D': cosine and explained variance (uncentred and centred about the training mean), and the LM
     head's next-token KL (log scale, with --kl_budget and the smallest D' within it) and top-1 agreement;
     the trained compressors beside PCA (and for the cosine, the seed's guess)."""
@@ -243,7 +243,7 @@ def plot_report(rows: list[dict[str, Any]], limit: dict[str, Any], cfg: Config, 
     fig.suptitle(f"{cfg.model_name} layer {cfg.layer}, D={d_model}: compressor quality vs D' (validation set)\n"
                  f"centred: about the training mean; excluded: {exclusions(manifest)}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(cfg.results_path("report", "png"), dpi=110)
     plt.close(fig)
 
 

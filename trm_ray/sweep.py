@@ -36,7 +36,7 @@ from trm_ray.model import hidden_size_of, model_id
 from trm_ray.names import CHECKPOINT_FILE, LOWER_IS_BETTER
 from trm_ray.references import start_path, store, stored, stored_json
 from trm_ray.regions import print_regions
-from trm_ray.report import exclusions, export_closed_form, export_results, print_table, save_rows
+from trm_ray.report import exclusions, export_closed_form, export_results, plot_report, print_table, save_rows
 from trm_ray.scheduler import PerWidthASHA
 from trm_ray.scoring import FAILURES, score
 from trm_ray.shards import split_counts, value_bytes, verify_shards
@@ -259,7 +259,8 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
         remove_left_placement_groups()
         rows = export_results(grid, cfg, manifest, CHECKPOINT_FILE, limit)
     score(rows, cfg, manifest)
-    save_rows(rows, cfg, manifest, limit)
+    save_rows(rows, cfg)
+    plot_report(rows, limit, cfg, manifest)
     print_table(rows, cfg)
     print_regions(rows, manifest)
     return rows
