@@ -226,17 +226,18 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: Ada
 
 @pytest.mark.integration
 @pytest.mark.parametrize("objective,use_gpu,num_workers",
-                         [("mse", False, 1), ("kl", False, 1), ("mse", False, 2), pytest.param("mse", True, 1, marks=GPU)],
-                         ids=["mse", "kl", "ddp", "mse-gpu"])
+                         [("kl", False, 1), ("mse", False, 2), pytest.param("mse", True, 1, marks=GPU)],
+                         ids=["kl", "ddp", "mse-gpu"])
 def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkpoint(shards, tmp_path, ray_cluster,
                                                                                       objective, use_gpu, num_workers):
     from concurrent.futures import ThreadPoolExecutor
 
     from ray.util.state import list_actors
 
-    # An orthogonal start: weights that move every epoch.
-    settings = dict(num_epochs=10, early_stopping=False, objective=objective, use_gpu=use_gpu, init="orthogonal")
-    with ThreadPoolExecutor(1) as pool:
+    # An orthogonal start: weights that move every epoch. (The mse objective on one worker resumes as the
+    # kl one does: the two cases cover both objectives and both kinds of restart.)
+    settings = dict(num_epochs=6, early_stopping=False, objective=objective, use_gpu=use_gpu, init="orthogonal")
+    with ThreadPoolExecutor(2) as pool:
         running = pool.submit(fit, shards, tmp_path / "killed", num_workers, 2, **settings)
         deadline = time.time() + 300
         while registered_epoch(tmp_path / "killed") < 2:
@@ -246,12 +247,14 @@ def test_a_killed_training_worker_is_replaced_and_resumes_from_its_latest_checkp
                               filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         assert len(workers) == num_workers
         os.kill(workers[-1].pid, signal.SIGKILL)  # with DDP, one rank: the whole group restarts from the checkpoint
+        # The same run left alone, started once the kill is done (so that only the killed run's workers were
+        # listed above), beside the killed run's recovery.
+        clean = pool.submit(fit, shards, tmp_path / "clean", num_workers, 2, **settings).result(timeout=600)
         killed = running.result(timeout=600)
-    clean = fit(shards, tmp_path / "clean", num_workers, 2, **settings)
 
     assert killed.error is None
-    assert killed.metrics["epoch"] == 10
-    assert 2 <= killed.metrics["resumed_after_epoch"] < 10  # continued, not restarted from scratch
+    assert killed.metrics["epoch"] == 6
+    assert 2 <= killed.metrics["resumed_after_epoch"] < 6  # continued, not restarted from scratch
     assert killed.metrics["tokens_seen"] == clean.metrics["tokens_seen"]
     killed, clean = width_metrics(killed), width_metrics(clean)
     for key in ("mse", "cosine_similarity", "best_mse", *(("downstream_kl", "best_downstream_kl") if objective == "kl" else ())):

@@ -95,3 +95,26 @@ def test_the_phase2_objective_on_shards_without_its_regions_is_a_one_line_error(
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="asha_metric phase2_score is measured only with --objective phase2"):
         make_config({"asha_metric": "phase2_score"})
+
+
+def test_refining_the_start_lowers_the_phase2_loss_on_the_rows_themselves_and_keeps_rows_orthonormal():
+    gen = torch.Generator().manual_seed(1)
+    context = torch.randn(400, 16, generator=gen) * torch.linspace(3, 0.3, 16)  # a spectrum with a top
+    close = torch.randn(60, 16, generator=gen) + 2 * torch.eye(16)[10]  # what the head reads sits low in it
+    head = torch.randn(50, 16, generator=gen) * 2
+    sigma = context.double().T @ context.double() / len(context)
+    evals, evecs = torch.linalg.eigh(sigma)
+    d, weight = 4, 0.3
+    start = evecs.flip(1)[:, :d].T.float()  # the context's own PCA
+    limit = float(evals.flip(0)[d:].sum())
+
+    def loss(w):
+        """The phase2 loss computed on the rows, not from the second moment the refinement reads."""
+        mse = ((context - context @ w.T @ w) ** 2).sum(-1).mean()
+        return float(mse / limit + weight * kl(head, close, close @ w.T @ w).mean() / 0.1)
+
+    with torch.no_grad():  # as the sweep's pass over the shards calls it
+        refined = phase2.refine_start(start, sigma, limit, close, LMHead(head, None), 0.1, weight, steps=100, lr=0.01, batch=32)
+    assert refined.shape == (d, 16)
+    assert loss(refined) < 0.9 * loss(start)
+    torch.testing.assert_close(refined @ refined.T, torch.eye(d), atol=1e-5, rtol=0)

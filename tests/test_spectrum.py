@@ -150,15 +150,15 @@ def test_sweep_rows_carry_the_pca_limit_and_its_efficiency(swept, limit):
 @pytest.mark.integration
 def test_asha_keeps_every_d_prime_and_stops_the_slow_learning_rates(shards, tmp_path):
     cfg = dataclasses.replace(shards, output_dir=str(tmp_path), shards_dir=shards.shards_path, sweep_d_values=[8, 32],
-                              sweep_learning_rates=[0.05, 0.0001], num_epochs=4, grace_period=1, early_stopping=False,
+                              sweep_learning_rates=[0.05, 0.0001], num_epochs=2, grace_period=1, early_stopping=False,
                               init="orthogonal",  # from the PCA start every learning rate would be at the limit already
                               max_concurrent_trials=1, use_wandb=False, torch_compile=False, downstream=False)
     rows = sweep.run(cfg)
-    assert [(r["d_compressed"], r["learning_rate"], r["epochs_trained"]) for r in rows] == [(8, 0.05, 4), (32, 0.05, 4)]
+    assert [(r["d_compressed"], r["learning_rate"], r["epochs_trained"]) for r in rows] == [(8, 0.05, 2), (32, 0.05, 2)]
     # A trial per learning rate, with both widths: lr 0.0001's two were each stopped at the first milestone (after
     # one epoch), where lr 0.05 had done better, and the trial ended there.
     trials = {p.parent.name: pd.read_csv(p) for p in (tmp_path / "ray_results" / "stage1a_sweep").glob("lr*/progress.csv")}
     assert sorted(trials) == ["lr0.0001", "lr0.05"]
-    assert [trials["lr0.05"][f"d{d}/epochs_trained"].max() for d in (8, 32)] == [4, 4]
+    assert [trials["lr0.05"][f"d{d}/epochs_trained"].max() for d in (8, 32)] == [2, 2]
     assert [trials["lr0.0001"][f"d{d}/epochs_trained"].max() for d in (8, 32)] == [1, 1]
     assert len(trials["lr0.0001"]) == 1

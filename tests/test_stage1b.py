@@ -41,7 +41,7 @@ def test_stage_1b_mse_starts_from_the_stage_1a_weights(stage1b):
 
 
 @pytest.mark.integration
-def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores_it_first(stage1b):
+def test_phase2_starts_at_least_as_well_as_the_best_closed_form_on_the_training_rows_and_scores_it_first(stage1b):
     cfg, rows, rows_1a = stage1b
     assert cfg.objective == "phase2"  # stage 1b's default on phase 2's shards
     manifest = read_manifest(cfg.shards_path)
@@ -69,7 +69,9 @@ def test_phase2_starts_from_the_best_closed_form_on_the_training_rows_and_scores
             mixed = sigma["context"] / sigma["context"].trace() + lam * sigma["close"] / sigma["close"].trace()
             candidates.append(torch.linalg.eigh(mixed)[1][:, -d:].T)
         best = min(score(w, d) for w in candidates)
-        assert score(start, d) == pytest.approx(best, rel=1e-3)
+        # The best closed form, or that moved down the training loss where it then scores better still.
+        assert score(start, d) <= best * (1 + 1e-3)
+        torch.testing.assert_close(start @ start.T, torch.eye(d, dtype=start.dtype), atol=1e-5, rtol=0)
         # The run's first report scored exactly those weights on the 1b validation set.
         scored = evaluate([model], hidden_batches(val, 512, torch.device("cpu")), training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed))[0]
         assert r["initial_cosine_similarity"] == pytest.approx(scored["cosine_similarity"], abs=1e-6)

@@ -19,7 +19,7 @@ from trm_ray.kl import damage_metrics, damage_sums, grid_kl, mean_fisher
 from trm_ray.model import check_lm_head, load_lm_head
 from trm_ray.names import spectrum_files
 from trm_ray.pca import moment_matrix
-from trm_ray.phase2 import REGIONS, phase2_score, region_codes
+from trm_ray.phase2 import REGIONS, phase2_score, refine_start, region_codes
 from trm_ray.references import eigenvectors, store_fisher_start
 from trm_ray.shards import decode_hidden, next_tokens, read_manifest, split_tables
 from trm_ray.spectrum import load_or_compute
@@ -145,11 +145,12 @@ def _close_rows(shards_dir: str, val_fraction: float, seed: int, val_side: bool,
 
 @torch.no_grad()
 def references_and_start(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
-                         stage1a: dict[int, str], start_path: str) -> dict[str, dict[str, float]]:
+                         stage1a: dict[int, str], start_path: str, close_weight: float) -> dict[str, dict[str, float]]:
     """The references each epoch is scored against (`context_pca_mse`, `close_pca_downstream_kl` per D', on the
     validation rows), and the start of each D', written to `start_path` (the sweep's own: it depends on its
     stage 1a weights): the best on the training rows, by `phase2_score`, of the stage 1a weights (`stage1a`:
-    D' -> checkpoint) and the mixed second moments' top-D' eigenvectors for every λ of MIX_GRID."""
+    D' -> checkpoint) and the mixed second moments' top-D' eigenvectors for every λ of MIX_GRID, then moved
+    down the loss with the context in closed form (`phase2.refine_start`) where that scores better still."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device, torch.float32)
     code = region_codes(read_manifest(shards_dir))["close"]
@@ -169,15 +170,24 @@ def references_and_start(model_name: str, shards_dir: str, val_fraction: float, 
         candidates = {f"mix{lam:g}": mixed[lam][:, :d].T for lam in MIX_GRID}
         candidates["stage1a"] = load_checkpoint(stage1a[d], d_model=sigma["context"].shape[0], d_compressed=d)["compressor"][WEIGHT_KEY].double()
         limit = context_total - sum(summary["context"]["eigenvalues"][:d])
-        kl = grid_kl(lm_head, train_close, [w.float().to(device) for w in candidates.values()]).cpu() / len(train_close)
-        scores = {}
-        for (name, w), k in zip(candidates.items(), kl.tolist()):
-            residual = context_total - float((w @ sigma["context"] @ w.T).trace())  # for orthonormal rows
-            scores[name] = phase2_score(k, float(train_ref[i]), limit / max(residual, 1e-30))
+        def scores_of(candidates: dict[str, torch.Tensor]) -> dict[str, float]:
+            kl = grid_kl(lm_head, train_close, [w.float().to(device) for w in candidates.values()]).cpu() / len(train_close)
+            scores = {}
+            for (name, w), k in zip(candidates.items(), kl.tolist()):
+                w = w.double().cpu()
+                residual = context_total - float((w @ sigma["context"] @ w.T).trace())  # for orthonormal rows
+                scores[name] = phase2_score(k, float(train_ref[i]), limit / max(residual, 1e-30))
+            return scores
+
+        scores = scores_of(candidates)
         best = min(scores, key=scores.get)
-        starts[d] = candidates[best].float().contiguous()
-        print(f"phase2: D'={d} starts from {best} (training phase2_score {scores[best]:.4g}; stage 1a's "
-              f"{scores['stage1a']:.4g})", flush=True)
+        candidates["refined"] = refine_start(candidates[best], sigma["context"], limit, train_close, lm_head,
+                                             float(train_ref[i]), close_weight)
+        scores |= scores_of({"refined": candidates["refined"]})
+        chosen = "refined" if scores["refined"] < scores[best] else best
+        starts[d] = candidates[chosen].float().cpu().contiguous()
+        print(f"phase2: D'={d} starts from {chosen} (training phase2_score {scores[chosen]:.4g}; the best closed form, "
+              f"{best}, {scores[best]:.4g}; stage 1a's {scores['stage1a']:.4g})", flush=True)
     buf = io.BytesIO()
     torch.save(starts, buf)
     write_bytes(start_path, buf.getvalue())

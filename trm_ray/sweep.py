@@ -218,7 +218,7 @@ def limits(cfg: Config) -> dict[str, Any]:
               f"start of D' = {cfg.d_values}", flush=True)
         return {**limit, **on_a_gpu(cfg.use_gpu, references_and_start, cfg.model_name, cfg.shards_path,
                                     cfg.val_fraction, cfg.seed, cfg.d_values, {d: cfg.init_checkpoint(d) for d in cfg.d_values},
-                                    start_path(cfg.output_dir))}
+                                    start_path(cfg.output_dir), cfg.close_weight)}
     if cfg.init == "fisher" and cfg.stage == "1a" and stored(cfg.shards_path, cfg.val_fraction, cfg.seed,
                                                                       "fisher") is None:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",
