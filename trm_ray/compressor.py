@@ -144,6 +144,15 @@ def tangent_part(weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return z - ((zw + zw.T) / 2) @ w
 
 
+@torch.no_grad()
+def retract_(weight: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """After an Adam step on W: its rows put back onto an orthonormal set, and Adam's momentum carried to the
+    new point's tangent space (vector transport by projection)."""
+    orthonormalize_(weight)
+    momentum = optimizer.state[weight]["exp_avg"]
+    momentum.copy_(tangent_part(weight, momentum))
+
+
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the weights, without the prefixes DDP (`module.`) or torch.compile (`_orig_mod.`) add."""
     return {k.replace("_orig_mod.", "").replace("module.", ""): v.detach().cpu().clone()

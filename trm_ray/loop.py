@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trm_ray.compressor import (DimensionCompressor, metrics_from_sums, orthonormalize_, plain_state, reconstruction_sums,
+from trm_ray.compressor import (DimensionCompressor, metrics_from_sums, plain_state, reconstruction_sums, retract_,
                                 save_checkpoint, tangent_part)
 from trm_ray.config import Config
 from trm_ray.kl import LMHead, damage_sums
@@ -229,10 +229,7 @@ def optimizer_step(models: Sequence[DimensionCompressor], optimizer: torch.optim
     optimizer.step()  # a compressor left out of `models` has no gradient: AdamW leaves it as it is
     if cfg.orthonormal:
         for model in models:
-            w = model.weight
-            orthonormalize_(w)
-            momentum = optimizer.state[w]["exp_avg"]
-            momentum.copy_(tangent_part(w, momentum))
+            retract_(model.weight, optimizer)
     return losses.detach()
 
 

@@ -26,8 +26,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from trm_ray.compressor import metrics_from_sums, orthonormalize_, reconstruction_sums, tangent_part
-from trm_ray.kl import LMHead, damage_sums, grid_kl
+from trm_ray.compressor import metrics_from_sums, reconstruction_sums, retract_, tangent_part
+from trm_ray.kl import LMHead, damage_sums, grid_kl, next_token_kl
 
 REGIONS = ("context", "close")
 CONTEXT_FLOOR = 0.98  # context_pca_efficiency a phase-2 compressor must keep (the goal of stage 1b)
@@ -108,8 +108,7 @@ def noisy_code_kl(lm_head: LMHead, h: torch.Tensor, w: torch.Tensor, noise: torc
     mean square of `level` ||z||² / D' per row: what the head reads from a code phase 2 got slightly wrong."""
     z = h @ w.T
     z = z + noise * (level * z.pow(2).sum(-1, keepdim=True) / z.shape[1]).sqrt()
-    teacher, student = torch.log_softmax(lm_head(h).float(), -1), torch.log_softmax(lm_head(z @ w).float(), -1)
-    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+    return next_token_kl(lm_head, h, z @ w) / len(h)
 
 
 def refine_start(weight: torch.Tensor, sigma_context: torch.Tensor, context_limit: float, close: torch.Tensor,
@@ -144,7 +143,5 @@ def refine_start(weight: torch.Tensor, sigma_context: torch.Tensor, context_limi
         w.grad = tangent_part(w, w.grad)
         optimizer.step()
         schedule.step()
-        orthonormalize_(w)
-        momentum = optimizer.state[w]["exp_avg"]
-        momentum.copy_(tangent_part(w, momentum))
+        retract_(w, optimizer)
     return w.detach()
