@@ -55,8 +55,7 @@ from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
     num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]),
     dashboard_agent_listen_port=int(sys.argv[2]), object_store_memory=300 * 2**20))
-for _ in range(2):
-    cluster.add_node(num_cpus=2, object_store_memory=300 * 2**20)
+cluster.add_node(num_cpus=2, object_store_memory=300 * 2**20)
 print(cluster.webui_url, flush=True)
 sys.stdin.read()
 cluster.shutdown()
@@ -64,8 +63,8 @@ cluster.shutdown()
 
 
 @pytest.fixture
-def three_nodes(ray_cluster, monkeypatch):
-    """A head and two worker nodes on this machine (2 CPUs each); yields the head's dashboard URL."""
+def two_nodes(ray_cluster, monkeypatch):
+    """A head and a worker node on this machine (2 CPUs each); yields the head's dashboard URL."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the nodes require the token, and clients send it
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session's Ray (cluster.connect sets it): not this cluster's
     proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, str(free_port()), str(free_port())],
@@ -89,7 +88,7 @@ def submit_when_an_agent_is_up(client, entrypoint, wait_s=120):
 
 
 @pytest.mark.integration
-def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_nodes, shards, tmp_path):
+def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(two_nodes, shards, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
 
@@ -97,9 +96,9 @@ def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(three_n
     entrypoint = (f"python -m trm_ray.sweep --model_name {shards.model_name} --dataset {shards.dataset} "
                   f"--shards_dir {shards.shards_path} --num_samples 120 --max_seq_length 64 --docs_per_shard 20 "
                   f"--output_dir {out} --sweep --sweep_d_values 8 16 32 --num_epochs 1 --batch_size 4 "
-                  "--sweep_learning_rates 0.05 0.02 0.01 --no_wandb --no_torch_compile --no_downstream --address auto")
-    # Three trials (a learning rate each, every D' in each), for the cluster to spread over its nodes.
-    url = three_nodes
+                  "--sweep_learning_rates 0.05 0.02 --no_wandb --no_torch_compile --no_downstream --address auto")
+    # Two trials (a learning rate each, every D' in each, 2 CPUs each): running both at once takes both nodes.
+    url = two_nodes
     assert url.startswith("http://127.0.0.1:")
     with pytest.raises(urllib.error.HTTPError, match="401"):  # token authentication is on
         urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)

@@ -207,39 +207,41 @@ print(f"placement groups left: {len(left)}", flush=True)
 
 
 @pytest.mark.integration
-def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shards, tmp_path):
+def test_two_local_sweeps_at_once_both_finish_and_leave_no_placement_group(shards, ray_cluster, tmp_path):
     import signal
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each starts its own local Ray
-    runs = []
-    for i in range(2):
-        out = tmp_path / f"sweep{i}"
-        argv = ["--model_name", shards.model_name, "--dataset", shards.dataset, "--shards_dir", shards.shards_path,
-                "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20", "--output_dir", str(out),
-                "--sweep", "--sweep_d_values", "8", "--num_epochs", "1", "--grace_period", "1", "--batch_size", "16",
-                "--no_wandb", "--no_torch_compile", "--no_downstream", "--num_cpus", "3"]
-        log = open(tmp_path / f"sweep{i}.log", "w")
-        runs.append((out, log, subprocess.Popen([sys.executable, "-c", SWEEP_THEN_COUNT_GROUPS, *argv], env=env,
-                                                stdout=log, stderr=subprocess.STDOUT)))
+    # The session's Ray is one local Ray (started as a sweep starts its own); the second sweep, run by
+    # `python -m trm_ray.sweep` beside it, starts another, and both sweeps train at once.
+    flags = ["--model_name", shards.model_name, "--dataset", shards.dataset, "--shards_dir", shards.shards_path,
+             "--num_samples", "120", "--max_seq_length", "64", "--docs_per_shard", "20", "--sweep",
+             "--sweep_d_values", "8", "--num_epochs", "1", "--grace_period", "1", "--batch_size", "16",
+             "--no_wandb", "--no_torch_compile", "--no_downstream"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # it starts a local Ray of its own
+    log = open(tmp_path / "own.log", "w")
+    own = subprocess.Popen([sys.executable, "-c", SWEEP_THEN_COUNT_GROUPS, *flags, "--num_cpus", "3",
+                            "--output_dir", str(tmp_path / "own")], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        codes = [proc.wait(timeout=240) for _, _, proc in runs]
-    finally:  # on a timeout, every driver is interrupted, which shuts its local Ray down with it
-        for _, log, proc in runs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            log.close()
-    for (out, log, proc), code in zip(runs, codes):
-        text = open(log.name).read()
-        assert code == 0, text[-3000:]
-        assert "Found multiple active Ray instances" not in text
-        assert "placement groups left: 0" in text
-        rows = json.loads((out / "sweep_results.json").read_text())
+        from trm_ray import sweep
+
+        sweep.main([*flags, "--output_dir", str(tmp_path / "here"), "--address", "auto"])
+        code = own.wait(timeout=240)
+    finally:  # on a timeout, the driver is interrupted, which shuts its local Ray down with it
+        if own.poll() is None:
+            own.send_signal(signal.SIGINT)
+            try:
+                own.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                own.kill()
+        log.close()
+    text = open(log.name).read()
+    assert code == 0, text[-3000:]
+    assert "Found multiple active Ray instances" not in text
+    assert "placement groups left: 0" in text
+    assert not [g for g in ray_cluster.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    for out in ("own", "here"):
+        rows = json.loads((tmp_path / out / "sweep_results.json").read_text())
         assert [r["d_compressed"] for r in rows] == [8] and "error" not in rows[0]
 
 
