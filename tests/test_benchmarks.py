@@ -15,14 +15,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
 
 from benchmarks import (data_feed, extract, kl_grid_step, kl_objective, quality, row_groups, step_cost, sweep_cost,  # noqa: E402
-                        train_loop)
+                        train_loop, validation_split)
 
 # Not anchored at a line start: Ray's log forwarding may write into the same stdout without a newline.
 RATIO_LINE = re.compile(r"ratio (\S+): (\S+)x \(")
 
 
 ON_RAY = [train_loop, data_feed, sweep_cost, quality, extract, kl_objective]  # integration: they run on the session's Ray
-RAY_FREE = [row_groups, step_cost, kl_grid_step]  # unit: plain torch and pyarrow, no Ray
+RAY_FREE = [row_groups, step_cost, kl_grid_step, validation_split]  # unit: plain torch, pyarrow and gloo, no Ray
 
 
 @pytest.mark.parametrize("bench", [*(pytest.param(b, marks=pytest.mark.integration) for b in ON_RAY), *RAY_FREE],

@@ -20,7 +20,7 @@ from trm_ray.references import eigenvectors
 from trm_ray.cluster import forwarded_env, local_cpus
 from trm_ray.compressor import save_checkpoint
 from trm_ray.names import METRICS
-from trm_ray.config import UserError, build_parser, make_config
+from trm_ray.config import UserError, build_parser, load_yaml, make_config
 from trm_ray.model import check_layer, hidden_size_of
 from trm_ray.report import _copy, budget_line, export_results, plot_report, save_rows, smallest_within_budget
 from trm_ray.scoring import score
@@ -166,7 +166,7 @@ def test_a_failing_region_pass_is_reported_as_itself_and_keeps_the_downstream_kl
     cfg = export_config(tmp_path / "out", downstream=True, stage="1b", sweep_d_values=[8],
                         shards_dir=str(tmp_path / "no-shards"))
     monkeypatch.setattr(downstream, "check_lm_head", lambda model_name: True)  # a model with a head that reproduces
-    monkeypatch.setattr(downstream, "on_a_gpu", lambda use_gpu, fn, *args: {8: {"downstream_kl": 0.0125}})
+    monkeypatch.setattr(downstream, "measure", lambda use_gpu, model_name, *args: {8: {"downstream_kl": 0.0125}})
     manifest = {**MANIFEST, "keep_tokens": "phase2", "regions": ["context", "close"]}  # two regions: scored apart
     (row,) = export_results([trial_result(tmp_path, 0.001, {8: 0.1})], cfg, manifest, CHECKPOINT_FILE, LIMIT)
     score([row], cfg, manifest)
@@ -410,6 +410,26 @@ def test_a_local_ray_runs_only_the_trials_whose_workers_fit_and_refuses_one_that
         sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=8), cpus)
     with pytest.raises(UserError, match="needs 1 CPU, 1 GPU .* the local Ray has 8 CPU, 0 GPU: .* --no_use_gpu"):
         sweep.trials_that_fit(dataclasses.replace(cfg, use_gpu=True), cpus)
+
+
+def test_a_sweep_says_what_it_will_hold_and_warns_when_gpus_would_sit_idle():
+    node = {"CPU": 96.0, "GPU": 8.0}  # one 8-GPU node
+    one_trial = make_config({"sweep": True, "sweep_d_values": [64, 128], "use_gpu": True})
+    lines = sweep.usage(one_trial, node, sweep.trials_that_fit(one_trial, node))
+    assert lines == ["sweep: 1 trial (a learning rate each, every D' in each) x 1 worker x 1 GPU = 1 GPUs, "
+                     "1 trial at once (1 GPUs of the 8 the Ray has now)",
+                     "sweep: warning: 7 of the Ray's 8 GPUs would sit idle while the trials train: pass --num_workers 8 "
+                     "(a trial's steps and validation are split over its workers)"]
+    filled = dataclasses.replace(one_trial, num_workers=8)
+    assert len(sweep.usage(filled, node, sweep.trials_that_fit(filled, node))) == 1  # no warning
+    on_cpus = dataclasses.replace(one_trial, use_gpu=False)
+    assert sweep.usage(on_cpus, node, 3)[-1].endswith("8 of the Ray's 8 GPUs would sit idle while the trials train: pass --use_gpu")
+    growing = dataclasses.replace(one_trial, address="auto")
+    assert "its autoscaler must add nodes" in sweep.usage(growing, {"CPU": 4.0}, None)[0]
+    # The shipped stage 1b config fills one 8-GPU node by itself.
+    shipped = make_config(load_yaml(os.path.join("tune_configs", "smollm3_stage1b.yaml")))
+    [line] = sweep.usage(shipped, node, sweep.trials_that_fit(shipped, node))
+    assert "= 8 GPUs, 8 trials at once (8 GPUs of the 8" in line
 
 
 def test_on_one_gpu_the_trials_of_a_gpu_sweep_run_one_at_a_time():

@@ -194,3 +194,57 @@ def test_compiled_and_eager_training_give_the_same_metrics(tmp_path, monkeypatch
     monkeypatch.setattr(sys.modules["__main__"], "Phase1Config", Phase1Config, raising=False)
     state = torch.load(tmp_path / "compressor.pt", weights_only=False)["compressor"]
     assert list(state) == ["compress.weight"]  # LLM-TRM's name, no _orig_mod. / module. prefixes
+
+
+def sharded_validation(rank: int, world: int, port: int, out: str) -> None:
+    """Score two compressors on the same batches with `Comm.part` of each batch on this rank (as the Train
+    worker's validation does): `loop.evaluate` with an LM head and `phase2.evaluate_regions`; rank 0 saves
+    the metrics, every rank how many rows it scored."""
+    import torch.distributed as dist
+
+    from trm_ray.kl import LMHead
+    from trm_ray.loop import Comm
+    from trm_ray.phase2 import evaluate_regions
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    comm, gen = Comm(rank, world), torch.Generator().manual_seed(3)
+    batches = rows(5, 3, per_batch=101)  # rows a batch not divisible by the ranks
+    regions = [torch.randint(0, 3, (len(x),), generator=gen) for x in batches]  # 0 other, 1 context, 2 close
+    head = LMHead(torch.randn(50, D, generator=gen), None)
+    torch.manual_seed(0)
+    models = [DimensionCompressor(D, d).eval() for d in (4, 8)]
+    mean = torch.cat(batches).mean(0)
+    scored = []
+
+    def share(x: torch.Tensor) -> torch.Tensor:
+        scored.append(len(x[comm.part(len(x))]))
+        return x[comm.part(len(x))]
+
+    plain = evaluate(models, (share(x) for x in batches), mean, head, comm)
+    parts = [(x[comm.part(len(x))], r[comm.part(len(r))]) for x, r in zip(batches, regions)]
+    by_region = evaluate_regions(models, parts, mean, head, {"context": 1, "close": 2}, comm)
+    torch.save({"plain": plain, "regions": by_region, "rows": sum(scored)}, f"{out}.{rank}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_validation_split_over_two_ranks_gives_the_one_process_metrics_with_each_rank_scoring_half_the_rows(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    sharded_validation(0, 1, 0, str(tmp_path / "one"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(sharded_validation, args=(2, port, str(tmp_path / "two")), nprocs=2)
+    one = torch.load(tmp_path / "one.0")
+    two = [torch.load(tmp_path / f"two.{r}") for r in (0, 1)]
+    assert one["rows"] == 303 and [t["rows"] for t in two] == [150, 153]  # each rank about half of every batch
+    for kind in ("plain", "regions"):
+        for m1, m2 in zip(one[kind], two[0][kind]):
+            assert m1.keys() == m2.keys() and m1["mse"] > 0
+            assert m1.get("downstream_kl", m1.get("close_downstream_kl")) > 1e-4  # a KL was scored, not skipped
+            for key in m1:
+                assert m2[key] == pytest.approx(m1[key], rel=1e-6), (kind, key)  # float32 KL per row, float64 sums

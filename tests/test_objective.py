@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trm_ray import kl as kl_module
-from trm_ray import sweep
+from trm_ray import downstream, sweep
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
 from trm_ray.kl import mean_fisher, next_token_damage, next_token_kl
@@ -206,17 +206,25 @@ def test_the_pca_kl_and_the_fisher_start_are_stored_once_per_shard_set_and_recom
     shutil.copytree(shards.shards_path, shards_dir, ignore=shutil.ignore_patterns("spectrum*", "fisher*", "pca_kl*"))
     cfg = dataclasses.replace(make_config({"objective": "kl", "model_name": shards.model_name}), shards_dir=shards_dir,
                               val_fraction=shards.val_fraction, seed=shards.seed, sweep=True, sweep_d_values=[8, 16])
-    calls = []
+    calls, split = [], downstream.on_every_device
     monkeypatch.setattr(sweep, "on_a_gpu", lambda use_gpu, fn, *args: calls.append((fn.__name__, args[-1])) or fn(*args))
+    monkeypatch.setattr(downstream, "on_every_device",
+                        lambda use_gpu, parts, fn, *args: calls.append((fn.__name__, args[-1])) or split(use_gpu, parts, fn, *args))
     first = limits(cfg)["pca_downstream_kl"]
-    assert [name for name, _ in calls] == ["fisher_start", "pca_kl"]
+    assert [name for name, _ in calls] == ["fisher_start", "pca_kl_sums"]
     assert limits(cfg)["pca_downstream_kl"] == first and len(calls) == 2  # a second sweep, or a resumed one
     wider = limits(dataclasses.replace(cfg, sweep_d_values=[8, 16, 32]))["pca_downstream_kl"]
-    assert calls[2:] == [("pca_kl", [32])] and {k: wider[k] for k in first} == first
+    assert calls[2:] == [("pca_kl_sums", [32])] and {k: wider[k] for k in first} == first
+    # Split over the session Ray's devices (its 8 logical CPUs, 6 shards: 6 tasks), the pass sums what one task does.
+    args = (cfg.model_name, shards_dir, cfg.val_fraction, cfg.seed, [8, 16])
+    parts = split(False, 6, downstream.pca_kl_sums, *args)
+    whole, n = downstream.pca_kl_sums(*args)
+    assert len(parts) == 6 and sum(rows > 0 for _, rows in parts) >= 2 and sum(rows for _, rows in parts) == n
+    torch.testing.assert_close(sum(sums for sums, _ in parts), whole, rtol=1e-6, atol=0)
     # Shards extracted again (here: from another revision of the model, as the manifest says) reuse none of it.
     before = manifest_key(shards_dir)
     write_json(f"{shards_dir}/{MANIFEST}", {**read_json(f"{shards_dir}/{MANIFEST}"), "revision": "another"})
     assert stored(shards_dir, cfg.val_fraction, cfg.seed) is None
     limits(cfg)
-    assert [name for name, _ in calls[3:]] == ["fisher_start", "pca_kl"]
+    assert [name for name, _ in calls[3:]] == ["fisher_start", "pca_kl_sums"]
     assert stored(shards_dir, cfg.val_fraction, cfg.seed)["manifest"] == manifest_key(shards_dir) != before

@@ -79,7 +79,7 @@ def test_an_mse_sweep_from_pca_exports_the_closed_form_with_the_metrics_its_weig
     mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed)
     lm_head = load_lm_head(cfg.model_name, torch.device("cpu"))
     hidden, targets = validation_rows(cfg.shards_path, cfg.val_fraction, cfg.seed)
-    pca_reference = pca_kl(cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.d_values)
+    pca_reference = pca_kl(False, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.d_values)
     for r in rows:
         assert (r["obtained_by"], r["epochs_trained"], r["pca_efficiency"]) == ("closed_form", 0, 1.0)
         model = DimensionCompressor.from_checkpoint(r["checkpoint"]).eval()

@@ -57,6 +57,10 @@ class DimensionCompressor(nn.Module):
         return model
 
 
+RECONSTRUCTION_SUMS = 10  # the terms `reconstruction_sums` returns
+TOKENS = 6  # the one of them that counts the rows
+
+
 def reconstruction_sums(x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Float64 sums over a batch of token rows [N, D], from which `metrics_from_sums` derives every metric;
     `mean` [D] is the training rows' mean, about which the centred metrics are taken."""

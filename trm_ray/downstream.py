@@ -1,7 +1,8 @@
-"""The passes over the shards that read the LM head (`trm_ray.kl` holds their math), each one Ray task (on a
-GPU with --use_gpu): the exported compressors' and PCA's next-token KL, CE increase and top-1 agreement over
-the whole validation set, the one trials are selected on (`measure`, filling the result rows); the PCA
-reconstruction's KL every epoch is measured against (`pca_kl`); and `--init fisher`'s start (`fisher_start`).
+"""The passes over the shards that read the LM head (`trm_ray.kl` holds their math), as Ray tasks (on GPUs with
+--use_gpu): the exported compressors' and PCA's next-token KL, CE increase and top-1 agreement over the whole
+validation set, the one trials are selected on (`measure`, filling the result rows), and the PCA
+reconstruction's KL every epoch is measured against (`pca_kl`), each split over every device of the cluster
+and summed; `--init fisher`'s start (`fisher_start`) and phase 2's references and start, one task each.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from trm_ray.cluster import on_a_gpu
+from trm_ray.cluster import on_a_gpu, on_every_device
 from trm_ray.compressor import WEIGHT_KEY, DimensionCompressor, load_checkpoint
 from trm_ray.config import UserError
 from trm_ray.files import read_json, write_bytes
@@ -25,13 +26,31 @@ from trm_ray.shards import decode_hidden, next_tokens, read_manifest, split_tabl
 from trm_ray.spectrum import load_or_compute
 
 
-def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int,
+def measure(use_gpu: bool, model_name: str, shards_dir: str, val_fraction: float, seed: int,
             checkpoints: dict[int, str | None]) -> dict[int, dict[str, float]]:
     """For each D': KL, CE increase and top-1 agreement of the exported compressor and of the PCA
-    reconstruction over the whole validation set, the set trials were selected on (one shard's
-    validation rows at a time, chunked; the original's logits serve every reconstruction). A D'
-    without a checkpoint path is the closed form, whose weights are the PCA reconstruction's own
-    float32 eigenvectors: it is scored once, as PCA."""
+    reconstruction over the whole validation set, the set trials were selected on, from `measure_sums` split
+    over every device of the cluster (`on_every_device`). A D' without a checkpoint path is the closed form,
+    whose weights are the PCA reconstruction's own float32 eigenvectors: it is scored once, as PCA."""
+    parts = on_every_device(use_gpu, len(read_manifest(shards_dir)["shards"]), measure_sums, model_name, shards_dir,
+                            val_fraction, seed, checkpoints)
+    sums = {k: sum(p[0][k] for p in parts) for k in parts[0][0]}
+    tokens, known = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    out = {}
+    for d, path in checkpoints.items():
+        trained, pca = (damage_metrics(sums[kind, d], tokens, known) for kind in ("trained" if path else "pca", "pca"))
+        out[d] = {"downstream_kl": trained["kl"], "ce_increase": trained["ce_increase"],
+                  "top1_agreement": trained["top1_agreement"],
+                  "pca_downstream_kl": pca["kl"], "pca_ce_increase": pca["ce_increase"],
+                  "pca_top1_agreement": pca["top1_agreement"], "downstream_efficiency": pca["kl"] / trained["kl"]}
+    return out
+
+
+def measure_sums(model_name: str, shards_dir: str, val_fraction: float, seed: int, checkpoints: dict[int, str | None],
+                 part: tuple[int, int] = (0, 1)) -> tuple[dict[tuple[str, int], torch.Tensor], int, int]:
+    """`damage_sums` of each ("trained" or "pca", D') over the validation rows of `part` of the shards (one
+    shard's rows at a time, chunked; the original's logits serve every reconstruction), with the rows and the
+    rows with a known next token."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Logits in float32 on GPU too: bf16 logits put a noise floor under the small KLs of a wide D'.
     lm_head = load_lm_head(model_name, device, torch.float32)
@@ -43,35 +62,39 @@ def measure(model_name: str, shards_dir: str, val_fraction: float, seed: int,
             reconstructions["trained", d] = DimensionCompressor.from_checkpoint(path).to(device).eval()
     sums = {k: torch.zeros(3, dtype=torch.float64) for k in reconstructions}
     tokens = known = 0
-    for table in split_tables(shards_dir, val_fraction, seed):
+    for table in split_tables(shards_dir, val_fraction, seed, part=part):
         targets = next_tokens(table)
-        part = damage_sums(lm_head, decode_hidden(table["hidden"]), targets, reconstructions)
-        sums = {k: sums[k] + part[k] for k in sums}
+        found = damage_sums(lm_head, decode_hidden(table["hidden"]), targets, reconstructions)
+        sums = {k: sums[k] + found[k] for k in sums}
         tokens, known = tokens + len(targets), known + int((targets >= 0).sum())
-    out = {}
-    for d, path in checkpoints.items():
-        trained, pca = (damage_metrics(sums[kind, d], tokens, known) for kind in ("trained" if path else "pca", "pca"))
-        out[d] = {"downstream_kl": trained["kl"], "ce_increase": trained["ce_increase"],
-                  "top1_agreement": trained["top1_agreement"],
-                  "pca_downstream_kl": pca["kl"], "pca_ce_increase": pca["ce_increase"],
-                  "pca_top1_agreement": pca["top1_agreement"], "downstream_efficiency": pca["kl"] / trained["kl"]}
-    return out
+    return sums, tokens, known
+
+
+def pca_kl(use_gpu: bool, model_name: str, shards_dir: str, val_fraction: float, seed: int,
+           d_values: list[int]) -> dict[str, float]:
+    """Mean next-token KL of the PCA reconstruction of each D' over the whole validation set: the reference a
+    KL-trained trial's `downstream_efficiency` is measured against, every epoch; `pca_kl_sums` split over every
+    device of the cluster (`on_every_device`)."""
+    parts = on_every_device(use_gpu, len(read_manifest(shards_dir)["shards"]), pca_kl_sums, model_name, shards_dir,
+                            val_fraction, seed, d_values)
+    sums, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return {str(d): s / max(n, 1) for d, s in zip(d_values, sums.tolist())}
 
 
 @torch.no_grad()
-def pca_kl(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int]) -> dict[str, float]:
-    """Mean next-token KL of the PCA reconstruction of each D' over the whole validation set:
-    the reference a KL-trained trial's `downstream_efficiency` is measured against, every epoch
-    (one teacher pass for every D', `grid_kl`)."""
+def pca_kl_sums(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
+                part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, int]:
+    """Σ next-token KL of the PCA reconstruction of each D' over the validation rows of `part` of the shards,
+    and how many rows (one teacher pass for every D', `grid_kl`)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device, torch.float32)  # as `measure` and the trials' validation score
     vecs = eigenvectors(shards_dir, val_fraction, seed).float().to(device)
-    sums, n = torch.zeros(len(d_values), dtype=torch.float64), 0
-    for table in split_tables(shards_dir, val_fraction, seed):
+    sums, n = torch.zeros(len(d_values), dtype=torch.float64, device=device), 0
+    for table in split_tables(shards_dir, val_fraction, seed, part=part):
         x = decode_hidden(table["hidden"]).to(device)
-        sums += grid_kl(lm_head, x, [vecs[:, :d].T for d in d_values]).double().cpu()
+        sums += grid_kl(lm_head, x, [vecs[:, :d].T for d in d_values]).double()
         n += x.shape[0]
-    return {str(d): s / n for d, s in zip(d_values, sums.tolist())}
+    return sums.cpu(), n
 
 
 FISHER_TOKENS = 2 ** 16  # training rows the head's mean Fisher information (a D x D average) is estimated on
@@ -123,7 +146,7 @@ def add_downstream(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any
         return
     checkpoints = {r["d_compressed"]: None if r["obtained_by"] == "closed_form" else r["checkpoint"]
                    for r in rows if "checkpoint" in r}
-    found = on_a_gpu(cfg.use_gpu, measure, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, checkpoints)
+    found = measure(cfg.use_gpu, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, checkpoints)
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))
 

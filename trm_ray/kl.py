@@ -247,20 +247,33 @@ def grid_kl(lm_head: LMHead, x: torch.Tensor, weights: Sequence[torch.Tensor]) -
 @torch.no_grad()
 def damage_sums(lm_head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,
                 reconstructions: dict[Any, Callable[[torch.Tensor], torch.Tensor]]) -> dict[Any, torch.Tensor]:
-    """For each reconstruction x -> x̂, float64 sums over the rows: KL(p(x) || p(x̂)), CE(x̂) - CE(x) on the
-    tokens with a known next token, and top-1 agreement (argmax p(x̂) = argmax p(x)). The original's
-    logits of a chunk are computed once for all of them."""
+    """For each reconstruction x -> x̂, float64 sums over the rows (on the CPU): KL(p(x) || p(x̂)), CE(x̂) - CE(x)
+    on the tokens with a known next token, and top-1 agreement (argmax p(x̂) = argmax p(x)). The original's
+    logits of a chunk are computed once for all of them; the sums stay on the head's device until the end,
+    so a GPU never waits for the host inside the loop."""
     device = lm_head.weight.device
-    sums = {k: torch.zeros(3, dtype=torch.float64) for k in reconstructions}
+    sums = {k: torch.zeros(3, dtype=torch.float64, device=device) for k in reconstructions}
     for x, t in token_chunks(lm_head, hidden, targets):
         x, t = x.to(device), t.to(device)
         logp = log_probs(lm_head, x)
         known, top1 = t >= 0, logp.argmax(-1)
         for k, reconstruct in reconstructions.items():
             _, r, kl = logit_shift(lm_head, x, reconstruct(x), logp)
-            sums[k] += torch.tensor([float(kl.sum()),
-                                     float((kl[known] - r[known, t[known]]).sum()),  # log p - log q = KL - r
-                                     float(((logp + r).argmax(-1) == top1).sum())], dtype=torch.float64)
+            ce = torch.where(known, kl - r.gather(1, t.clamp(min=0)[:, None])[:, 0], 0)  # log p - log q = KL - r
+            sums[k] += torch.stack([kl.sum(), ce.sum(), ((logp + r).argmax(-1) == top1).sum()]).double()
+    return {k: v.cpu() for k, v in sums.items()}
+
+
+@torch.no_grad()
+def kl_sums(lm_head: LMHead, hidden: torch.Tensor, reconstructions: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """[k] float64 on the head's device: Σ over rows of KL(p(x) || p(x̂)) for each reconstruction, `damage_sums`'s
+    KL alone (what an epoch's validation reads), one teacher pass a chunk for all, no host sync inside the loop."""
+    device = lm_head.weight.device
+    sums = torch.zeros(len(reconstructions), dtype=torch.float64, device=device)
+    for (x,) in token_chunks(lm_head, hidden):
+        x = x.to(device)
+        logp = log_probs(lm_head, x)
+        sums += torch.stack([logit_shift(lm_head, x, f(x), logp)[2].sum() for f in reconstructions]).double()
     return sums
 
 

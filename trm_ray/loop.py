@@ -6,7 +6,9 @@ D' keeps its own early stopping, best weights and checkpoint, and stops on its o
 divergence, or a cut the reporter passes on). Nothing here knows Ray: the Ray Train worker
 (`trm_ray.train`) hands `fit` its Ray Data batches, a `Comm` over its ranks and a reporter that reports,
 checkpoints and reads ASHA's cuts; a test hands it tensors, one process and a reporter that records.
-Validation runs on rank 0 over the whole held-out set, so the metrics do not depend on the number of workers.
+Validation is split over the ranks, each scoring its share of every batch, and their sums are added before any
+metric is taken: the metrics are the whole held-out set's whatever the number of workers, and no rank waits
+while another scores it all.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trm_ray.compressor import (DimensionCompressor, metrics_from_sums, plain_state, reconstruction_sums, retract_,
-                                save_checkpoint, tangent_part)
+from trm_ray.compressor import (RECONSTRUCTION_SUMS, TOKENS, DimensionCompressor, metrics_from_sums, plain_state,
+                                reconstruction_sums, retract_, save_checkpoint, tangent_part)
 from trm_ray.config import Config
-from trm_ray.kl import LMHead, damage_sums
+from trm_ray.kl import LMHead, kl_sums
 from trm_ray.names import width_key
 
 
@@ -38,16 +40,27 @@ class Comm:
     world: int = 1
     device: torch.device = torch.device("cpu")
 
-    def average_(self, t: torch.Tensor) -> None:
-        if self.world > 1:
-            dist.all_reduce(t)
-            t /= self.world
+    def average_grads_(self, params: Sequence[torch.Tensor]) -> None:
+        """Each parameter's gradient averaged over the ranks, in one all-reduce of them all laid end to end
+        (one collective a step, not one per width)."""
+        if self.world == 1:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p.grad))
 
     def summed(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device)
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of `n` rows: validation splits every batch over the ranks, whose sums
+        `summed` then adds up, so each rank scores about 1/world of the rows and the metrics stay the whole set's."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
     def agree_on_stops(self, widths: Sequence[Width]) -> None:
         """Every rank stops the widths rank 0 stopped (it validates and hears from ASHA), so all train the same ones."""
@@ -93,8 +106,9 @@ def fit(widths: Sequence[Width], optimizer: torch.optim.Optimizer, loss_fn: Call
         comm: Comm = ONE_PROCESS, start: Progress | None = None) -> Progress:
     """Train `widths` from `start` (None: from scratch, the start scored first) through cfg.num_epochs epochs
     of `batches(epoch)` (row tensors, or (rows, their regions) for a loss that weighs regions), with
-    `validate` scoring the widths still training on rank 0 after each epoch."""
-    initial = score_start(widths, validate, cfg, best_keys) if start is None and comm.rank == 0 else {}
+    `validate` scoring the widths still training after each epoch (on every rank, each its share of the
+    validation rows: every rank gets the same metrics; rank 0 decides and reports)."""
+    initial = score_start(widths, validate, cfg, best_keys) if start is None else {}
     progress = start or Progress()
     resumed_after = progress.epoch
     step = Stepper(optimizer, loss_fn, cfg, total_steps, comm, progress.step)
@@ -116,8 +130,9 @@ def fit(widths: Sequence[Width], optimizer: torch.optim.Optimizer, loss_fn: Call
         metrics: dict[str, Any] = {"epoch": epoch + 1, "resumed_after_epoch": resumed_after,
                                    "tokens_seen": progress.tokens_seen, "tokens_per_s": float(counts[0]) / elapsed,
                                    "lr": step.lr, "d_values_training": len(active)}
+        found = validate(active)
         if comm.rank == 0:
-            for w, m, loss_sum in zip(active, validate(active), counts[1:].tolist()):
+            for w, m, loss_sum in zip(active, found, counts[1:].tolist()):
                 m = {**initial.pop(w.d, {}), **m, "train_loss": loss_sum / float(counts[0]), "epochs_trained": epoch + 1}
                 w.stopped = epoch_verdict(w, m, epoch, cfg, best_keys)
                 w.last = m
@@ -182,24 +197,25 @@ def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> fl
 
 
 @torch.no_grad()
-def evaluate(models: Sequence[nn.Module], batches: Iterable[torch.Tensor], mean: torch.Tensor,
-             lm_head: LMHead | None = None) -> list[dict[str, float]]:
+def evaluate(models: Sequence[DimensionCompressor], batches: Iterable[torch.Tensor], mean: torch.Tensor,
+             lm_head: LMHead | None = None, comm: Comm = ONE_PROCESS) -> list[dict[str, float]]:
     """For each model, token-weighted metrics over every batch (the whole validation set), not a mean of
     batch means, the centred ones about `mean` (the training rows'); with `lm_head`, also the mean
     next-token KL of the head reading the reconstruction. One read of the batches, and one teacher
-    pass through the head, serves every model."""
-    sums, kl = [None] * len(models), torch.zeros(len(models), dtype=torch.float64)
+    pass through the head, serves every model. `batches`: this rank's share of the rows (`Comm.part`);
+    the sums of all ranks are added before any metric is taken, so every rank gets the whole set's."""
+    terms = RECONSTRUCTION_SUMS + (lm_head is not None)
+    sums = torch.zeros(len(models), terms, dtype=torch.float64, device=comm.device)
     for x in batches:
-        for i, model in enumerate(models):
-            s = reconstruction_sums(x, model(x), mean)
-            sums[i] = s if sums[i] is None else sums[i] + s
-        if lm_head is not None:  # no next tokens needed (-1: unknown): only the KL is taken
-            found = damage_sums(lm_head, x, torch.full((x.shape[0],), -1), dict(enumerate(models)))
-            kl += torch.stack([found[i][0] for i in range(len(models))])
-    metrics = [metrics_from_sums(s) for s in sums]
-    if lm_head is not None:
-        for m, k, s in zip(metrics, kl.tolist(), sums):
-            m["downstream_kl"] = k / float(s[6])  # s[6]: tokens
+        sums[:, :RECONSTRUCTION_SUMS] += torch.stack([reconstruction_sums(x, m(x), mean) for m in models]).to(sums.device)
+        if lm_head is not None:
+            sums[:, RECONSTRUCTION_SUMS] += kl_sums(lm_head, x, models).to(sums.device)
+    metrics = []
+    for s in comm.summed(sums).cpu():
+        m = metrics_from_sums(s[:RECONSTRUCTION_SUMS])
+        if lm_head is not None:
+            m["downstream_kl"] = float(s[RECONSTRUCTION_SUMS] / s[TOKENS])
+        metrics.append(m)
     return metrics
 
 
@@ -220,9 +236,9 @@ def optimizer_step(models: Sequence[DimensionCompressor], optimizer: torch.optim
     losses = loss_fn(x, models) if region is None else loss_fn(x, models, region)
     optimizer.zero_grad(set_to_none=True)
     losses.sum().backward()
+    (comm or ONE_PROCESS).average_grads_([m.weight for m in models])
     for model in models:
         w = model.weight
-        (comm or ONE_PROCESS).average_(w.grad)
         if cfg.orthonormal:
             w.grad = tangent_part(w, w.grad)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

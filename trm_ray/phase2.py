@@ -26,8 +26,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from trm_ray.compressor import metrics_from_sums, reconstruction_sums, retract_, tangent_part
+from trm_ray.compressor import RECONSTRUCTION_SUMS, metrics_from_sums, reconstruction_sums, retract_, tangent_part
 from trm_ray.kl import LMHead, damage_sums, grid_kl, next_token_kl
+from trm_ray.loop import ONE_PROCESS, Comm
 
 REGIONS = ("context", "close")
 CONTEXT_FLOOR = 0.98  # context_pca_efficiency a phase-2 compressor must keep (the goal of stage 1b)
@@ -65,31 +66,31 @@ def region_loss(lm_head: LMHead, close_weight: float, references: dict[int, tupl
 
 @torch.no_grad()
 def evaluate_regions(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mean: torch.Tensor,
-                     lm_head: LMHead, codes: dict[str, int]) -> list[dict[str, float]]:
-    """For each model, over one read of every batch: `train.evaluate`'s metrics on all rows, the context
+                     lm_head: LMHead, codes: dict[str, int], comm: Comm = ONE_PROCESS) -> list[dict[str, float]]:
+    """For each model, over one read of every batch: `loop.evaluate`'s metrics on all rows, the context
     rows' (`context_mse`, `context_cosine_similarity`) and, at the closing states, the head's next-token
-    KL and top-1 agreement of the reconstruction (`close_downstream_kl`, `close_top1_agreement`, `close_tokens`)."""
-    sums: dict[tuple[int, str], torch.Tensor] = {}
-    close = torch.zeros(len(models), 3, dtype=torch.float64)
-    n_close = 0
+    KL and top-1 agreement of the reconstruction (`close_downstream_kl`, `close_top1_agreement`, `close_tokens`).
+    `batches`: this rank's share of the rows, summed over the ranks before any metric, as `loop.evaluate` does."""
+    recon = torch.zeros(len(models), 2, RECONSTRUCTION_SUMS, dtype=torch.float64, device=comm.device)  # all, context
+    close = torch.zeros(len(models), 4, dtype=torch.float64, device=comm.device)  # KL, CE (no targets), top-1, rows
     for x, region in batches:
         context, closing = region == codes["context"], region == codes["close"]
         for i, model in enumerate(models):
             x_hat = model(x)
-            for key, rows in (((i, "all"), slice(None)), ((i, "context"), context)):
-                s = reconstruction_sums(x[rows], x_hat[rows], mean)
-                sums[key] = s if key not in sums else sums[key] + s
-        if closing.any():
-            found = damage_sums(lm_head, x[closing], torch.full((int(closing.sum()),), -1), dict(enumerate(models)))
-            close += torch.stack([found[i] for i in range(len(models))])
-            n_close += int(closing.sum())
+            recon[i] += torch.stack([reconstruction_sums(x, x_hat, mean),
+                                     reconstruction_sums(x[context], x_hat[context], mean)]).to(recon.device)
+        rows = x[closing]
+        found = damage_sums(lm_head, rows, torch.full((len(rows),), -1), dict(enumerate(models)))
+        close[:, :3] += torch.stack([found[i] for i in range(len(models))]).to(close.device)
+        close[:, 3] += len(rows)
+    recon, close = comm.summed(recon).cpu(), comm.summed(close).cpu()
     out = []
-    for i, (kl, _, agree) in enumerate(close.tolist()):
-        context = metrics_from_sums(sums[i, "context"])
-        out.append({**metrics_from_sums(sums[i, "all"]), "context_mse": context["mse"],
+    for i, (kl, _, agree, n_close) in enumerate(close.tolist()):
+        context = metrics_from_sums(recon[i, 1])
+        out.append({**metrics_from_sums(recon[i, 0]), "context_mse": context["mse"],
                     "context_cosine_similarity": context["cosine_similarity"],
                     "close_downstream_kl": kl / max(n_close, 1), "close_top1_agreement": agree / max(n_close, 1),
-                    "close_tokens": n_close})
+                    "close_tokens": int(n_close)})
     return out
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from trm_ray import spectrum
-from trm_ray.compressor import DimensionCompressor, metrics_from_sums, reconstruction_sums
+from trm_ray.compressor import TOKENS, DimensionCompressor, metrics_from_sums, reconstruction_sums
 from trm_ray.cluster import on_a_gpu
 from trm_ray.kl import next_token_damage
 from trm_ray.references import eigenvectors, training_mean
@@ -64,7 +64,7 @@ def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed:
         m = metrics_from_sums(s)
         limit = pca_mse[r][d]
         out[d].update({f"{r}_mse": m["mse"], f"{r}_cosine_similarity": m["cosine_similarity"], f"{r}_pca_mse": limit,
-                       f"{r}_pca_efficiency": limit / m["mse"], f"{r}_tokens": int(s[6])})
+                       f"{r}_pca_efficiency": limit / m["mse"], f"{r}_tokens": int(s[TOKENS])})
     x = torch.cat(close) if close else torch.empty(0)
     if with_head and len(x):
         lm_head = load_lm_head(model_name, device, torch.float32)

@@ -169,10 +169,12 @@ def check_hidden_size(manifest: dict[str, Any], shards_dir: str, hidden_size: in
         )
 
 
-def split_tables(shards_dir: str, val_fraction: float, seed: int, val_side: bool = True) -> Iterator[pa.Table]:
-    """The validation (or training) rows of each shard in turn (whole documents, in document order)."""
+def split_tables(shards_dir: str, val_fraction: float, seed: int, val_side: bool = True,
+                 part: tuple[int, int] = (0, 1)) -> Iterator[pa.Table]:
+    """The validation (or training) rows of each shard in turn (whole documents, in document order); with
+    `part` (i, n), those of every n-th shard from the i-th: one of n tasks that share a pass over the shards."""
     manifest = read_manifest(shards_dir)
-    for path in shard_paths(shards_dir, manifest):  # only that side's row groups
+    for path in shard_paths(shards_dir, manifest)[part[0]::part[1]]:  # only that side's row groups
         yield from side_tables(path, val_fraction, seed, val_side, rows_per_block(manifest))
 
 

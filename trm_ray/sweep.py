@@ -140,6 +140,33 @@ def trials_that_fit(cfg: Config, total: dict[str, float]) -> int | None:
     return min(int(spare[name] // amount) for name, amount in need.items() if amount > 0)
 
 
+def usage(cfg: Config, total: dict[str, float], concurrent: int | None) -> list[str]:
+    """What the sweep will hold, said before it starts: trials x workers x GPUs (or CPUs) each against what the
+    Ray has now, and a warning where GPUs would sit idle while it trains. A trial is one learning rate training
+    every D' on --num_workers workers, which split its steps and its validation between them."""
+    trials = len(cfg.sweep_learning_rates) or 1
+    kind = "GPU" if cfg.use_gpu else "CPU"
+    each = cfg.num_workers  # one GPU, or one logical CPU, a worker
+    at_once = trials if concurrent is None else min(trials, concurrent, cfg.max_concurrent_trials or trials)
+    have = total.get("GPU", 0)
+    lines = [f"sweep: {trials} trial{'s' * (trials > 1)} (a learning rate each, every D' in each) x {cfg.num_workers} "
+             f"worker{'s' * (cfg.num_workers > 1)} x 1 {kind} = {trials * each} {kind}s, "
+             + (f"{at_once} trial{'s' * (at_once > 1)} at once ({at_once * each:g} {kind}s of the {total.get(kind, 0):g} "
+                f"the Ray has now)" if concurrent is not None else
+                f"none of which fits the Ray as it is now ({total.get(kind, 0):g} {kind}s): its autoscaler must add nodes")]
+    busy = at_once * each if cfg.use_gpu and concurrent is not None else 0
+    if have > busy:
+        idle = int(have - busy)
+        if not cfg.use_gpu:
+            hint = "pass --use_gpu"
+        else:
+            workers = int(have // at_once)
+            hint = (f"pass --num_workers {workers} (a trial's steps and validation are split over its workers)"
+                    if workers > cfg.num_workers else "add --sweep_learning_rates")
+        lines.append(f"sweep: warning: {idle} of the Ray's {have:g} GPUs would sit idle while the trials train: {hint}")
+    return lines
+
+
 def remove_left_placement_groups() -> None:
     """Remove the placement groups this sweep's trials left: a trial ASHA stopped or that was killed takes its
     Train controller with it, and what the controller had reserved for its workers would stay held (and
@@ -228,7 +255,7 @@ def limits(cfg: Config) -> dict[str, Any]:
     missing = [d for d in cfg.d_values if str(d) not in kl]
     if missing:
         print(f"sweep: next-token KL of the PCA reconstruction of D' = {missing} on the validation set", flush=True)
-        kl.update(on_a_gpu(cfg.use_gpu, pca_kl, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, missing))
+        kl.update(pca_kl(cfg.use_gpu, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, missing))
         store(cfg.shards_path, cfg.val_fraction, cfg.seed, "pca_kl", summary={"model_name": cfg.model_name, "kl": kl})
     return {**limit, "pca_downstream_kl": {str(d): kl[str(d)] for d in cfg.d_values}}
 
@@ -248,6 +275,8 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
 
     cfg = resolved(cfg)
     concurrent = trials_that_fit(cfg, ray.cluster_resources())  # before anything runs: a trial that can never start
+    if not cfg.closed_form:
+        print("\n".join(usage(cfg, ray.cluster_resources(), concurrent)), flush=True)
     check_starts(cfg)
     manifest, counts = shards(cfg)
     limit = limits(cfg)

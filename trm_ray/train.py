@@ -36,12 +36,20 @@ from trm_ray.tracking import publish, tracking
 
 
 def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed: int | None = None,
-                   regions: bool = False) -> Iterator[Any]:
+                   regions: bool = False, comm: Comm | None = None) -> Iterator[Any]:
     """Float32 [rows, D] tensors on `device` from a Ray Data iterator of shard rows: sent in the shards' dtype
-    (bf16: half the bytes) and converted to float32 there; with `regions`, (rows, each row's region code)."""
+    (bf16: half the bytes) and converted to float32 there; with `regions`, (rows, each row's region code).
+    With `comm`, only this rank's share of each batch (`Comm.part`), cut before anything is decoded or copied.
+    On a GPU the rows are copied from pinned memory (the copy overlaps the step: from pageable memory
+    `non_blocking` is not asynchronous) and Ray Data prepares the next two batches while one trains."""
     shuffle = {"local_shuffle_buffer_size": 4 * rows, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
-    for batch in iterator.iter_batches(batch_size=rows, batch_format="pyarrow", **shuffle):
-        x = stored_hidden(batch["hidden"]).to(device, non_blocking=True).float()
+    gpu = device.type == "cuda"
+    for batch in iterator.iter_batches(batch_size=rows, batch_format="pyarrow", prefetch_batches=2 if gpu else 1, **shuffle):
+        if comm is not None:
+            share = comm.part(batch.num_rows)
+            batch = batch.slice(share.start, share.stop - share.start)
+        x = stored_hidden(batch["hidden"])
+        x = (x.pin_memory() if gpu else x).to(device, non_blocking=True).float()
         yield (x, torch.from_numpy(batch["region"].to_numpy()).to(device)) if regions else x
 
 
@@ -205,12 +213,13 @@ def best_keys(cfg: Config) -> tuple[str, ...]:
 def validation(spec: TrialSpec, references: dict[int, tuple[float, float]] | None, val_shard: Any,
                lm_head: LMHead | None, comm: Comm, rows: int) -> Callable[[list[Width]], list[dict[str, float]]]:
     """The scoring of every active D' on one read of the validation set (a phase-2 objective: each region
-    scored apart too), beside the PCA references of the same width."""
+    scored apart too), beside the PCA references of the same width. Every rank reads the validation blocks and
+    scores its share of each batch (`Comm.part`); the sums are added over the ranks (`loop.evaluate`)."""
     cfg, regions = spec.cfg, references is not None
     # Validation scores in float32 like the export and the PCA reference: bf16 logits (what a GPU trains
     # with) would put a noise floor under the small KLs of a wide D', and downstream_efficiency on it.
     score_head = lm_head
-    if comm.rank == 0 and lm_head is not None and lm_head.weight.dtype != torch.float32:
+    if lm_head is not None and lm_head.weight.dtype != torch.float32:
         score_head = copy.deepcopy(lm_head).float()
     mean = training_mean(cfg.shards_path, cfg.val_fraction, cfg.seed).to(comm.device)
     codes = phase2.region_codes(read_manifest(cfg.shards_path)) if regions else {}
@@ -218,12 +227,12 @@ def validation(spec: TrialSpec, references: dict[int, tuple[float, float]] | Non
     def validate(active: list[Width]) -> list[dict[str, float]]:
         models = [w.model.eval() for w in active]
         if regions:
-            found = phase2.evaluate_regions(models, hidden_batches(val_shard, rows, comm.device, regions=True), mean,
-                                            score_head, codes)
+            found = phase2.evaluate_regions(models, hidden_batches(val_shard, rows, comm.device, regions=True, comm=comm),
+                                            mean, score_head, codes, comm)
             for w, m in zip(active, found):
                 phase2.add_scores(m, *references[w.d])
         else:
-            found = evaluate(models, hidden_batches(val_shard, rows, comm.device), mean, score_head)
+            found = evaluate(models, hidden_batches(val_shard, rows, comm.device, comm=comm), mean, score_head, comm)
         for w, m in zip(active, found):
             # How close to the best any tied linear compressor of this width can get (1.0 = optimal).
             pca_mse = spec.references["pca_mse"][w.d]
@@ -342,8 +351,8 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
     # Blocks in an order drawn from (seed, epoch) + a seeded shuffle buffer: a data order that
     # changes every epoch yet is the same on every run, so a resumed or recompiled run can be
     # compared with an uninterrupted one. The training loop reads `train` itself, one block order
-    # per epoch (epoch_rows); Train's ingest serves the validation set, which is not split: rank 0
-    # scores the whole held-out set. Built directly: Train's default_ingest_options passes on the
+    # per epoch (epoch_rows); Train's ingest serves the validation set, not split by Ray Data (its equal
+    # split drops rows): every rank reads it and scores its share of each batch (`validation`). Built directly: Train's default_ingest_options passes on the
     # deprecated exclude_resources, and every trial and controller logged Ray's warning about it.
     ingest = ExecutionOptions(preserve_order=True)
     return TorchTrainer(
