@@ -134,7 +134,36 @@ def stage_costs(cfg: Config, model_config: Any, row_bytes: float) -> dict[str, l
     return {"before": [*shared, *before, *downstream], "trm_ray": [*shared, *now, *downstream]}
 
 
-def print_scale(cfg: Config, model_config: Any) -> dict[str, float]:
+def node_use(cfg: Config, model_config: Any, gpus: int, tflops: float) -> None:
+    """On one node of `gpus` GPUs, each phase that reads the LM head: GPUs busy, wall hours, the node's GPU-hours and
+    the fraction of them busy, with validation and the reference and scoring passes on one GPU (as before they were
+    split) and split over the trial's workers and the node's GPUs (now). Counted from the head's FLOPs at `tflops`
+    of sustained throughput a GPU, an assumption to replace with a measured rate (`benchmarks.gpu_run`)."""
+    d, vocab = int(model_config.hidden_size), int(model_config.vocab_size)
+    tokens = cfg.num_samples * cfg.max_seq_length
+    train, val, widths = tokens * (1 - cfg.val_fraction), tokens * cfg.val_fraction, cfg.d_values
+    lrs, workers, rows = len(cfg.sweep_learning_rates) or 1, cfg.num_workers, cfg.batch_size * cfg.max_seq_length
+    trials_at_once = min(lrs, max(1, gpus // workers))
+    rounds = math.ceil(lrs / trials_at_once)
+    step = (train * (2 * vocab * d + sum(head_flop_per_row(d, w, rows, vocab) for w in widths))) if cfg.objective != "mse" else 0.0
+    validation = val * (2 + 2 * len(widths)) * vocab * d  # the teacher and each width's residual, per epoch
+    passes = (val * len(widths) * 4 * vocab * d if cfg.objective == "kl" else 0.0) + val * (2 + 4 * len(widths)) * vocab * d
+    rate = tflops * 1e12 * 3600  # FLOP a GPU-hour
+    print(f"\none node of {gpus} GPUs at {tflops:g} TFLOP/s each (assumed), {lrs} trial(s) x {workers} worker(s), "
+          f"{trials_at_once} at once:\n{'phase':<40} {'GPUs busy':>10} {'wall h':>8} {'node GPU-h':>11} {'busy':>6}")
+    for design, split in (("before: validation, passes on one GPU", False), ("now: split over workers and GPUs", True)):
+        busy_passes = gpus if split else 1
+        # A round of trials: each trial's steps on its workers, its validation on them all or on rank 0 alone.
+        round_h = cfg.num_epochs * (step / workers + validation / (workers if split else 1)) / rate
+        phases = [("reference + scoring passes", busy_passes, passes / busy_passes / rate),
+                  ("training (epochs, validation)", trials_at_once * workers, rounds * round_h)]
+        print(design)
+        for name, busy, wall in phases:
+            work = passes / rate if name.startswith("reference") else lrs * cfg.num_epochs * (step + validation) / rate
+            print(f"  {name:<38} {busy:>10} {wall:>8.3g} {wall * gpus:>11.3g} {work / max(wall * gpus, 1e-30):>6.0%}")
+
+
+def print_scale(cfg: Config, model_config: Any, gpus: int = 8, tflops: float = 400.0) -> dict[str, float]:
     row_bytes = bytes_per_row(cfg, int(model_config.hidden_size))
     tokens = cfg.num_samples * cfg.max_seq_length
     print(f"sweep_cost --scale: {cfg.model_name} ({model_config.model_type}, D={model_config.hidden_size}, "
@@ -150,6 +179,7 @@ def print_scale(cfg: Config, model_config: Any) -> dict[str, float]:
         totals[design] = (sum(s[2] for s in stages), sum(s[3] for s in stages[1:]))
         print(f"{'after extraction, in all':<36} {'':>8} {totals[design][0] / 1e9:>10,.1f} {totals[design][1] / 1e12:>12,.4g}"
               "  (LM head)")
+    node_use(cfg, model_config, gpus, tflops)
     (read_before, head_before), (read_now, head_now) = totals["before"], totals["trm_ray"]
     ratios = {"bytes_read_trm_ray/before": print_ratio("bytes_read_trm_ray/before", read_now, read_before, "bytes")}
     if head_before:
@@ -161,6 +191,9 @@ def scale_main(argv: list[str]) -> dict[str, float]:
     parser = build_parser("python -m benchmarks.sweep_cost --scale", "What a sweep of this configuration reads and computes")
     parser.add_argument("--model_type", help="Count for transformers' default config of this architecture when the model "
                                              "itself is not on this machine (smollm3: SmolLM3-3B's).")
+    parser.add_argument("--node_gpus", type=int, default=8, help="GPUs of the one node the GPU-hours are counted on")
+    parser.add_argument("--gpu_tflops", type=float, default=400.0,
+                        help="sustained TFLOP/s a GPU is assumed to reach on the head's matmuls (replace with a measured rate)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     try:
@@ -169,7 +202,7 @@ def scale_main(argv: list[str]) -> dict[str, float]:
         if not args.model_type:
             raise
         model_config = AutoConfig.for_model(args.model_type)
-    return print_scale(cfg, model_config)
+    return print_scale(cfg, model_config, args.node_gpus, args.gpu_tflops)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

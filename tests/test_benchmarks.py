@@ -49,3 +49,17 @@ def test_gpu_run_tiny_runs_extraction_spectrum_sweep_and_downstream_kl_and_print
     assert len(trained) == 1 and trained[0] > 0, figures  # one trial: one learning rate trains both D'
     kl = [v for k, v in figures.items() if k.startswith("downstream_kl/")]
     assert len(kl) == 2 and all(math.isfinite(v) and v > 0 for v in kl), figures
+
+
+def test_sweep_cost_scale_counts_a_node_busy_once_validation_and_passes_are_split(capsys):
+    from benchmarks import sweep_cost
+
+    sweep_cost.main(["--scale", "--config", "tune_configs/smollm3_stage1b.yaml", "--model_type", "smollm3",
+                     "--sweep_learning_rates", "0.001", "--num_workers", "8"])
+    out = capsys.readouterr().out
+    phase = re.compile(r"^  (reference \+ scoring passes|training \(epochs, validation\)) +(\d+) +\S+ +\S+ +(\d+)%$", re.M)
+    before, now = (dict((name, (int(gpus), int(busy))) for name, gpus, busy in phase.findall(part))
+                   for part in out.split("before: validation, passes on one GPU")[1].split("now: split over workers and GPUs"))
+    # One trial on all 8 GPUs: rank 0's validation kept the other seven waiting; split, every GPU works.
+    assert before["reference + scoring passes"] == (1, 12) and now["reference + scoring passes"] == (8, 100)
+    assert before["training (epochs, validation)"][1] < 100 and now["training (epochs, validation)"] == (8, 100)
