@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import os
 import shutil
 
 import pytest
@@ -215,11 +216,12 @@ def test_the_pca_kl_and_the_fisher_start_are_stored_once_per_shard_set_and_recom
     assert limits(cfg)["pca_downstream_kl"] == first and len(calls) == 2  # a second sweep, or a resumed one
     wider = limits(dataclasses.replace(cfg, sweep_d_values=[8, 16, 32]))["pca_downstream_kl"]
     assert calls[2:] == [("pca_kl_sums", [32])] and {k: wider[k] for k in first} == first
-    # Split over the session Ray's devices (its 8 logical CPUs, 6 shards: 6 tasks), the pass sums what one task does.
+    # Split over the session Ray's CPUs (as many tasks as the cores, at most the 6 shards), the pass sums what one task does.
     args = (cfg.model_name, shards_dir, cfg.val_fraction, cfg.seed, [8, 16])
     parts = split(False, 6, downstream.pca_kl_sums, *args)
     whole, n = downstream.pca_kl_sums(*args)
-    assert len(parts) == 6 and sum(rows > 0 for _, rows in parts) >= 2 and sum(rows for _, rows in parts) == n
+    assert len(parts) == min(6, os.cpu_count()) and sum(rows for _, rows in parts) == n
+    assert sum(rows > 0 for _, rows in parts) >= min(2, os.cpu_count())  # the rows are shared, not all in one task
     torch.testing.assert_close(sum(sums for sums, _ in parts), whole, rtol=1e-6, atol=0)
     # Shards extracted again (here: from another revision of the model, as the manifest says) reuse none of it.
     before = manifest_key(shards_dir)

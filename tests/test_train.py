@@ -329,3 +329,25 @@ def test_a_trial_resumed_by_a_later_sweep_takes_the_restored_cuts_without_waitin
     finally:
         ray_cluster.kill(cuts)
     assert time.monotonic() - began < ASHA_WAIT_S / 4  # no wait for a decision that the earlier driver took or lost
+
+
+def test_each_rank_takes_its_own_contiguous_share_of_every_validation_batch_and_together_all_rows():
+    from trm_ray.extract import shard_table
+    from trm_ray.train import hidden_batches
+
+    rows = torch.arange(2 * 7 * 4, dtype=torch.float32).reshape(14, 4)
+    table = shard_table(rows, np.zeros(14, np.int64), np.arange(14), np.zeros(14, np.int32), "bfloat16",
+                        regions=np.arange(14) % 3)
+
+    class Batches:  # what Ray Data's iterator hands the worker: pyarrow tables of `batch_size` rows
+        def iter_batches(self, batch_size, batch_format, prefetch_batches):
+            assert batch_format == "pyarrow" and prefetch_batches == 1  # on a CPU: Ray Data's default
+            return (table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size))
+
+    shares = [list(hidden_batches(Batches(), 7, torch.device("cpu"), regions=True, comm=Comm(rank, 3))) for rank in range(3)]
+    assert [[len(x) for x, _ in share] for share in shares] == [[2, 2], [2, 2], [3, 3]]
+    for batch in range(2):  # in rank order, the shares are the batch itself, each row once
+        x = torch.cat([share[batch][0] for share in shares])
+        region = torch.cat([share[batch][1] for share in shares])
+        torch.testing.assert_close(x, rows[7 * batch:7 * batch + 7].bfloat16().float())
+        assert region.tolist() == [i % 3 for i in range(7 * batch, 7 * batch + 7)]

@@ -146,12 +146,15 @@ def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:
 
 def on_every_device(use_gpu: bool, parts: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
     """`fn(*args, part=(i, n))` for i < n as n Ray tasks at once, one for each GPU the Ray has (with --use_gpu) or
-    each of its logical CPUs, at most `parts` (the shards a pass can be split into): a pass over the shards
-    that sums per row, spread over the cluster instead of one device. A cluster with no GPU yet gets one task,
-    for which its autoscaler adds a GPU node (as `on_a_gpu`)."""
+    each of its CPUs, at most `parts` (the shards a pass can be split into): a pass over the shards that sums
+    per row, spread over the cluster instead of one device. Without GPUs, at most this machine's cores too: a
+    local Ray has more logical CPUs than cores (`local_cpus`), and a task more than the cores run only adds a
+    process that loads the head again. A cluster with no GPU yet gets one task, for which its autoscaler adds
+    a GPU node (as `on_a_gpu`)."""
     import ray
 
-    devices = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0))
+    devices = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else min(int(ray.cluster_resources().get("CPU", 0)),
+                                                                             os.cpu_count() or 1)
     n = max(1, min(parts, devices))
     task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn)
     return ray.get([task.remote(*args, part=(i, n)) for i in range(n)])
