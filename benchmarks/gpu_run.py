@@ -7,7 +7,8 @@ throughput does not depend on the weights. The documents are the quickstart's se
 joined until each fills max_seq_length with its word-level tokenizer. Every stage runs
 through trm_ray's own entry points with --use_gpu (so extraction and the downstream task
 request GPUs as on a cluster), and the script prints extraction tokens/s, FLOPs/token and
-MFU against the GPU's peak, and the training tokens/s of each trial (one learning rate: every D' on each batch).
+MFU against the GPU's peak, the training tokens/s and validation seconds of each trial (one learning rate:
+every D' on each batch), and the time of the PCA-KL pass split over the GPUs.
 
     python -m benchmarks.gpu_run                 # on a GPU machine; ~5 min on one H100
     python -m benchmarks.gpu_run --objective kl  # the same sweep trained on the LM head's next-token KL
@@ -34,6 +35,7 @@ from benchmarks.extract import device_peak, trm_ray_run
 from trm_ray import spectrum, sweep
 from trm_ray.cluster import connect
 from trm_ray.config import make_config
+from trm_ray.downstream import pca_kl
 from trm_ray.model import flops_per_token, load_model_config
 from trm_ray.quickstart import make_documents, make_tokenizer
 
@@ -74,15 +76,16 @@ def write_corpus(path: Path, num_docs: int, max_seq_length: int) -> str:
     return str(path)
 
 
-def trial_rates(output_dir: str) -> dict[str, float]:
-    """Median training tokens/s of each trial (a learning rate, every D') over its epochs after the first (Tune's result.json)."""
-    rates = {}
+def trial_medians(output_dir: str, key: str) -> dict[str, float]:
+    """Median of `key` (tokens/s, validation seconds) of each trial (a learning rate, every D') over its epochs after
+    the first (Tune's result.json)."""
+    medians = {}
     for path in sorted(glob.glob(os.path.join(output_dir, "ray_results", "*", "*", "result.json"))):
         reports = [json.loads(line) for line in open(path) if line.strip()]
-        per_epoch = [r["tokens_per_s"] for r in reports if "tokens_per_s" in r]
+        per_epoch = [r[key] for r in reports if key in r]
         if per_epoch:
-            rates[Path(path).parent.name] = statistics.median(per_epoch[1:] or per_epoch)
-    return rates
+            medians[Path(path).parent.name] = statistics.median(per_epoch[1:] or per_epoch)
+    return medians
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -117,7 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
         rows = sweep.run(cfg)
         sweep_s = time.perf_counter() - t0
-        train_rates = trial_rates(cfg.output_dir)
+        train_rates = trial_medians(cfg.output_dir, "tokens_per_s")
+        validation_s = trial_medians(cfg.output_dir, "validation_s")
+        # The PCA reconstruction's KL over the validation set, split over every GPU (the pass a KL sweep starts with).
+        t0 = time.perf_counter()
+        pca_kl(cfg.use_gpu, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, cfg.d_values)
+        pca_kl_s = time.perf_counter() - t0
         flops = flops_per_token(load_model_config(model), cfg.layer)
     device, peak = device_peak()
     extract_rate = steady_tokens / steady_s
@@ -130,12 +138,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"{extract_rate * flops / 1e12:,.1f} TFLOP/s{mfu} (whole extract() {extract_wall:.1f}s)")
     print(f"spectrum: {spectrum_s:.1f}s; sweep of D' {cfg.d_values}: {sweep_s:.1f}s")
     for name, rate in train_rates.items():
-        print(f"training {name}: {rate:,.0f} tokens/s (median of epochs 2+)")
+        print(f"training {name}: {rate:,.0f} tokens/s, validation {validation_s.get(name, float('nan')):.2f}s an epoch "
+              f"(medians of epochs 2+; {cfg.num_workers} worker(s), each scoring its share)")
+    gpus = torch.cuda.device_count() if cfg.use_gpu else 0
+    print(f"PCA-KL pass over the validation set, D' {cfg.d_values}: {pca_kl_s:.1f}s, split over "
+          f"{f'{gpus} GPU(s)' if cfg.use_gpu else 'the CPU cores'}")
     for r in rows:
         print(f"D'={r['d_compressed']}: mse {r.get('mse', float('nan')):.4g}, pca_efficiency "
               f"{r.get('pca_efficiency', float('nan')):.3f}, downstream KL {r.get('downstream_kl', float('nan')):.4g} "
               f"(PCA {r.get('pca_downstream_kl', float('nan')):.4g})")
-    return {"extract_tokens_per_s": extract_rate, **{f"train_tokens_per_s/{k}": v for k, v in train_rates.items()},
+    return {"extract_tokens_per_s": extract_rate, "pca_kl_pass_s": pca_kl_s,
+            **{f"train_tokens_per_s/{k}": v for k, v in train_rates.items()},
+            **{f"validation_s/{k}": v for k, v in validation_s.items()},
             **{f"downstream_kl/d{r['d_compressed']}": r.get("downstream_kl", float("nan")) for r in rows}}
 
 

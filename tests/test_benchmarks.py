@@ -47,6 +47,7 @@ def test_gpu_run_tiny_runs_extraction_spectrum_sweep_and_downstream_kl_and_print
     assert figures["extract_tokens_per_s"] > 0 and "extraction:" in out and "GFLOP/token" in out, out[-3000:]
     trained = [v for k, v in figures.items() if k.startswith("train_tokens_per_s/")]
     assert len(trained) == 1 and trained[0] > 0, figures  # one trial: one learning rate trains both D'
+    assert [k for k in figures if k.startswith("validation_s/")] and figures["pca_kl_pass_s"] > 0, figures
     kl = [v for k, v in figures.items() if k.startswith("downstream_kl/")]
     assert len(kl) == 2 and all(math.isfinite(v) and v > 0 for v in kl), figures
 

@@ -130,7 +130,9 @@ def fit(widths: Sequence[Width], optimizer: torch.optim.Optimizer, loss_fn: Call
         metrics: dict[str, Any] = {"epoch": epoch + 1, "resumed_after_epoch": resumed_after,
                                    "tokens_seen": progress.tokens_seen, "tokens_per_s": float(counts[0]) / elapsed,
                                    "lr": step.lr, "d_values_training": len(active)}
+        t0 = time.perf_counter()
         found = validate(active)
+        metrics["validation_s"] = time.perf_counter() - t0  # this rank's share of every batch, and the all-reduce
         if comm.rank == 0:
             for w, m, loss_sum in zip(active, found, counts[1:].tolist()):
                 m = {**initial.pop(w.d, {}), **m, "train_loss": loss_sum / float(counts[0]), "epochs_trained": epoch + 1}

@@ -90,6 +90,7 @@ def prepare_wandb(cfg: Config) -> None:
 # Reported name -> Ray metric (Prometheus shows it with Ray's `ray_` prefix) and what it means.
 RAY_METRICS = {
     "tokens_per_s": ("trm_train_tokens_per_s", "Training tokens per second of a trial's last epoch, all workers"),
+    "validation_s": ("trm_validation_s", "Seconds a trial's last validation took (every rank scores its share)"),
     "cosine_similarity": ("trm_val_cosine_similarity", "Validation cosine similarity of a trial's last epoch"),
     "mse": ("trm_val_mse", "Validation reconstruction mse of a trial's last epoch"),
     "pca_efficiency": ("trm_pca_efficiency", "PCA-limit mse / validation mse of a trial's last epoch (1.0 = optimal)"),
