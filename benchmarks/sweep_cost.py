@@ -11,7 +11,7 @@ documents after each epoch the same way. Reported: both wall times and their rat
 documents each sent through the LLM, and each D's best validation cosine.
 
     python -m benchmarks.sweep_cost            # the quickstart: 400 documents, its D' values and epochs
-    python -m benchmarks.sweep_cost --smoke    # 60 documents, 2 D', 1 epoch: checks the script
+    python -m benchmarks.sweep_cost --smoke    # 60 documents, 2 D': checks the script
 
 With --scale it runs nothing: for a configuration (any sweep flag, --config a YAML) it prints what
 each stage costs before it is spent: passes over the shards, bytes read, and the LLM's and the LM
@@ -57,8 +57,8 @@ from trm_ray.loop import evaluate, one_thread
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 # Compiling would take longer than the whole smoke run.
-SMOKE = dict(num_samples=60, docs_per_shard=30, sweep_d_values=[8, 16], num_epochs=1, grace_period=1,
-             torch_compile=False)
+# The quickstart's settings otherwise, so trm_ray exports the closed form as in the full run (no --num_epochs).
+SMOKE = dict(num_samples=60, docs_per_shard=30, sweep_d_values=[8, 16], torch_compile=False)
 
 
 def seed_sweep(cfg: Config) -> tuple[dict[int, dict[str, float]], int]:
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if "--scale" in argv:
         return scale_main([a for a in argv if a != "--scale"])
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep_cost", description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="60 documents, 2 D', 1 epoch: checks the script, not the cost")
+    parser.add_argument("--smoke", action="store_true", help="60 documents, 2 D': checks the script, not the cost")
     smoke = parser.parse_args(argv).smoke
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work_dir:
