@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from trm_ray.cluster import on_a_gpu, on_every_device
+from trm_ray.cluster import on_every_device
 from trm_ray.compressor import WEIGHT_KEY, DimensionCompressor, load_checkpoint
 from trm_ray.config import UserError
 from trm_ray.files import read_json, write_bytes
