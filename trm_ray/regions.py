@@ -6,9 +6,9 @@ token. A compressor's overall metrics weigh them by their counts (hundreds of co
 one closing state a conversation), so each region is scored apart: its reconstruction (mse,
 cosine, and pca_efficiency against the region's own PCA limit, `spectrum.load_or_compute` on
 that region's rows), and at the closing state what the LM head makes of the reconstruction
-(next-token KL and top-1 agreement with the original state, `kl.next_token_damage`),
+(next-token KL and top-1 agreement with the original state, `kl.damage_sums`),
 beside the same for the closing region's own PCA. Runs once per sweep on the exported
-checkpoints, as one Ray task (on a GPU with --use_gpu), over the whole validation set.
+checkpoints, over the whole validation set split into one Ray task per device (GPUs with --use_gpu).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 
 from trm_ray import spectrum
 from trm_ray.compressor import TOKENS, DimensionCompressor, metrics_from_sums, reconstruction_sums
-from trm_ray.cluster import on_a_gpu
-from trm_ray.kl import next_token_damage
+from trm_ray.cluster import on_every_device
+from trm_ray.kl import damage_metrics, damage_sums
 from trm_ray.references import eigenvectors, training_mean
 from trm_ray.shards import split_tables
 from trm_ray.model import check_lm_head, load_lm_head
@@ -34,20 +34,49 @@ def scored_regions(manifest: dict[str, Any]) -> tuple[str, ...]:
     return kept if len(kept) > 1 else ()
 
 
-@torch.no_grad()
-def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed: int, checkpoints: dict[int, str],
-                    pca_mse: dict[str, list[float]], with_head: bool) -> dict[int, dict[str, float]]:
+def measure_regions(use_gpu: bool, model_name: str, shards_dir: str, val_fraction: float, seed: int,
+                    checkpoints: dict[int, str], pca_mse: dict[str, list[float]], with_head: bool) -> dict[int, dict[str, float]]:
     """For each D': `<region>_mse`, `_cosine_similarity`, `_pca_mse`, `_pca_efficiency`, `_tokens` of every
     scored region's validation rows; with `with_head` (a last-layer shard set of a model with an LM head), `close_downstream_kl`,
-    `close_top1_agreement` and PCA's `close_pca_downstream_kl`, `close_pca_top1_agreement`."""
+    `close_top1_agreement` and PCA's `close_pca_downstream_kl`, `close_pca_top1_agreement`: `region_sums` split over
+    every device of the cluster (`on_every_device`), summed."""
+    parts = on_every_device(use_gpu, len(read_manifest(shards_dir)["shards"]), region_sums, model_name, shards_dir,
+                            val_fraction, seed, checkpoints, with_head)
+    sums: dict[tuple[Any, ...], torch.Tensor] = {}
+    for part in parts:
+        for key, value in part.items():
+            sums[key] = value + sums[key] if key in sums else value
+    out: dict[int, dict[str, float]] = {d: {} for d in checkpoints}
+    for key, s in sums.items():
+        if key[0] != "recon":
+            continue
+        _, d, r = key
+        m, limit = metrics_from_sums(s), pca_mse[r][d]
+        out[d].update({f"{r}_mse": m["mse"], f"{r}_cosine_similarity": m["cosine_similarity"], f"{r}_pca_mse": limit,
+                       f"{r}_pca_efficiency": limit / m["mse"], f"{r}_tokens": int(s[TOKENS])})
+    n_close = int(sums["close_rows"]) if "close_rows" in sums else 0
+    if with_head and n_close:
+        for d in checkpoints:
+            trained, pca = (damage_metrics(sums[kind, d], n_close, 0) for kind in ("trained", "pca"))
+            out[d].update({"close_downstream_kl": trained["kl"], "close_top1_agreement": trained["top1_agreement"],
+                           "close_pca_downstream_kl": pca["kl"], "close_pca_top1_agreement": pca["top1_agreement"]})
+    return out
+
+
+@torch.no_grad()
+def region_sums(model_name: str, shards_dir: str, val_fraction: float, seed: int, checkpoints: dict[int, str],
+                with_head: bool, part: tuple[int, int] = (0, 1)) -> dict[tuple[Any, ...], torch.Tensor]:
+    """Over the validation rows of `part` of the shards: ("recon", D', region) -> `reconstruction_sums` of each scored
+    region's rows; with `with_head`, ("trained" | "pca", D') -> `damage_sums` at the closing states (the trained
+    compressor's, and the closing states' own PCA's) and "close_rows", how many. On the CPU, whatever the device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(shards_dir)
     codes = {r: manifest["regions"].index(r) for r in scored_regions(manifest)}
     models = {d: DimensionCompressor.from_checkpoint(path).to(device).eval() for d, path in checkpoints.items()}
     mean = training_mean(shards_dir, val_fraction, seed).to(device)  # the centred metrics', as the rows'
-    sums: dict[tuple[int, str], torch.Tensor] = {}
+    sums: dict[tuple[Any, ...], torch.Tensor] = {}
     close = []
-    for table in split_tables(shards_dir, val_fraction, seed):
+    for table in split_tables(shards_dir, val_fraction, seed, part=part):
         x = decode_hidden(table["hidden"]).to(device)
         region = torch.tensor(table["region"].to_numpy(), device=device)
         for d, model in models.items():
@@ -55,28 +84,19 @@ def measure_regions(model_name: str, shards_dir: str, val_fraction: float, seed:
             for r, code in codes.items():
                 rows = region == code
                 if rows.any():
-                    s = reconstruction_sums(x[rows], x_hat[rows], mean)
-                    sums[d, r] = s + sums[d, r] if (d, r) in sums else s
+                    s = reconstruction_sums(x[rows], x_hat[rows], mean).cpu()
+                    sums["recon", d, r] = s + sums["recon", d, r] if ("recon", d, r) in sums else s
         if "close" in codes:
             close.append(x[region == codes["close"]])
-    out: dict[int, dict[str, float]] = {d: {} for d in models}
-    for (d, r), s in sums.items():
-        m = metrics_from_sums(s)
-        limit = pca_mse[r][d]
-        out[d].update({f"{r}_mse": m["mse"], f"{r}_cosine_similarity": m["cosine_similarity"], f"{r}_pca_mse": limit,
-                       f"{r}_pca_efficiency": limit / m["mse"], f"{r}_tokens": int(s[TOKENS])})
     x = torch.cat(close) if close else torch.empty(0)
     if with_head and len(x):
         lm_head = load_lm_head(model_name, device, torch.float32)
         vecs = eigenvectors(shards_dir, val_fraction, seed, "spectrum-close").float().to(device)
-        no_targets = torch.full((len(x),), -1)  # the first answer token is not in phase 2's shards
-        for d, model in models.items():
-            top = vecs[:, :d]
-            trained = next_token_damage(lm_head, x, no_targets, model)
-            pca = next_token_damage(lm_head, x, no_targets, lambda h: (h @ top) @ top.T)
-            out[d].update({"close_downstream_kl": trained["kl"], "close_top1_agreement": trained["top1_agreement"],
-                           "close_pca_downstream_kl": pca["kl"], "close_pca_top1_agreement": pca["top1_agreement"]})
-    return out
+        reconstructions = {("trained", d): model for d, model in models.items()}
+        reconstructions |= {("pca", d): lambda h, top=vecs[:, :d]: (h @ top) @ top.T for d in models}
+        sums |= damage_sums(lm_head, x, torch.full((len(x),), -1), reconstructions)  # no next token in phase 2's shards
+        sums["close_rows"] = torch.tensor(float(len(x)), dtype=torch.float64)
+    return sums
 
 
 def add_region_metrics(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any]) -> None:
@@ -86,8 +106,8 @@ def add_region_metrics(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str,
         return
     pca_mse = {r: spectrum.load_or_compute(cfg.shards_path, cfg.val_fraction, cfg.seed, region=r)["pca_mse"] for r in regions}
     checkpoints = {r["d_compressed"]: r["checkpoint"] for r in rows if "checkpoint" in r}
-    found = on_a_gpu(cfg.use_gpu, measure_regions, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed,
-                     checkpoints, pca_mse, manifest["layer"] == -1 and check_lm_head(cfg.model_name))
+    found = measure_regions(cfg.use_gpu, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, checkpoints, pca_mse,
+                            manifest["layer"] == -1 and check_lm_head(cfg.model_name))
     for r in rows:
         r.update(found.get(r["d_compressed"], {}))
 
