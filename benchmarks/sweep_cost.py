@@ -155,11 +155,11 @@ def node_use(cfg: Config, model_config: Any, gpus: int, tflops: float) -> None:
         busy_passes = gpus if split else 1
         # A round of trials: each trial's steps on its workers, its validation on them all or on rank 0 alone.
         round_h = cfg.num_epochs * (step / workers + validation / (workers if split else 1)) / rate
-        phases = [("reference + scoring passes", busy_passes, passes / busy_passes / rate),
-                  ("training (epochs, validation)", trials_at_once * workers, rounds * round_h)]
+        phases = [("reference + scoring passes", busy_passes, passes / busy_passes / rate, passes / rate),
+                  ("training (epochs, validation)", trials_at_once * workers, rounds * round_h,
+                   lrs * cfg.num_epochs * (step + validation) / rate)]
         print(design)
-        for name, busy, wall in phases:
-            work = passes / rate if name.startswith("reference") else lrs * cfg.num_epochs * (step + validation) / rate
+        for name, busy, wall, work in phases:  # work: GPU-hours of computing, whatever the GPUs' layout
             print(f"  {name:<38} {busy:>10} {wall:>8.3g} {wall * gpus:>11.3g} {work / max(wall * gpus, 1e-30):>6.0%}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from typing import Any, Callable
@@ -158,3 +159,16 @@ def on_every_device(use_gpu: bool, parts: int, fn: Callable[..., Any], *args: An
     n = max(1, min(parts, devices))
     task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn)
     return ray.get([task.remote(*args, part=(i, n)) for i in range(n)])
+
+
+def add_up(parts: list[Any]) -> Any:
+    """The sum of `on_every_device`'s results: tensors and numbers added, tuples element by element, dicts key by key
+    (a key only some parts have, e.g. a region with no rows in their shards, kept as they have it)."""
+    def add(a: Any, b: Any) -> Any:
+        if isinstance(a, dict):
+            return {k: add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in a | b}
+        if isinstance(a, tuple):
+            return tuple(add(x, y) for x, y in zip(a, b))
+        return a + b
+
+    return functools.reduce(add, parts)

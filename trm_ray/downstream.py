@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from trm_ray.cluster import on_every_device
+from trm_ray.cluster import add_up, on_every_device
 from trm_ray.compressor import WEIGHT_KEY, DimensionCompressor, load_checkpoint
 from trm_ray.config import UserError
 from trm_ray.files import read_json, write_bytes
@@ -34,8 +34,7 @@ def measure(use_gpu: bool, model_name: str, shards_dir: str, val_fraction: float
     whose weights are the PCA reconstruction's own float32 eigenvectors: it is scored once, as PCA."""
     parts = on_every_device(use_gpu, len(read_manifest(shards_dir)["shards"]), measure_sums, model_name, shards_dir,
                             val_fraction, seed, checkpoints)
-    sums = {k: sum(p[0][k] for p in parts) for k in parts[0][0]}
-    tokens, known = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    sums, tokens, known = add_up(parts)
     out = {}
     for d, path in checkpoints.items():
         trained, pca = (damage_metrics(sums[kind, d], tokens, known) for kind in ("trained" if path else "pca", "pca"))
@@ -77,7 +76,7 @@ def pca_kl(use_gpu: bool, model_name: str, shards_dir: str, val_fraction: float,
     device of the cluster (`on_every_device`)."""
     parts = on_every_device(use_gpu, len(read_manifest(shards_dir)["shards"]), pca_kl_sums, model_name, shards_dir,
                             val_fraction, seed, d_values)
-    sums, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    sums, n = add_up(parts)
     return {str(d): s / max(n, 1) for d, s in zip(d_values, sums.tolist())}
 
 

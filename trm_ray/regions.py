@@ -19,7 +19,7 @@ import torch
 
 from trm_ray import spectrum
 from trm_ray.compressor import TOKENS, DimensionCompressor, metrics_from_sums, reconstruction_sums
-from trm_ray.cluster import on_every_device
+from trm_ray.cluster import add_up, on_every_device
 from trm_ray.kl import damage_metrics, damage_sums
 from trm_ray.references import eigenvectors, training_mean
 from trm_ray.shards import split_tables
@@ -42,10 +42,7 @@ def measure_regions(use_gpu: bool, model_name: str, shards_dir: str, val_fractio
     every device of the cluster (`on_every_device`), summed."""
     parts = on_every_device(use_gpu, len(read_manifest(shards_dir)["shards"]), region_sums, model_name, shards_dir,
                             val_fraction, seed, checkpoints, with_head)
-    sums: dict[tuple[Any, ...], torch.Tensor] = {}
-    for part in parts:
-        for key, value in part.items():
-            sums[key] = value + sums[key] if key in sums else value
+    sums = add_up(parts)
     out: dict[int, dict[str, float]] = {d: {} for d in checkpoints}
     for key, s in sums.items():
         if key[0] != "recon":
@@ -68,7 +65,7 @@ def region_sums(model_name: str, shards_dir: str, val_fraction: float, seed: int
                 with_head: bool, part: tuple[int, int] = (0, 1)) -> dict[tuple[Any, ...], torch.Tensor]:
     """Over the validation rows of `part` of the shards: ("recon", D', region) -> `reconstruction_sums` of each scored
     region's rows; with `with_head`, ("trained" | "pca", D') -> `damage_sums` at the closing states (the trained
-    compressor's, and the closing states' own PCA's) and "close_rows", how many. On the CPU, whatever the device."""
+    compressor's, and the closing states' own PCA's) and "close_rows", how many."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(shards_dir)
     codes = {r: manifest["regions"].index(r) for r in scored_regions(manifest)}
@@ -84,7 +81,7 @@ def region_sums(model_name: str, shards_dir: str, val_fraction: float, seed: int
             for r, code in codes.items():
                 rows = region == code
                 if rows.any():
-                    s = reconstruction_sums(x[rows], x_hat[rows], mean).cpu()
+                    s = reconstruction_sums(x[rows], x_hat[rows], mean)
                     sums["recon", d, r] = s + sums["recon", d, r] if ("recon", d, r) in sums else s
         if "close" in codes:
             close.append(x[region == codes["close"]])
@@ -96,7 +93,7 @@ def region_sums(model_name: str, shards_dir: str, val_fraction: float, seed: int
         reconstructions |= {("pca", d): lambda h, top=vecs[:, :d]: (h @ top) @ top.T for d in models}
         sums |= damage_sums(lm_head, x, torch.full((len(x),), -1), reconstructions)  # no next token in phase 2's shards
         sums["close_rows"] = torch.tensor(float(len(x)), dtype=torch.float64)
-    return sums
+    return {k: v.cpu() for k, v in sums.items()}  # the driver may have no GPU to receive them on
 
 
 def add_region_metrics(rows: list[dict[str, Any]], cfg: Any, manifest: dict[str, Any]) -> None:
