@@ -117,3 +117,24 @@ def test_a_sweep_submitted_as_a_ray_job_runs_its_trials_on_several_nodes(two_nod
     assert all((out / f"d{d}" / "stage1a_best.pt").exists() for d in (8, 16, 32))
     workers = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker")], limit=100)
     assert len({w.node_id for w in workers}) >= 2, "every trial ran on the same node"
+
+
+@pytest.mark.integration
+def test_what_an_autoscaler_may_add_is_read_from_the_configuration_it_reports_to_the_cluster(ray_cluster):
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY as KEY, GCS_AUTOSCALER_STATE_NAMESPACE as NAMESPACE
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from trm_ray.cluster import most_resources
+
+    assert most_resources() is None  # a local Ray: no autoscaler, nothing it may add
+    # What an autoscaler of cluster.yaml's shape reports: a head of 8 CPUs, up to two 8-GPU workers.
+    config = ClusterConfig(node_group_configs=[
+        NodeGroupConfig(name="head", resources={"CPU": 8}, min_count=1, max_count=1),
+        NodeGroupConfig(name="gpu_worker", resources={"CPU": 32, "GPU": 8}, min_count=0, max_count=2)])
+    _internal_kv_put(KEY, config.SerializeToString(), namespace=NAMESPACE)
+    try:
+        assert most_resources() == {"CPU": 72, "GPU": 16}
+    finally:
+        _internal_kv_del(KEY, namespace=NAMESPACE)
+    assert most_resources() is None

@@ -143,7 +143,7 @@ def test_an_upload_without_a_network_is_one_line_and_keeps_the_folder(stage1b, c
     assert err.startswith("error: upload to someone/llm-trm-compressor failed") and f"the folder {folder} is kept" in err
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "compressor.pt", "sweep_report_stage1b.png"]
     card = (folder / "README.md").read_text()
-    assert "stage 1b" in card and f"--compressor_checkpoint someone/llm-trm-compressor" in card
+    assert "stage 1b" in card and "--compressor_checkpoint someone/llm-trm-compressor" in card
 
 
 @pytest.mark.integration

@@ -402,6 +402,13 @@ def test_a_local_ray_runs_only_the_trials_whose_workers_fit_and_refuses_one_that
     assert sweep.trials_that_fit(dataclasses.replace(cfg, num_workers=3), cpus) == 1
     # A cluster that cannot grow deadlocks past what it holds (the Tune functions take the workers' CPUs): capped alike.
     assert sweep.trials_that_fit(dataclasses.replace(cfg, address="auto"), cpus) == 3
+    # One whose autoscaler may add nodes: as many as the grown cluster holds, and the trials waiting for their
+    # workers are what it adds nodes for; a trial larger than the grown cluster is refused before anything runs.
+    grows = dataclasses.replace(cfg, address="auto", use_gpu=True, sweep_learning_rates=[1e-3, 2e-3, 4e-3])
+    assert sweep.trials_that_fit(grows, cpus, {"CPU": 8.0 + 2 * 32, "GPU": 2.0}) == 2
+    with pytest.raises(UserError, match=r"needs 1 CPU, 4 GPU .* this cluster's autoscaler grows it to at most 72 CPU, "
+                                        r"2 GPU: pass fewer --num_workers, or raise the node types' max_workers in cluster.yaml"):
+        sweep.trials_that_fit(dataclasses.replace(grows, num_workers=4), cpus, {"CPU": 8.0 + 2 * 32, "GPU": 2.0})
     cluster = dataclasses.replace(cfg, address="auto", use_gpu=True)
     assert sweep.trials_that_fit(cluster, {**cpus, "GPU": 2.0}) == 2
     assert sweep.trials_that_fit(cluster, cpus) is None  # no GPU node yet: the autoscaler must add one for any trial
@@ -426,6 +433,11 @@ def test_a_sweep_says_what_it_will_hold_and_warns_when_gpus_would_sit_idle():
     assert sweep.usage(on_cpus, node, 3)[-1].endswith("8 of the Ray's 8 GPUs would sit idle while the trials train: pass --use_gpu")
     growing = dataclasses.replace(one_trial, address="auto")
     assert "its autoscaler must add nodes" in sweep.usage(growing, {"CPU": 4.0}, None)[0]
+    # A head without GPUs whose autoscaler may add up to two 8-GPU nodes: counted on the grown cluster.
+    most = {"CPU": 4.0 + 2 * 96, "GPU": 16.0}
+    first, warning = sweep.usage(growing, {"CPU": 4.0}, sweep.trials_that_fit(growing, {"CPU": 4.0}, most), most)
+    assert first.endswith("1 trial at once (1 GPUs of the 0 the Ray has now, 16 once its autoscaler has added nodes)")
+    assert warning.startswith("sweep: warning: 15 of the 16 GPUs its autoscaler can give it would sit idle")
     # The shipped stage 1b config fills one 8-GPU node by itself.
     shipped = make_config(load_yaml(os.path.join("tune_configs", "smollm3_stage1b.yaml")))
     [line] = sweep.usage(shipped, node, sweep.trials_that_fit(shipped, node))

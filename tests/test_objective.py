@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trm_ray import kl as kl_module
-from trm_ray import downstream, sweep
+from trm_ray import downstream
 from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, make_config
 from trm_ray.kl import mean_fisher, next_token_damage, next_token_kl
@@ -201,18 +201,17 @@ def test_the_kl_through_a_bf16_head_has_no_rounding_floor_and_matches_float64_on
 
 
 @pytest.mark.integration
-def test_the_pca_kl_and_the_fisher_start_are_stored_once_per_shard_set_and_recomputed_for_new_shards(shards, tmp_path,
-                                                                                                     monkeypatch):
+def test_the_pca_kl_and_the_fisher_start_are_stored_once_per_shard_set_recomputed_for_new_shards_and_split_to_equal_sums(
+        shards, tmp_path, monkeypatch):
     shards_dir = str(tmp_path / "shards")
     shutil.copytree(shards.shards_path, shards_dir, ignore=shutil.ignore_patterns("spectrum*", "fisher*", "pca_kl*"))
     cfg = dataclasses.replace(make_config({"objective": "kl", "model_name": shards.model_name}), shards_dir=shards_dir,
                               val_fraction=shards.val_fraction, seed=shards.seed, sweep=True, sweep_d_values=[8, 16])
     calls, split = [], downstream.on_every_device
-    monkeypatch.setattr(sweep, "on_a_gpu", lambda use_gpu, fn, *args: calls.append((fn.__name__, args[-1])) or fn(*args))
     monkeypatch.setattr(downstream, "on_every_device",
                         lambda use_gpu, parts, fn, *args: calls.append((fn.__name__, args[-1])) or split(use_gpu, parts, fn, *args))
     first = limits(cfg)["pca_downstream_kl"]
-    assert [name for name, _ in calls] == ["fisher_start", "pca_kl_sums"]
+    assert [name for name, _ in calls] == ["fisher_sums", "pca_kl_sums"]
     assert limits(cfg)["pca_downstream_kl"] == first and len(calls) == 2  # a second sweep, or a resumed one
     wider = limits(dataclasses.replace(cfg, sweep_d_values=[8, 16, 32]))["pca_downstream_kl"]
     assert calls[2:] == [("pca_kl_sums", [32])] and {k: wider[k] for k in first} == first
@@ -223,10 +222,17 @@ def test_the_pca_kl_and_the_fisher_start_are_stored_once_per_shard_set_and_recom
     assert len(parts) == min(6, os.cpu_count()) and sum(rows for _, rows in parts) == n
     assert sum(rows > 0 for _, rows in parts) >= min(2, os.cpu_count())  # the rows are shared, not all in one task
     torch.testing.assert_close(sum(sums for sums, _ in parts), whole, rtol=1e-6, atol=0)
+    # So does the Fisher information's: each task sums its own contiguous range of the first training rows.
+    rows = calls[0][1]
+    fisher_args = (cfg.model_name, shards_dir, cfg.val_fraction, cfg.seed, rows)
+    parts = split(False, 2, downstream.fisher_sums, *fisher_args)
+    whole, n = downstream.fisher_sums(*fisher_args)
+    assert n == rows and [m for _, m in parts] == ([rows // 2, rows - rows // 2] if os.cpu_count() > 1 else [rows])
+    torch.testing.assert_close(sum(f for f, _ in parts), whole, rtol=0, atol=1e-7 * float(whole.abs().max()))  # float32 logits
     # Shards extracted again (here: from another revision of the model, as the manifest says) reuse none of it.
     before = manifest_key(shards_dir)
     write_json(f"{shards_dir}/{MANIFEST}", {**read_json(f"{shards_dir}/{MANIFEST}"), "revision": "another"})
     assert stored(shards_dir, cfg.val_fraction, cfg.seed) is None
     limits(cfg)
-    assert [name for name, _ in calls[3:]] == ["fisher_start", "pca_kl_sums"]
+    assert [name for name, _ in calls[3:]] == ["fisher_sums", "pca_kl_sums"]
     assert stored(shards_dir, cfg.val_fraction, cfg.seed)["manifest"] == manifest_key(shards_dir) != before

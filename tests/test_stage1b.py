@@ -16,7 +16,7 @@ from trm_ray.config import UserError
 from trm_ray.extract import extract
 from trm_ray.shards import decode_hidden, is_validation_doc, read_manifest, shard_paths
 from trm_ray.train import load_splits
-from trm_ray.references import training_mean
+from trm_ray.references import start_path, training_mean
 from trm_ray.text import REGIONS, chat_settings, read_documents
 from trm_ray.loop import evaluate
 from trm_ray.spec import config_of
@@ -92,6 +92,20 @@ def test_phase2_reports_each_regions_scores_every_epoch_and_selects_on_phase2_sc
         epochs = {0: reports[0][f"d{d}/initial_phase2_score"], **{r["epoch"]: r[f"d{d}/phase2_score"] for r in reports}}
         assert row["best_epoch"] == min(epochs, key=epochs.get)
         assert row["phase2_score"] == pytest.approx(epochs[row["best_epoch"]])
+
+
+@pytest.mark.integration
+def test_phase2_references_and_starts_computed_a_d_prime_a_task_equal_one_tasks(stage1b):
+    cfg, _, _ = stage1b
+    report = json.loads(open(glob.glob(f"{cfg.output_dir}/ray_results/stage1b_sweep/lr*/result.json")[0]).readline())
+    split_starts = torch.load(start_path(cfg.output_dir), weights_only=True)  # the sweep's: D' 8 and 16 each a task
+    starts, references = downstream.references_and_starts(
+        cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed, [8, 16], {d: cfg.init_checkpoint(d) for d in (8, 16)},
+        cfg.close_weight)
+    for d in (8, 16):
+        torch.testing.assert_close(starts[d], split_starts[d], rtol=0, atol=1e-5)
+        for key in ("context_pca_mse", "close_pca_downstream_kl"):  # what every epoch was scored against
+            assert references[key][str(d)] == pytest.approx(report[f"d{d}/{key}"], rel=1e-6), key
 
 
 def kl(head: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

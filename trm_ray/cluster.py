@@ -137,21 +137,25 @@ def scaling_config(cfg: Config) -> Any:
     return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu)
 
 
-def on_a_gpu(use_gpu: bool, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` as one Ray task; with --use_gpu it requests a GPU, decided from the configuration
-    (as extraction decides) so that an autoscaler adds a GPU node even when the cluster has none yet."""
-    import ray
+def most_resources() -> dict[str, float] | None:
+    """What the cluster's autoscaler may grow it to (each node type's resources x its max count, capped by the
+    cluster's max), as Ray Train reads it before it waits for a worker group; None for a Ray without an autoscaler
+    that reports its configuration (a local Ray, a fixed cluster)."""
+    import ray._private.state
 
-    return ray.get(ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn).remote(*args))
+    try:
+        return ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: an answer it cannot give is an autoscaler it cannot see
+        return None
 
 
 def on_every_device(use_gpu: bool, parts: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
     """`fn(*args, part=(i, n))` for i < n as n Ray tasks at once, one for each GPU the Ray has (with --use_gpu) or
-    each of its CPUs, at most `parts` (the shards a pass can be split into): a pass over the shards that sums
+    each of its CPUs, at most `parts` (the pieces a pass can be split into): a pass over the shards that sums
     per row, spread over the cluster instead of one device. Without GPUs, at most this machine's cores too: a
     local Ray has more logical CPUs than cores (`local_cpus`), and a task more than the cores run only adds a
-    process that loads the head again. A cluster with no GPU yet gets one task, for which its autoscaler adds
-    a GPU node (as `on_a_gpu`)."""
+    process that loads the head again. With --use_gpu a task requests a GPU, decided from the configuration (as
+    extraction decides), so that a cluster with no GPU yet gets one task, for which its autoscaler adds a GPU node."""
     import ray
 
     devices = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else min(int(ray.cluster_resources().get("CPU", 0)),

@@ -1,8 +1,9 @@
 """The passes over the shards that read the LM head (`trm_ray.kl` holds their math), as Ray tasks (on GPUs with
 --use_gpu): the exported compressors' and PCA's next-token KL, CE increase and top-1 agreement over the whole
 validation set, the one trials are selected on (`measure`, filling the result rows), and the PCA
-reconstruction's KL every epoch is measured against (`pca_kl`), each split over every device of the cluster
-and summed; `--init fisher`'s start (`fisher_start`) and phase 2's references and start, one task each.
+reconstruction's KL every epoch is measured against (`pca_kl`), and `--init fisher`'s start (`fisher_start`),
+each split over every device of the cluster and summed; phase 2's references and start, a task a D'
+(`references_and_start`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from trm_ray.cluster import add_up, on_every_device
 from trm_ray.compressor import WEIGHT_KEY, DimensionCompressor, load_checkpoint
 from trm_ray.config import UserError
 from trm_ray.files import read_json, write_bytes
-from trm_ray.kl import damage_metrics, damage_sums, grid_kl, mean_fisher
+from trm_ray.kl import damage_metrics, damage_sums, fisher_sum, grid_kl
 from trm_ray.model import check_lm_head, load_lm_head
 from trm_ray.names import spectrum_files
 from trm_ray.pca import moment_matrix
 from trm_ray.phase2 import REGIONS, phase2_score, refine_start, region_codes
 from trm_ray.references import eigenvectors, store_fisher_start
-from trm_ray.shards import decode_hidden, next_tokens, read_manifest, split_tables
+from trm_ray.shards import decode_hidden, next_tokens, read_manifest, split_counts, split_tables
 from trm_ray.spectrum import load_or_compute
 
 
@@ -97,33 +98,46 @@ def pca_kl_sums(model_name: str, shards_dir: str, val_fraction: float, seed: int
 
 
 FISHER_TOKENS = 2 ** 16  # training rows the head's mean Fisher information (a D x D average) is estimated on
+FISHER_PART_TOKENS = 2 ** 12  # the fewest of those rows worth a task of their own (each loads the head)
 
 
-def fisher_start(model_name: str, shards_dir: str, val_fraction: float, seed: int) -> None:
+def fisher_start(use_gpu: bool, model_name: str, shards_dir: str, val_fraction: float, seed: int) -> None:
     """Store `--init fisher`'s start beside the spectrum: `fisher_basis` of the head's mean Fisher
-    information F (`mean_fisher`, on the first FISHER_TOKENS training rows) and the spectrum's Σ, with
-    the quadratic KL of it and of PCA at every D' (`start_basis` starts from the better of the two).
+    information F (on the first FISHER_TOKENS training rows, `fisher_sums` split over every device of the
+    cluster) and the spectrum's Σ, with the quadratic KL of it and of PCA at every D' (`start_basis` starts
+    from the better of the two).
 
     Where PCA keeps the directions of most energy, this keeps those that move the logits most. But
     after the QR it is the orthogonal projection onto the Fisher optimum's subspace, not the optimum
     itself, and PCA's subspace can score better."""
+    rows = min(FISHER_TOKENS, split_counts(read_manifest(shards_dir), val_fraction, seed)["train_tokens"])
+    parts = on_every_device(use_gpu, max(1, rows // FISHER_PART_TOKENS), fisher_sums, model_name, shards_dir,
+                            val_fraction, seed, rows)
+    fisher, n = add_up(parts)
+    summary = read_json(spectrum_files(shards_dir, val_fraction, seed)[0])
+    vecs = eigenvectors(shards_dir, val_fraction, seed)
+    store_fisher_start(shards_dir, val_fraction, seed, fisher / n, moment_matrix(summary, vecs), vecs, n)
+
+
+def fisher_sums(model_name: str, shards_dir: str, val_fraction: float, seed: int, rows: int,
+                part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, int]:
+    """`fisher_sum` over `part` of the first `rows` training rows (the i-th of n contiguous ranges, so that the n
+    tasks together read exactly the rows one would): only that range's rows are decoded."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device, torch.float32)
+    lo, hi = part[0] * rows // part[1], (part[0] + 1) * rows // part[1]
 
-    def training_rows() -> Iterator[torch.Tensor]:
-        n = 0
+    def own_rows() -> Iterator[torch.Tensor]:
+        start = 0  # of the table, among the training rows
         for table in split_tables(shards_dir, val_fraction, seed, val_side=False):
-            yield decode_hidden(table["hidden"][:FISHER_TOKENS - n]).to(device)
-            n += min(table.num_rows, FISHER_TOKENS - n)
-            if n >= FISHER_TOKENS:
+            if start + table.num_rows > lo:
+                own = table["hidden"].slice(max(lo - start, 0), hi - max(lo, start))
+                yield decode_hidden(own).to(device)
+            start += table.num_rows
+            if start >= hi:
                 return
 
-    fisher, n = mean_fisher(lm_head, training_rows())
-    summary = read_json(spectrum_files(shards_dir, val_fraction, seed)[0])
-    vecs = eigenvectors(shards_dir, val_fraction, seed).to(device)
-    sigma = moment_matrix(summary, vecs)
-    store_fisher_start(shards_dir, val_fraction, seed, fisher, sigma, vecs, n)
-
+    return fisher_sum(lm_head, own_rows())
 
 def check_head(cfg: Any) -> None:
     """At a sweep's start, before anything runs: the LM head it will read (a KL objective's, or the downstream
@@ -157,22 +171,38 @@ START_TOKENS = 2 ** 16  # training closing states (at most) the start is chosen 
 def _close_rows(shards_dir: str, val_fraction: float, seed: int, val_side: bool, code: int, limit: int | None) -> torch.Tensor:
     rows, n = [], 0
     for table in split_tables(shards_dir, val_fraction, seed, val_side=val_side):
-        x = decode_hidden(table["hidden"])[torch.from_numpy(table["region"].to_numpy() == code)]
-        rows.append(x)
-        n += len(x)
+        rows.append(decode_hidden(table["hidden"].filter(table["region"].to_numpy() == code)))  # only those decoded
+        n += len(rows[-1])
         if limit is not None and n >= limit:
             break
     return torch.cat(rows)[:limit]
 
 
-@torch.no_grad()
-def references_and_start(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
-                         stage1a: dict[int, str], start_path: str, close_weight: float) -> dict[str, dict[str, float]]:
+def references_and_start(use_gpu: bool, model_name: str, shards_dir: str, val_fraction: float, seed: int,
+                         d_values: list[int], stage1a: dict[int, str], start_path: str,
+                         close_weight: float) -> dict[str, dict[str, float]]:
     """The references each epoch is scored against (`context_pca_mse`, `close_pca_downstream_kl` per D', on the
     validation rows), and the start of each D', written to `start_path` (the sweep's own: it depends on its
-    stage 1a weights): the best on the training rows, by `phase2_score`, of the stage 1a weights (`stage1a`:
-    D' -> checkpoint) and the mixed second moments' top-D' eigenvectors for every λ of MIX_GRID, then moved
-    down the loss with the context in closed form (`phase2.refine_start`) where that scores better still."""
+    stage 1a weights): `references_and_starts` of each D' on its own device (a D' is refined alone), at once."""
+    for region in REGIONS:  # computed here once, not by every task at the same time
+        load_or_compute(shards_dir, val_fraction, seed, region=region)
+    parts = on_every_device(use_gpu, len(d_values), references_and_starts, model_name, shards_dir, val_fraction, seed,
+                            d_values, stage1a, close_weight)
+    starts, references = add_up(parts)  # each D' is one task's: the union of theirs
+    buf = io.BytesIO()
+    torch.save({d: starts[d] for d in d_values}, buf)
+    write_bytes(start_path, buf.getvalue())
+    return {k: {str(d): references[k][str(d)] for d in d_values} for k in references}
+
+
+@torch.no_grad()
+def references_and_starts(model_name: str, shards_dir: str, val_fraction: float, seed: int, d_values: list[int],
+                          stage1a: dict[int, str], close_weight: float, part: tuple[int, int] = (0, 1),
+                          ) -> tuple[dict[int, torch.Tensor], dict[str, dict[str, float]]]:
+    """For every n-th D' from the i-th (`part`): its references and its start, the best on the training rows, by
+    `phase2_score`, of the stage 1a weights (`stage1a`: D' -> checkpoint) and the mixed second moments' top-D'
+    eigenvectors for every λ of MIX_GRID, then moved down the loss with the context in closed form
+    (`phase2.refine_start`) where that scores better still."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_head = load_lm_head(model_name, device, torch.float32)
     code = region_codes(read_manifest(shards_dir))["close"]
@@ -181,6 +211,7 @@ def references_and_start(model_name: str, shards_dir: str, val_fraction: float, 
     sigma = {r: moment_matrix(summary[r], vecs[r]) for r in REGIONS}
     mixed = {lam: torch.linalg.eigh(sigma["context"] / sigma["context"].trace() + lam * sigma["close"] / sigma["close"].trace())[1].flip(1)
              for lam in MIX_GRID}
+    d_values = d_values[part[0]::part[1]]
     close_pca = {d: vecs["close"][:, :d].T.float().to(device) for d in d_values}
     val_close = _close_rows(shards_dir, val_fraction, seed, True, code, None).to(device)
     train_close = _close_rows(shards_dir, val_fraction, seed, False, code, START_TOKENS).to(device)
@@ -210,8 +241,5 @@ def references_and_start(model_name: str, shards_dir: str, val_fraction: float, 
         starts[d] = candidates[chosen].float().cpu().contiguous()
         print(f"phase2: D'={d} starts from {chosen} (training phase2_score {scores[chosen]:.4g}; the best closed form, "
               f"{best}, {scores[best]:.4g}; stage 1a's {scores['stage1a']:.4g})", flush=True)
-    buf = io.BytesIO()
-    torch.save(starts, buf)
-    write_bytes(start_path, buf.getvalue())
-    return {"context_pca_mse": {str(d): summary["context"]["pca_mse"][d] for d in d_values},
-            "close_pca_downstream_kl": {str(d): k for d, k in zip(d_values, val_kl.tolist())}}
+    return starts, {"context_pca_mse": {str(d): summary["context"]["pca_mse"][d] for d in d_values},
+                    "close_pca_downstream_kl": {str(d): k for d, k in zip(d_values, val_kl.tolist())}}

@@ -294,8 +294,15 @@ def next_token_damage(lm_head: LMHead, hidden: torch.Tensor, targets: torch.Tens
 def mean_fisher(lm_head: LMHead, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
     """F = E[Jᵀ(diag p - ppᵀ)J] over the rows of `batches` (float64 [D, D]), and how many rows:
     the Fisher information of the head's next-token distribution in its input, so that for a small
-    step δ, KL(p(h) || p(h + δ)) ≈ ½ δᵀ F_h δ. J = diag(t') U is the logits' Jacobian in h, t' the
-    slope of the head's transform (its scale for an affine head), so F = Uᵀ diag(E[p t'²]) U - E[vvᵀ], v = Uᵀ(p t')."""
+    step δ, KL(p(h) || p(h + δ)) ≈ ½ δᵀ F_h δ."""
+    total, n = fisher_sum(lm_head, batches)
+    return total / max(n, 1), n
+
+
+def fisher_sum(lm_head: LMHead, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Σ Jᵀ(diag p - ppᵀ)J over the rows of `batches` (float64 [D, D]; summed, so that tasks sharing the rows add
+    up), and how many rows. J = diag(t') U is the logits' Jacobian in h, t' the slope of the head's transform (its
+    scale for an affine head), so the sum is Uᵀ diag(Σ p t'²) U - Σ vvᵀ, v = Uᵀ(p t')."""
     u = lm_head.weight
     p_sum = torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
     pu2 = torch.zeros(u.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
@@ -309,4 +316,4 @@ def mean_fisher(lm_head: LMHead, batches: Iterable[torch.Tensor]) -> tuple[torch
             pu2 += pu.T @ pu
         n += len(x)
     u = u.double()
-    return ((u.T * p_sum) @ u - pu2) / n, n
+    return (u.T * p_sum) @ u - pu2, n

@@ -26,7 +26,7 @@ from ray.train import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from trm_ray import spectrum
-from trm_ray.cluster import on_a_gpu, trial_resources
+from trm_ray.cluster import most_resources, trial_resources
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
 from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, pca_kl, references_and_start
@@ -117,43 +117,52 @@ def should_resume(exp_dir: str, cfg: Config, overwrite: bool) -> bool:
     return True
 
 
-def trials_that_fit(cfg: Config, total: dict[str, float]) -> int | None:
-    """On a Ray with `total` resources: how many trials run at once with their workers, counted on
-    every resource a trial holds (CPUs, GPUs, ...; one CPU left for Ray Data's reads).
+def trials_that_fit(cfg: Config, total: dict[str, float], most: dict[str, float] | None = None) -> int | None:
+    """On a Ray with `total` resources, whose autoscaler may grow it to `most` (None: no autoscaler is seen): how
+    many trials run at once with their workers, counted on every resource a trial holds (CPUs, GPUs, ...; one CPU
+    left for Ray Data's reads), on the cluster as large as it may grow.
 
     Tune starts a trial on its function's one CPU, and Train asks for the workers' resources only when
     it builds the worker group: past what fits, the Tune functions hold the CPUs that workers and Ray
     Data's reads wait for, and on a cluster, where Train waits for its workers without limit, that wait
-    never ends. Capped here, the rest wait in Tune's queue and start as others finish. The cap is also
-    a cluster's: whether it can grow is not known here, and one that holds a trial now runs them all.
-    A local Ray that cannot hold one trial is refused; a cluster that cannot must grow for any trial
-    (e.g. its GPU nodes start at none): None, its autoscaler adds nodes for what is pending."""
+    never ends. Capped here, the rest wait in Tune's queue and start as others finish; counted on the grown
+    cluster, the trials waiting for their workers are what the autoscaler adds nodes for. A local Ray, or a
+    cluster whose autoscaler cannot grow it enough, that cannot hold one trial is refused; a cluster whose
+    autoscaler is not seen and cannot hold one now must grow for any trial (e.g. its GPU nodes start at none):
+    None, its autoscaler adds nodes for what is pending."""
     need = trial_resources(cfg)
-    spare = {name: total.get(name, 0) - (1 if name == "CPU" else 0) for name in need}
+    size = {name: max(total.get(name, 0), (most or {}).get(name, 0)) for name in need}
+    spare = {name: size[name] - (1 if name == "CPU" else 0) for name in need}
     if any(spare[name] < amount for name, amount in need.items()):
-        if cfg.address:
+        if cfg.address and most is None:
             return None
         wants = ", ".join(f"{amount:g} {name}" for name, amount in sorted(need.items()))
-        has = ", ".join(f"{total.get(name, 0):g} {name}" for name in sorted(need))
+        has = ", ".join(f"{size[name]:g} {name}" for name in sorted(need))
+        where = ("this cluster's autoscaler grows it to at most" if most is not None else "the local Ray has")
+        fix = ("pass fewer --num_workers, or raise the node types' max_workers in cluster.yaml" if most is not None else
+               "pass --num_cpus, fewer --num_workers, or --no_use_gpu")
         raise UserError(f"a trial needs {wants} (its Tune function and {cfg.num_workers} worker(s)) and 1 more CPU for "
-                        f"Ray Data; the local Ray has {has}: pass --num_cpus, fewer --num_workers, or --no_use_gpu")
+                        f"Ray Data; {where} {has}: {fix}")
     return min(int(spare[name] // amount) for name, amount in need.items() if amount > 0)
 
 
-def usage(cfg: Config, total: dict[str, float], concurrent: int | None) -> list[str]:
+def usage(cfg: Config, total: dict[str, float], concurrent: int | None, most: dict[str, float] | None = None) -> list[str]:
     """What the sweep will hold, said before it starts: trials x workers x GPUs (or CPUs) each against what the
-    Ray has now, and a warning where GPUs would sit idle while it trains. A trial is one learning rate training
-    every D' on --num_workers workers, which split its steps and its validation between them."""
+    Ray has now and what its autoscaler may grow it to (`most`), and a warning where GPUs would sit idle while
+    it trains. A trial is one learning rate training every D' on --num_workers workers, which split its steps and
+    its validation between them."""
     trials = len(cfg.sweep_learning_rates) or 1
     kind = "GPU" if cfg.use_gpu else "CPU"
     each = cfg.num_workers  # one GPU, or one logical CPU, a worker
     at_once = trials if concurrent is None else min(trials, concurrent, cfg.max_concurrent_trials or trials)
-    have = total.get("GPU", 0)
+    now, grown = total.get(kind, 0), (most or {}).get(kind, 0)
+    where = (f"of the {now:g} the Ray has now, {grown:g} once its autoscaler has added nodes" if grown > now else
+             f"of the {now:g} the Ray has now")
     lines = [f"sweep: {trials} trial{'s' * (trials > 1)} (a learning rate each, every D' in each) x {cfg.num_workers} "
              f"worker{'s' * (cfg.num_workers > 1)} x 1 {kind} = {trials * each} {kind}s, "
-             + (f"{at_once} trial{'s' * (at_once > 1)} at once ({at_once * each:g} {kind}s of the {total.get(kind, 0):g} "
-                f"the Ray has now)" if concurrent is not None else
-                f"none of which fits the Ray as it is now ({total.get(kind, 0):g} {kind}s): its autoscaler must add nodes")]
+             + (f"{at_once} trial{'s' * (at_once > 1)} at once ({at_once * each:g} {kind}s {where})" if concurrent is not None
+                else f"none of which fits the Ray as it is now ({now:g} {kind}s): its autoscaler must add nodes")]
+    have = max(total.get("GPU", 0), (most or {}).get("GPU", 0))
     busy = at_once * each if cfg.use_gpu and concurrent is not None else 0
     if have > busy:
         idle = int(have - busy)
@@ -163,7 +172,8 @@ def usage(cfg: Config, total: dict[str, float], concurrent: int | None) -> list[
             workers = int(have // at_once)
             hint = (f"pass --num_workers {workers} (a trial's steps and validation are split over its workers)"
                     if workers > cfg.num_workers else "add --sweep_learning_rates")
-        lines.append(f"sweep: warning: {idle} of the Ray's {have:g} GPUs would sit idle while the trials train: {hint}")
+        gpus = f"the Ray's {have:g} GPUs" if have == total.get("GPU", 0) else f"the {have:g} GPUs its autoscaler can give it"
+        lines.append(f"sweep: warning: {idle} of {gpus} would sit idle while the trials train: {hint}")
     return lines
 
 
@@ -243,14 +253,14 @@ def limits(cfg: Config) -> dict[str, Any]:
     if cfg.objective == "phase2":
         print(f"sweep: phase 2's references (the context's PCA limit, the closing states' PCA KL) and the best closed-form "
               f"start of D' = {cfg.d_values}", flush=True)
-        return {**limit, **on_a_gpu(cfg.use_gpu, references_and_start, cfg.model_name, cfg.shards_path,
-                                    cfg.val_fraction, cfg.seed, cfg.d_values, {d: cfg.init_checkpoint(d) for d in cfg.d_values},
-                                    start_path(cfg.output_dir), cfg.close_weight)}
+        return {**limit, **references_and_start(cfg.use_gpu, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed,
+                                                cfg.d_values, {d: cfg.init_checkpoint(d) for d in cfg.d_values},
+                                                start_path(cfg.output_dir), cfg.close_weight)}
     if cfg.init == "fisher" and cfg.stage == "1a" and stored(cfg.shards_path, cfg.val_fraction, cfg.seed,
                                                                       "fisher") is None:
         print(f"sweep: the LM head's Fisher information on up to {FISHER_TOKENS:,} training tokens, for --init fisher",
               flush=True)
-        on_a_gpu(cfg.use_gpu, fisher_start, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed)
+        fisher_start(cfg.use_gpu, cfg.model_name, cfg.shards_path, cfg.val_fraction, cfg.seed)
     kl = (stored_json(cfg.shards_path, cfg.val_fraction, cfg.seed, "pca_kl", model_name=cfg.model_name) or {}).get("kl", {})
     missing = [d for d in cfg.d_values if str(d) not in kl]
     if missing:
@@ -274,9 +284,10 @@ def run(cfg: Config, overwrite: bool = False, command: str = "") -> list[dict[st
     import ray
 
     cfg = resolved(cfg)
-    concurrent = trials_that_fit(cfg, ray.cluster_resources())  # before anything runs: a trial that can never start
+    total, most = ray.cluster_resources(), most_resources()
+    concurrent = trials_that_fit(cfg, total, most)  # before anything runs: a trial that can never start
     if not cfg.closed_form:
-        print("\n".join(usage(cfg, ray.cluster_resources(), concurrent)), flush=True)
+        print("\n".join(usage(cfg, total, concurrent, most)), flush=True)
     check_starts(cfg)
     manifest, counts = shards(cfg)
     limit = limits(cfg)
