@@ -15,7 +15,7 @@ from trm_ray.kl import LMHead
 from trm_ray.report import shortfall_note
 from trm_ray.shards import read_manifest, split_counts
 from trm_ray.loop import Comm, EarlyStopping, get_lr, make_optimizer, optimizer_step
-from trm_ray.train import ASHA_WAIT_S, epoch_rows, load_splits, objective_loss, resumed_cuts
+from trm_ray.train import ASHA_WAIT_S, epoch_rows, load_splits, objective_loss, rank_share, resumed_cuts
 
 from helpers import fit, wandb_records
 
@@ -189,6 +189,21 @@ def test_each_epoch_reads_the_same_rows_in_its_own_seeded_block_order(shards):
         assert len({o[-1] for o in orders}) > 1  # the epochs end on other documents
 
 
+@pytest.mark.integration
+def test_ranks_cutting_a_held_epoch_themselves_each_take_equal_disjoint_rows_and_together_all_but_a_remainder(shards):
+    train, _ = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
+    epoch = epoch_rows(train.materialize(), shards, 1)
+    def rows(dataset) -> list[tuple[int, bytes]]:
+        """Each row as (document, its hidden state's bytes): the rows of a document are told apart by their states."""
+        return [(int(d), h.tobytes()) for b in dataset.iter_batches(batch_size=None, batch_format="numpy")
+                for d, h in zip(b["doc_id"], b["hidden"])]
+
+    shares = [rows(rank_share(epoch, rank, 2, held=True)) for rank in range(2)]  # each rank cuts alone, as the workers do
+    whole = rows(epoch)
+    assert len(shares[0]) == len(shares[1]) == len(whole) // 2
+    assert shares[0] + shares[1] == whole[:2 * (len(whole) // 2)]  # disjoint, in the epoch's order; at most a row left
+
+
 def test_a_corpus_too_small_for_the_validation_split_is_refused():
     with pytest.raises(UserError, match="too few for a validation split"):
         split_counts({"num_docs": 2, "doc_tokens": [5, 7]}, 0.1, 42)
@@ -216,9 +231,11 @@ def test_ddp_with_two_workers_keeps_the_ranks_equal_and_matches_one_worker_at_th
         train_loop_per_worker(config, train)
         torch.save([m.weight.detach().cpu() for m in stepped], f"{out}/rank{ray.train.get_context().get_world_rank()}.pt")
 
-    one = fit(shards, tmp_path, num_workers=1, batch_size=8)
+    one = fit(shards, tmp_path, num_workers=1, batch_size=8, num_epochs=1)
     monkeypatch.setattr(train_module, "train_loop_per_worker", saving_each_ranks_weights)  # what make_trainer runs
-    two = fit(shards, tmp_path, num_workers=2, batch_size=4)  # per worker: same rows per optimizer step
+    # Per worker: the same rows per optimizer step. Streamed from the files (the ranks' iterators from one
+    # streaming_split), where the kill test's sweep holds its rows in the object store (each rank cuts them).
+    two = fit(shards, tmp_path, num_workers=2, batch_size=4, num_epochs=1, cache_datasets="never")
     assert one.error is None and two.error is None
     # Each rank steps on its own rows: only the averaged gradient keeps their weights one model.
     rank0, rank1 = (torch.load(f"{out}/rank{r}.pt") for r in (0, 1))

@@ -67,11 +67,16 @@ def epoch_rows(train: Any, cfg: Config, epoch: int) -> Any:
     return load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed, shard_order_seed=order_seed)[0]
 
 
-def rank_share(dataset: Any, rank: int, world: int) -> Any:
-    """This rank's equal part of `dataset`: rank 0 splits it and hands every rank its iterator, so
-    the ranks take the same number of steps (each step's gradient all-reduce waits for all of them)."""
+def rank_share(dataset: Any, rank: int, world: int, held: bool) -> Any:
+    """This rank's equal part of `dataset` (every rank the same number of rows, so the same number of steps: each
+    step's gradient all-reduce waits for all of them). Held in the object store (`held`), every rank cuts the same
+    blocks at the same rows itself (`Dataset.split`, tasks on the blocks' metadata); streamed, rank 0 splits it and
+    hands every rank its iterator (`streaming_split`, whose coordinator is an actor started every epoch: a process,
+    seconds on a loaded node, that a held dataset does not need)."""
     if world == 1:
         return dataset
+    if held:
+        return dataset.split(world, equal=True)[rank]
     parts = [dataset.streaming_split(world, equal=True) if rank == 0 else None]
     dist.broadcast_object_list(parts, src=0)
     return parts[0][rank]
@@ -295,6 +300,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
     the validation set is Train's "val" shard, and reports, checkpoints and ASHA's cuts go through Ray Train."""
     import ray.train
     import ray.train.torch
+    from ray.data.dataset import MaterializedDataset
 
     spec = TrialSpec.from_flat(config)
     cfg = spec.cfg
@@ -331,8 +337,10 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
                             "d_values_training": 0, **{width_key(w.d, k): v for w in widths for k, v in w.last.items()}},
                            widths, optimizer, start)
 
+    held = isinstance(train, MaterializedDataset)
+
     def batches(epoch: int) -> Iterator[Any]:
-        return hidden_batches(rank_share(epoch_rows(train, cfg, epoch), comm.rank, comm.world), rows, comm.device,
+        return hidden_batches(rank_share(epoch_rows(train, cfg, epoch), comm.rank, comm.world, held), rows, comm.device,
                               shuffle_seed=cfg.seed * 1000 + epoch, regions=regions)
 
     validate = validation(spec, references, ray.train.get_dataset_shard("val"), lm_head, comm, rows)
