@@ -149,17 +149,25 @@ def most_resources() -> dict[str, float] | None:
         return None
 
 
+def cpu_tasks() -> int:
+    """How many one-CPU tasks a pass over the shards runs at once: one per logical CPU of the Ray, but on a Ray of
+    one node at most this machine's cores. A local Ray has more logical CPUs than cores (`local_cpus`), and a task
+    more than the cores run only adds a process that imports torch (and loads the head) again."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    one_node = sum(node["Alive"] for node in ray.nodes()) == 1
+    return min(cpus, os.cpu_count() or 1) if one_node else cpus
+
+
 def on_every_device(use_gpu: bool, parts: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
     """`fn(*args, part=(i, n))` for i < n as n Ray tasks at once, one for each GPU the Ray has (with --use_gpu) or
-    each of its CPUs, at most `parts` (the pieces a pass can be split into): a pass over the shards that sums
-    per row, spread over the cluster instead of one device. Without GPUs, at most this machine's cores too: a
-    local Ray has more logical CPUs than cores (`local_cpus`), and a task more than the cores run only adds a
-    process that loads the head again. With --use_gpu a task requests a GPU, decided from the configuration (as
+    `cpu_tasks()` CPUs, at most `parts` (the pieces a pass can be split into): a pass over the shards that sums
+    per row, spread over the cluster instead of one device. With --use_gpu a task requests a GPU, decided from the configuration (as
     extraction decides), so that a cluster with no GPU yet gets one task, for which its autoscaler adds a GPU node."""
     import ray
 
-    devices = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else min(int(ray.cluster_resources().get("CPU", 0)),
-                                                                             os.cpu_count() or 1)
+    devices = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else cpu_tasks()
     n = max(1, min(parts, devices))
     task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(fn)
     return ray.get([task.remote(*args, part=(i, n)) for i in range(n)])

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from trm_ray.cluster import cpu_tasks
 from trm_ray.names import PCA_METRICS
 from trm_ray.pca import curve_points, eigen, moment_sums, moment_zeros, pca_summary, pca_val_sums, pca_val_zeros
 from trm_ray.references import store, stored_json
@@ -54,7 +55,7 @@ def summed(shards_dir: str, val_side: bool, val_fraction: float, seed: int, fn: 
                 total = {k: total[k] + part[k] for k in total}
         return {k: np.asarray(v)[None] for k, v in total.items()}
 
-    tasks = max(1, min(len(paths), int(ray.cluster_resources().get("CPU", 1))))
+    tasks = max(1, min(len(paths), cpu_tasks()))
     parts = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=tasks)
     total = dict(zeros)
     for part in parts.map_batches(task, batch_size=None, batch_format="numpy").iter_batches(batch_size=None, batch_format="numpy"):
