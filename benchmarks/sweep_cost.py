@@ -46,7 +46,7 @@ from benchmarks.common import bare_trainer, machine, print_ratio, write_syntheti
 from trm_ray import sweep
 from trm_ray.cluster import connect
 from trm_ray.config import Config, UserError, build_parser, config_from_args, load_yaml, make_config
-from trm_ray.downstream import FISHER_TOKENS
+from trm_ray.downstream import FISHER_TOKENS, MIX_GRID, START_TOKENS
 from trm_ray.extract import extract, hidden_rows, resolve_storage_dtype
 from trm_ray.model import flops_per_token, load_model, load_model_config
 from trm_ray.text import read_documents, tokenize
@@ -54,6 +54,7 @@ from trm_ray.quickstart import write_assets
 from trm_ray.shards import is_validation_doc, shard_paths
 from trm_ray.references import training_mean
 from trm_ray.loop import evaluate, one_thread
+from trm_ray.phase2 import REFINE_BATCH, REFINE_STEPS
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 # Compiling would take longer than the whole smoke run.
@@ -148,6 +149,16 @@ def node_use(cfg: Config, model_config: Any, gpus: int, tflops: float) -> None:
     step = (train * (2 * vocab * d + sum(head_flop_per_row(d, w, rows, vocab) for w in widths))) if cfg.objective != "mse" else 0.0
     validation = val * (2 + 2 * len(widths)) * vocab * d  # the teacher and each width's residual, per epoch
     passes = (val * len(widths) * 4 * vocab * d if cfg.objective == "kl" else 0.0) + val * (2 + 4 * len(widths)) * vocab * d
+    # Before any trial, one task before, split now: --init fisher's Fisher information (every GPU a range of its
+    # rows), phase 2's references and start (a D' a GPU: candidates scored on the training closing states, one a
+    # conversation, then REFINE_STEPS forward and backward passes of REFINE_BATCH of them through the head).
+    starts = []
+    if cfg.objective == "kl" and cfg.init == "fisher":
+        starts.append(("Fisher start", gpus, FISHER_TOKENS * 4 * vocab * d))
+    if cfg.objective == "phase2":
+        close = min(START_TOKENS, cfg.num_samples * (1 - cfg.val_fraction))
+        per_width = (REFINE_STEPS * REFINE_BATCH * 12 + (len(MIX_GRID) + 3) * close * 4) * vocab * d
+        starts.append(("phase 2's references and start", min(gpus, len(widths)), len(widths) * per_width))
     rate = tflops * 1e12 * 3600  # FLOP a GPU-hour
     print(f"\none node of {gpus} GPUs at {tflops:g} TFLOP/s each (assumed), {lrs} trial(s) x {workers} worker(s), "
           f"{trials_at_once} at once:\n{'phase':<40} {'GPUs busy':>10} {'wall h':>8} {'node GPU-h':>11} {'busy':>6}")
@@ -155,7 +166,8 @@ def node_use(cfg: Config, model_config: Any, gpus: int, tflops: float) -> None:
         busy_passes = gpus if split else 1
         # A round of trials: each trial's steps on its workers, its validation on them all or on rank 0 alone.
         round_h = cfg.num_epochs * (step / workers + validation / (workers if split else 1)) / rate
-        phases = [("reference + scoring passes", busy_passes, passes / busy_passes / rate, passes / rate),
+        phases = [*((name, most if split else 1, work / (most if split else 1) / rate, work / rate) for name, most, work in starts),
+                  ("reference + scoring passes", busy_passes, passes / busy_passes / rate, passes / rate),
                   ("training (epochs, validation)", trials_at_once * workers, rounds * round_h,
                    lrs * cfg.num_epochs * (step + validation) / rate)]
         print(design)

@@ -214,7 +214,7 @@ def test_ddp_with_two_workers_keeps_the_ranks_equal_and_matches_one_worker_at_th
                                                                                                      monkeypatch):
     out = str(tmp_path)
 
-    def saving_each_ranks_weights(config, train):
+    def saving_each_ranks_weights(config, train, val):
         """The training loop, then this rank's weights after its last step saved (rank 0's alone reach the checkpoint)."""
         import ray.train
 
@@ -228,7 +228,7 @@ def test_ddp_with_two_workers_keeps_the_ranks_equal_and_matches_one_worker_at_th
             return step(models, *args)
 
         loop.optimizer_step = recorded
-        train_loop_per_worker(config, train)
+        train_loop_per_worker(config, train, val)
         torch.save([m.weight.detach().cpu() for m in stepped], f"{out}/rank{ray.train.get_context().get_world_rank()}.pt")
 
     one = fit(shards, tmp_path, num_workers=1, batch_size=8, num_epochs=1)

@@ -112,9 +112,12 @@ def noisy_code_kl(lm_head: LMHead, h: torch.Tensor, w: torch.Tensor, noise: torc
     return next_token_kl(lm_head, h, z @ w) / len(h)
 
 
+REFINE_STEPS, REFINE_BATCH = 200, 256  # steps, and training closing states a step, of the start's refinement
+
+
 def refine_start(weight: torch.Tensor, sigma_context: torch.Tensor, context_limit: float, close: torch.Tensor,
-                 lm_head: LMHead, close_ref: float, close_weight: float, steps: int = 200, lr: float = 1e-3,
-                 batch: int = 256, seed: int = 0, code_noise: float = CODE_NOISE) -> torch.Tensor:
+                 lm_head: LMHead, close_ref: float, close_weight: float, steps: int = REFINE_STEPS, lr: float = 1e-3,
+                 batch: int = REFINE_BATCH, seed: int = 0, code_noise: float = CODE_NOISE) -> torch.Tensor:
     """`weight` (orthonormal rows) moved down `--objective phase2`'s loss on the training rows before any trial:
     the context's term in closed form, tr Σ - tr(W Σ Wᵀ) over the context's PCA limit (`sigma_context`: its
     uncentred second moment, the sum of its squared rows over their count, as the mse sums it), and the closing

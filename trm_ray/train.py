@@ -294,10 +294,11 @@ class TrainReporter(Reporter):
             self.logs[w.d].finish()
 
 
-def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
+def train_loop_per_worker(config: dict[str, Any], train: Any, val: Any) -> None:
     """One worker's training of every D' of `config`'s grid at one learning rate (`loop.fit`), fed from Ray:
-    `train` is the training split's Ray Dataset (each epoch reads its own block order of it, see epoch_rows),
-    the validation set is Train's "val" shard, and reports, checkpoints and ASHA's cuts go through Ray Train."""
+    `train` and `val` are the split's Ray Datasets (each epoch reads its own block order of the training rows,
+    see epoch_rows; every rank reads the validation rows and scores its share, see validation), and reports,
+    checkpoints and ASHA's cuts go through Ray Train."""
     import ray.train
     import ray.train.torch
     from ray.data.dataset import MaterializedDataset
@@ -343,7 +344,7 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
         return hidden_batches(rank_share(epoch_rows(train, cfg, epoch), comm.rank, comm.world, held), rows, comm.device,
                               shuffle_seed=cfg.seed * 1000 + epoch, regions=regions)
 
-    validate = validation(spec, references, ray.train.get_dataset_shard("val"), lm_head, comm, rows)
+    validate = validation(spec, references, val, lm_head, comm, rows)
     fit(widths, optimizer, loss_fn, batches, validate, cfg, math.ceil(spec.train_tokens / comm.world / rows) * cfg.num_epochs,
         best_keys(cfg), reporter, comm, start)
 
@@ -351,24 +352,19 @@ def train_loop_per_worker(config: dict[str, Any], train: Any) -> None:
 def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[Any] | None = None) -> Any:
     """The TorchTrainer for one learning rate (every D'): scaling, data, checkpointing, all in one visible place."""
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     spec = TrialSpec.from_flat(config)
     cfg = spec.cfg
-    # Blocks in an order drawn from (seed, epoch) + a seeded shuffle buffer: a data order that
-    # changes every epoch yet is the same on every run, so a resumed or recompiled run can be
-    # compared with an uninterrupted one. The training loop reads `train` itself, one block order
-    # per epoch (epoch_rows); Train's ingest serves the validation set, not split by Ray Data (its equal
-    # split drops rows): every rank reads it and scores its share of each batch (`validation`). Built directly: Train's default_ingest_options passes on the
-    # deprecated exclude_resources, and every trial and controller logged Ray's warning about it.
-    ingest = ExecutionOptions(preserve_order=True)
+    # The loop reads both datasets itself, not through Train's ingest: each epoch the training rows in a
+    # block order drawn from (seed, epoch) + a seeded shuffle buffer, an order that changes every epoch yet is
+    # the same on every run, so a resumed or recompiled run can be compared with an uninterrupted one
+    # (epoch_rows); the validation rows whole on every rank, each scoring its share of every batch (`validation`;
+    # Ray Data's equal split would drop rows). Without datasets, Train starts no DatasetManager actor for the run.
     return TorchTrainer(
-        functools.partial(train_loop_per_worker, train=train),
+        functools.partial(train_loop_per_worker, train=train, val=val),
         train_loop_config=config,
         scaling_config=scaling_config(cfg),
-        datasets={"val": val},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=ray.train.RunConfig(
             name=cfg.trial_label,
             storage_path=spec.train_storage,
