@@ -5,7 +5,9 @@ train/validation filter) iterated by trm_ray.train.hidden_batches in training-si
 streamed from the files, after .materialize() (what trm_ray.sweep.datasets does when the
 shards fit in the object store), and materialized with the training loop's local shuffle;
 and both as an epoch of training reads them, in that epoch's own block order
-(trm_ray.train.epoch_rows: shards read in a permuted order, or materialized blocks permuted).
+(trm_ray.train.epoch_rows: shards read in a permuted order, or materialized blocks permuted); and an epoch
+of the materialized rows read by two ranks at once, each its share: cut by each rank itself
+(trm_ray.train.rank_share, held) against Ray Data's streaming_split (a coordinator actor an epoch).
 The baseline reads the same files with pyarrow.parquet.read_table, applies the same
 filter and decodes them to one float32 tensor. Every figure is the best of a few passes,
 taken round robin.
@@ -26,6 +28,7 @@ import argparse
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -35,7 +38,7 @@ from trm_ray.cluster import connect
 from trm_ray.config import make_config
 from trm_ray.shards import decode_hidden, split_counts, stored_hidden
 from trm_ray.train import load_splits
-from trm_ray.train import epoch_rows, hidden_batches
+from trm_ray.train import epoch_rows, hidden_batches, rank_share
 
 FULL = dict(d_model=2048, num_samples=512, max_seq_length=512, docs_per_shard=256, batch_size=8, passes=3)
 SMOKE = dict(d_model=64, num_samples=48, max_seq_length=32, docs_per_shard=16, batch_size=4, passes=2)
@@ -63,6 +66,15 @@ def cpu_side(dataset: Any, rows: int, convert: Callable[[Any], torch.Tensor]) ->
     return lambda: sum(len(convert(b["hidden"])) for b in dataset.iter_batches(batch_size=rows, batch_format="pyarrow"))
 
 
+def two_ranks(shares: Callable[[], list[Any]], rows: int) -> Callable[[], int]:
+    """One epoch read by two ranks at once, each its own share (`shares()`: built each epoch, as the workers
+    build theirs), in two threads standing in for the two workers."""
+    def read() -> int:
+        with ThreadPoolExecutor(2) as pool:
+            return sum(pool.map(lambda share: sum(len(x) for x in hidden_batches(share, rows, torch.device("cpu"))), shares()))
+    return read
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.data_feed", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the speed")
@@ -86,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "ray_materialized_shuffled": feed(cached, rows, shuffle_seed=cfg.seed),
             "ray_streamed_epoch_order": feed(epoch_rows(train, cfg, 1), rows),
             "ray_materialized_epoch_order_shuffled": feed(epoch_rows(cached, cfg, 1), rows, shuffle_seed=cfg.seed),
+            "two_ranks_streaming_split": two_ranks(lambda: epoch_rows(cached, cfg, 1).streaming_split(2, equal=True), rows),
+            "two_ranks_cut_held": two_ranks(lambda: [rank_share(epoch_rows(cached, cfg, 1), r, 2, held=True) for r in (0, 1)], rows),
             "feed_cpu_side_float32": cpu_side(cached, rows, decode_hidden),
             "feed_cpu_side_stored_dtype": cpu_side(cached, rows, stored_hidden),
         }, passes)
@@ -95,11 +109,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(machine(load))
     print("rows/s: " + " | ".join(f"{name} {rate:,.0f}" for name, rate in rates.items()))
     before, after = rates.pop("feed_cpu_side_float32"), rates.pop("feed_cpu_side_stored_dtype")
+    split, cut = rates.pop("two_ranks_streaming_split"), rates.pop("two_ranks_cut_held")
     raw = rates.pop("pyarrow")
     ratios = {f"{k}/pyarrow": print_ratio(f"{k}/pyarrow", v, raw, "rows/s") for k, v in rates.items()}
     d = manifest["hidden_size"]
     print(f"bytes a row sent to the device: {2 * d:,} (bf16, converted there) against {4 * d:,} (float32, converted on the CPU)")
     ratios["feed_cpu_side_stored_dtype/float32"] = print_ratio("feed_cpu_side_stored_dtype/float32", after, before, "rows/s")
+    ratios["two_ranks_cut_held/streaming_split"] = print_ratio("two_ranks_cut_held/streaming_split", cut, split,
+                                                               "rows/s of an epoch's two shares")
     return ratios
 
 

@@ -10,6 +10,9 @@ import time
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# The Train controller's poll (0.5 s in a sweep, `cluster.connect`) paces the start, reports and end of every
+# trial; the suite's epochs take a fraction of a second, and a trial ~10 s, 1-3 s of which were this wait.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # A key that must never show up in what Ray stores or shows, or in anything a sweep writes.
 os.environ.setdefault("WANDB_API_KEY", "trm-test-key-" + "7" * 27)
 
