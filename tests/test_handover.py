@@ -70,7 +70,7 @@ def single_run(shards, tmp_path_factory):
     """One D' trained without --sweep: exported to <output_dir>/stage1a_best.pt."""
     out = tmp_path_factory.mktemp("single")
     cfg = dataclasses.replace(shards, output_dir=str(out), sweep=False, d_compressed=8, num_epochs=1, use_wandb=False,
-                              torch_compile=False)
+                              torch_compile=False, downstream=False)  # only its checkpoint is read
     [row] = sweep.run(cfg)
     return row
 
