@@ -90,8 +90,9 @@ def test_an_mse_sweep_from_pca_exports_the_closed_form_with_the_metrics_its_weig
             assert saved[k] == r[k]
         assert r["orthonormality_error"] < 1e-6
         # The exported file's own KL, and PCA's from the spectrum's eigenvectors (`grid_kl`'s path, not the row's).
-        assert r["downstream_kl"] == pytest.approx(next_token_damage(lm_head, hidden, targets, model)["kl"], rel=1e-5)
-        assert r["pca_downstream_kl"] == pytest.approx(pca_reference[str(r["d_compressed"])], rel=1e-5)
+        # Float32 logits: the row's tasks (one thread each) and this process sum them in other orders (1.1e-5 seen).
+        assert r["downstream_kl"] == pytest.approx(next_token_damage(lm_head, hidden, targets, model)["kl"], rel=1e-4)
+        assert r["pca_downstream_kl"] == pytest.approx(pca_reference[str(r["d_compressed"])], rel=1e-4)
 
 
 @pytest.mark.integration
