@@ -7,7 +7,7 @@ shards fit in the object store), and materialized with the training loop's local
 and both as an epoch of training reads them, in that epoch's own block order
 (trm_ray.train.epoch_rows: shards read in a permuted order, or materialized blocks permuted); and an epoch
 of the materialized rows read by two ranks at once, each its share: cut by each rank itself
-(trm_ray.train.rank_share, held) against Ray Data's streaming_split (a coordinator actor an epoch).
+(trm_ray.train.epoch_rows with a rank and world) against Ray Data's streaming_split (a coordinator actor an epoch).
 The baseline reads the same files with pyarrow.parquet.read_table, applies the same
 filter and decodes them to one float32 tensor. Every figure is the best of a few passes,
 taken round robin.
@@ -38,7 +38,7 @@ from trm_ray.cluster import connect
 from trm_ray.config import make_config
 from trm_ray.shards import decode_hidden, split_counts, stored_hidden
 from trm_ray.train import load_splits
-from trm_ray.train import epoch_rows, hidden_batches, rank_share
+from trm_ray.train import epoch_rows, hidden_batches
 
 FULL = dict(d_model=2048, num_samples=512, max_seq_length=512, docs_per_shard=256, batch_size=8, passes=3)
 SMOKE = dict(d_model=64, num_samples=48, max_seq_length=32, docs_per_shard=16, batch_size=4, passes=2)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "ray_streamed_epoch_order": feed(epoch_rows(train, cfg, 1), rows),
             "ray_materialized_epoch_order_shuffled": feed(epoch_rows(cached, cfg, 1), rows, shuffle_seed=cfg.seed),
             "two_ranks_streaming_split": two_ranks(lambda: epoch_rows(cached, cfg, 1).streaming_split(2, equal=True), rows),
-            "two_ranks_cut_held": two_ranks(lambda: [rank_share(epoch_rows(cached, cfg, 1), r, 2, held=True) for r in (0, 1)], rows),
+            "two_ranks_cut_held": two_ranks(lambda: [epoch_rows(cached, cfg, 1, r, 2) for r in (0, 1)], rows),
             "feed_cpu_side_float32": cpu_side(cached, rows, decode_hidden),
             "feed_cpu_side_stored_dtype": cpu_side(cached, rows, stored_hidden),
         }, passes)

@@ -15,7 +15,7 @@ from trm_ray.kl import LMHead
 from trm_ray.report import shortfall_note
 from trm_ray.shards import read_manifest, split_counts
 from trm_ray.loop import Comm, EarlyStopping, get_lr, make_optimizer, optimizer_step
-from trm_ray.train import ASHA_WAIT_S, epoch_rows, load_splits, objective_loss, rank_share, resumed_cuts
+from trm_ray.train import ASHA_WAIT_S, epoch_rows, load_splits, objective_loss, resumed_cuts
 
 from helpers import fit, wandb_records
 
@@ -192,13 +192,14 @@ def test_each_epoch_reads_the_same_rows_in_its_own_seeded_block_order(shards):
 @pytest.mark.integration
 def test_ranks_cutting_a_held_epoch_themselves_each_take_equal_disjoint_rows_and_together_all_but_a_remainder(shards):
     train, _ = load_splits(shards.shards_path, shards.val_fraction, shards.seed)
-    epoch = epoch_rows(train.materialize(), shards, 1)
+    held = train.materialize()
+    epoch = epoch_rows(held, shards, 1)
     def rows(dataset) -> list[tuple[int, bytes]]:
         """Each row as (document, its hidden state's bytes): the rows of a document are told apart by their states."""
         return [(int(d), h.tobytes()) for b in dataset.iter_batches(batch_size=None, batch_format="numpy")
                 for d, h in zip(b["doc_id"], b["hidden"])]
 
-    shares = [rows(rank_share(epoch, rank, 2, held=True)) for rank in range(2)]  # each rank cuts alone, as the workers do
+    shares = [rows(epoch_rows(held, shards, 1, rank, 2)) for rank in range(2)]  # each rank cuts alone, as the workers do
     whole = rows(epoch)
     assert len(shares[0]) == len(shares[1]) == len(whole) // 2
     assert shares[0] + shares[1] == whole[:2 * (len(whole) // 2)]  # disjoint, in the epoch's order; at most a row left

@@ -53,31 +53,27 @@ def hidden_batches(iterator: Any, rows: int, device: torch.device, shuffle_seed:
         yield (x, torch.from_numpy(batch["region"].to_numpy()).to(device)) if regions else x
 
 
-def epoch_rows(train: Any, cfg: Config, epoch: int) -> Any:
-    """This epoch's training rows, their blocks in an order drawn from (seed, epoch): every epoch
-    ends its learning-rate decay on other documents, and a resumed epoch reads exactly what the
-    uninterrupted one read. Held in the object store, the blocks are permuted where they are (no
-    data moves); streamed, the shards are read in a permuted order (a block shuffle of a streamed
-    dataset would first wait for all of it)."""
+def epoch_rows(train: Any, cfg: Config, epoch: int, rank: int = 0, world: int = 1) -> Any:
+    """This epoch's training rows for `rank` of `world`, their blocks in an order drawn from (seed, epoch): every
+    epoch ends its learning-rate decay on other documents, and a resumed epoch reads exactly what the
+    uninterrupted one read. Every rank gets an equal share (the same number of steps: each step's gradient
+    all-reduce waits for all of them).
+
+    Held in the object store, the blocks are permuted where they are (no data moves) and every rank cuts the
+    same blocks at the same rows itself (`Dataset.split`, tasks on the blocks' metadata). Streamed, the shards
+    are read in a permuted order (a block shuffle of a streamed dataset would first wait for all of it) and rank
+    0 splits them and hands every rank its iterator (`streaming_split`, whose coordinator is an actor started
+    every epoch: a process, seconds on a loaded node, that a held dataset does not need)."""
     from ray.data.dataset import MaterializedDataset
 
     order_seed = cfg.seed * 1000 + epoch
     if isinstance(train, MaterializedDataset):
-        return train.randomize_block_order(seed=order_seed)
-    return load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed, shard_order_seed=order_seed)[0]
-
-
-def rank_share(dataset: Any, rank: int, world: int, held: bool) -> Any:
-    """This rank's equal part of `dataset` (every rank the same number of rows, so the same number of steps: each
-    step's gradient all-reduce waits for all of them). Held in the object store (`held`), every rank cuts the same
-    blocks at the same rows itself (`Dataset.split`, tasks on the blocks' metadata); streamed, rank 0 splits it and
-    hands every rank its iterator (`streaming_split`, whose coordinator is an actor started every epoch: a process,
-    seconds on a loaded node, that a held dataset does not need)."""
+        rows = train.randomize_block_order(seed=order_seed)
+        return rows if world == 1 else rows.split(world, equal=True)[rank]
+    rows = load_splits(cfg.shards_path, cfg.val_fraction, cfg.seed, shard_order_seed=order_seed)[0]
     if world == 1:
-        return dataset
-    if held:
-        return dataset.split(world, equal=True)[rank]
-    parts = [dataset.streaming_split(world, equal=True) if rank == 0 else None]
+        return rows
+    parts = [rows.streaming_split(world, equal=True) if rank == 0 else None]
     dist.broadcast_object_list(parts, src=0)
     return parts[0][rank]
 
@@ -301,7 +297,6 @@ def train_loop_per_worker(config: dict[str, Any], train: Any, val: Any) -> None:
     checkpoints and ASHA's cuts go through Ray Train."""
     import ray.train
     import ray.train.torch
-    from ray.data.dataset import MaterializedDataset
 
     spec = TrialSpec.from_flat(config)
     cfg = spec.cfg
@@ -338,10 +333,8 @@ def train_loop_per_worker(config: dict[str, Any], train: Any, val: Any) -> None:
                             "d_values_training": 0, **{width_key(w.d, k): v for w in widths for k, v in w.last.items()}},
                            widths, optimizer, start)
 
-    held = isinstance(train, MaterializedDataset)
-
     def batches(epoch: int) -> Iterator[Any]:
-        return hidden_batches(rank_share(epoch_rows(train, cfg, epoch), comm.rank, comm.world, held), rows, comm.device,
+        return hidden_batches(epoch_rows(train, cfg, epoch, comm.rank, comm.world), rows, comm.device,
                               shuffle_seed=cfg.seed * 1000 + epoch, regions=regions)
 
     validate = validation(spec, references, val, lm_head, comm, rows)
@@ -360,7 +353,8 @@ def make_trainer(config: dict[str, Any], train: Any, val: Any, callbacks: list[A
     # block order drawn from (seed, epoch) + a seeded shuffle buffer, an order that changes every epoch yet is
     # the same on every run, so a resumed or recompiled run can be compared with an uninterrupted one
     # (epoch_rows); the validation rows whole on every rank, each scoring its share of every batch (`validation`;
-    # Ray Data's equal split would drop rows). Without datasets, Train starts no DatasetManager actor for the run.
+    # Ray Data's equal split would drop rows), which every rank reads in the same order (load_splits sets
+    # preserve_order on the datasets' context).
     return TorchTrainer(
         functools.partial(train_loop_per_worker, train=train, val=val),
         train_loop_config=config,
