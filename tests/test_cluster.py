@@ -41,6 +41,14 @@ def test_the_schema_check_is_real_a_broken_copy_is_refused(cluster):
         validate_config(prepare_config(broken))
 
 
+def test_the_module_every_ray_worker_process_imports_for_its_setup_hook_imports_neither_torch_nor_pyarrow():
+    # The job's worker_process_setup_hook runs in each worker process, Ray's own helper actors included.
+    done = subprocess.run([sys.executable, "-c", "import sys, trm_ray.cluster; "
+                           "print(sorted(m for m in ('torch', 'pyarrow', 'transformers') if m in sys.modules))"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

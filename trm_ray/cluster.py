@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
-import posixpath
 from typing import Any, Callable
 
 from trm_ray.config import Config, UserError
-from trm_ray.files import check_writable, exists
-from trm_ray.model import load_model_config
-from trm_ray.shards import MANIFEST
-from trm_ray.text import check_dataset
-
-
-def check_before_ray(cfg: Config) -> None:
-    """The mistakes a user can fix, found in seconds: Ray takes a minute to start on a busy machine, and an
-    unwritable directory would surface only at its first write, as a disk-space or pyarrow error."""
-    check_dataset(cfg.dataset)
-    load_model_config(cfg.model_name)
-    check_writable(cfg.output_dir, "output_dir")
-    if not exists(posixpath.join(cfg.shards_path, MANIFEST)):  # complete shards are only read
-        check_writable(cfg.shards_path, "shards_dir")
 
 
 def connect(cfg: Config) -> None:
@@ -70,7 +55,10 @@ def connect(cfg: Config) -> None:
 
 def know_own_cluster() -> None:
     """RAY_ADDRESS := the cluster this process is connected to (run in the driver and, as the job's
-    worker_process_setup_hook, in every worker): what Ray's State API reads instead of "auto"."""
+    worker_process_setup_hook, in every worker): what Ray's State API reads instead of "auto".
+
+    Every worker process of the job imports this module to run it, Ray's own helpers included (Train's
+    controller, placement-group cleaner and synchronization actor, Data's stats actor): it imports no torch."""
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

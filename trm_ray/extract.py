@@ -34,9 +34,9 @@ import torch
 from trm_ray.config import Config, UserError, build_parser, config_from_args
 from trm_ray.model import (CPU_FLOPS_PER_CORE, check_layer, flops_per_token, hidden_size_of, load_model,
                            load_model_config, model_id)
-from trm_ray.files import atomic_output, check_writable, filesystem, read_json, write_json
+from trm_ray.files import atomic_output, check_writable, exists, filesystem, read_json, write_json
 from trm_ray.shards import MANIFEST, check_hidden_size, encode_hidden, shard_name, value_bytes
-from trm_ray.text import REGIONS, chat_settings, load_tokenizer, read_documents, thinking_summary, tokenize
+from trm_ray.text import REGIONS, chat_settings, check_dataset, load_tokenizer, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
 
 
@@ -427,9 +427,19 @@ def extract(cfg: Config) -> dict[str, Any]:
     return manifest
 
 
+def check_before_ray(cfg: Config) -> None:
+    """The mistakes a user can fix, found in seconds: Ray takes a minute to start on a busy machine, and an
+    unwritable directory would surface only at its first write, as a disk-space or pyarrow error."""
+    check_dataset(cfg.dataset)
+    load_model_config(cfg.model_name)
+    check_writable(cfg.output_dir, "output_dir")
+    if not exists(posixpath.join(cfg.shards_path, MANIFEST)):  # complete shards are only read
+        check_writable(cfg.shards_path, "shards_dir")
+
+
 def main(argv: list[str] | None = None) -> None:
     from trm_ray.cli import run_cli
-    from trm_ray.cluster import check_before_ray, connect
+    from trm_ray.cluster import connect
 
     parser = build_parser("python -m trm_ray.extract", __doc__.splitlines()[0])
 

@@ -30,7 +30,7 @@ from trm_ray.cluster import most_resources, trial_resources
 from trm_ray.compressor import load_checkpoint
 from trm_ray.config import FIELDS, Config, UserError, build_parser, config_from_args, make_config
 from trm_ray.downstream import FISHER_TOKENS, check_head, fisher_start, pca_kl, references_and_start
-from trm_ray.extract import extract
+from trm_ray.extract import check_before_ray, extract
 from trm_ray.files import absolute, read_json, write_json
 from trm_ray.model import hidden_size_of, model_id
 from trm_ray.names import CHECKPOINT_FILE, LOWER_IS_BETTER
@@ -412,7 +412,7 @@ def command_config(args: Any) -> Config:
 
 def main(argv: list[str] | None = None) -> None:
     from trm_ray.cli import run_cli
-    from trm_ray.cluster import check_before_ray, connect
+    from trm_ray.cluster import connect
 
     parser = build_parser("python -m trm_ray.sweep", __doc__.splitlines()[0])
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run's results in --output_dir.")
