@@ -247,4 +247,8 @@ def test_validation_split_over_two_ranks_gives_the_one_process_metrics_with_each
             assert m1.keys() == m2.keys() and m1["mse"] > 0
             assert m1.get("downstream_kl", m1.get("close_downstream_kl")) > 1e-4  # a KL was scored, not skipped
             for key in m1:
-                assert m2[key] == pytest.approx(m1[key], rel=1e-6), (kind, key)  # float32 KL per row, float64 sums
+                # The KL is float32 per row (p (log p - log q), a difference of near-equal numbers), computed on
+                # batches of other shapes on one rank than on two: 8.5e-6 apart in one run of twenty; the
+                # reconstruction metrics agreed to 1e-6 in every run.
+                kl_based = "kl" in key or key in ("downstream_efficiency", "phase2_score")
+                assert m2[key] == pytest.approx(m1[key], rel=1e-4 if kl_based else 1e-6), (kind, key)
