@@ -18,7 +18,8 @@ from trm_ray.config import Config
 from trm_ray.extract import extraction_settings, shard_table, write_shard
 from trm_ray.kl import LMHead
 from trm_ray.files import write_json
-from trm_ray.shards import MANIFEST, decode_hidden, is_validation_doc, shard_name, shard_paths
+from trm_ray.hidden import decode_hidden
+from trm_ray.shards import MANIFEST, is_validation_doc, shard_name, shard_paths
 from trm_ray.loop import Stepper, compile_or_eager, make_optimizer
 from trm_ray.train import initial_model, objective_loss
 

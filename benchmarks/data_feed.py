@@ -13,7 +13,7 @@ filter and decodes them to one float32 tensor. Every figure is the best of a few
 taken round robin.
 
 What the feed leaves to the training device: the batches leave it in the shards' dtype
-(trm_ray.shards.stored_hidden, bf16 here: 2 bytes a value to move) and are converted to float32 on
+(trm_ray.hidden.stored_hidden, bf16 here: 2 bytes a value to move) and are converted to float32 on
 the device; before, the feed converted them on the CPU (decode_hidden) and moved 4 bytes a value.
 `feed_cpu_side_*` time the CPU side of each on the materialized shards; on this CPU-only machine
 the device is the CPU, so there the conversion only moves, it is not saved.
@@ -36,7 +36,8 @@ import torch
 from benchmarks.common import machine, print_ratio, read_train_rows, write_synthetic_shards
 from trm_ray.cluster import connect
 from trm_ray.config import make_config
-from trm_ray.shards import decode_hidden, split_counts, stored_hidden
+from trm_ray.hidden import decode_hidden, stored_hidden
+from trm_ray.shards import split_counts
 from trm_ray.train import load_splits
 from trm_ray.train import epoch_rows, hidden_batches
 

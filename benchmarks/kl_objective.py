@@ -33,7 +33,7 @@ from trm_ray.compressor import orthonormality_error
 from trm_ray.config import Config, make_config
 from trm_ray.kl import next_token_damage
 from trm_ray.references import start_basis
-from trm_ray.shards import validation_rows
+from trm_ray.hidden import validation_rows
 from trm_ray.extract import extract
 from trm_ray.kl import LMHead
 from trm_ray.model import load_lm_head

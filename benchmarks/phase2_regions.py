@@ -48,7 +48,8 @@ from trm_ray.kl import logit_shift
 from trm_ray.shards import split_tables
 from trm_ray.model import load_lm_head
 from trm_ray.phase2 import CONTEXT_FLOOR, region_codes
-from trm_ray.shards import decode_hidden, read_manifest
+from trm_ray.hidden import decode_hidden
+from trm_ray.shards import read_manifest
 from trm_ray.sweep import run
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "tests" / "data" / "smollm3_chat_template.jinja"

@@ -22,7 +22,8 @@ import torch
 
 from benchmarks.common import gaussian_rows, machine, print_ratio
 from trm_ray.extract import shard_table, write_shard
-from trm_ray.shards import decode_hidden, side_tables
+from trm_ray.hidden import decode_hidden
+from trm_ray.shards import side_tables
 
 FULL = {"docs": 64, "length": 512, "d_model": 2048, "passes": 3}
 SMOKE = {"docs": 64, "length": 16, "d_model": 64, "passes": 1}

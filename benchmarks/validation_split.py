@@ -28,7 +28,8 @@ from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import make_config
 from trm_ray.kl import LMHead
 from trm_ray.loop import Comm, evaluate
-from trm_ray.shards import decode_hidden, split_tables
+from trm_ray.hidden import decode_hidden
+from trm_ray.shards import split_tables
 
 FULL = dict(d_model=576, vocab=49152, d_values=(32, 64, 128), docs=64, seq=128, batch_rows=1024)
 SMOKE = dict(d_model=64, vocab=1000, d_values=(8, 16), docs=16, seq=32, batch_rows=64)

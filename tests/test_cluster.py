@@ -41,10 +41,15 @@ def test_the_schema_check_is_real_a_broken_copy_is_refused(cluster):
         validate_config(prepare_config(broken))
 
 
-def test_the_module_every_ray_worker_process_imports_for_its_setup_hook_imports_neither_torch_nor_pyarrow():
-    # The job's worker_process_setup_hook runs in each worker process, Ray's own helper actors included.
-    done = subprocess.run([sys.executable, "-c", "import sys, trm_ray.cluster; "
-                           "print(sorted(m for m in ('torch', 'pyarrow', 'transformers') if m in sys.modules))"],
+# Modules Ray's own processes import for trm_ray: every worker process of a job runs the job's setup hook
+# (cluster.know_own_cluster), Ray's helper actors included, and every Ray Data read task unpickles a function
+# of trm_ray.shards. A second of torch import in each of those processes bought nothing.
+@pytest.mark.parametrize("module,light", [("trm_ray.cluster", ("torch", "pyarrow", "transformers")),
+                                          ("trm_ray.shards", ("torch", "transformers"))],
+                         ids=["setup-hook", "read-tasks"])
+def test_what_every_ray_worker_and_read_task_imports_for_trm_ray_leaves_torch_out(module, light):
+    done = subprocess.run([sys.executable, "-c", f"import sys, {module}; "
+                           f"print(sorted(m for m in {light!r} if m in sys.modules))"],
                           capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 

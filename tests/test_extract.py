@@ -13,7 +13,8 @@ from trm_ray.config import UserError, make_config
 from trm_ray.extract import Placement, extract, hidden_rows, length_batches, placement, resolve_storage_dtype, shard_table
 from trm_ray.model import load_model
 from trm_ray.text import read_documents
-from trm_ray.shards import decode_hidden, read_manifest, shard_paths
+from trm_ray.hidden import decode_hidden
+from trm_ray.shards import read_manifest, shard_paths
 
 
 

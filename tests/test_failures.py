@@ -20,7 +20,7 @@ from trm_ray import extract as extract_mod
 from trm_ray import sweep
 from trm_ray.compressor import read_checkpoint
 from trm_ray.config import UserError, load_yaml
-from trm_ray.shards import decode_hidden
+from trm_ray.hidden import decode_hidden
 
 from helpers import fit, moved_copy
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trm_ray"
 LAYERS = {
     "values": ("__init__", "cli", "config", "files", "names", "spec"),
     "math": ("compressor", "kl", "pca", "loop", "phase2"),
-    "data": ("text", "model", "shards", "references"),
+    "data": ("text", "model", "shards", "hidden", "references"),
     "shell": ("cluster", "extract", "spectrum", "downstream", "regions", "scoring", "train", "scheduler",
               "tracking"),
     "results": ("report", "publish"),

@@ -15,7 +15,7 @@ from trm_ray.config import UserError, make_config
 from trm_ray.kl import mean_fisher, next_token_damage, next_token_kl
 from trm_ray.pca import fisher_basis, quadratic_kl
 from trm_ray.references import start_basis, store_fisher_start
-from trm_ray.shards import validation_rows
+from trm_ray.hidden import validation_rows
 from trm_ray.kl import LMHead
 from trm_ray.model import load_lm_head
 from trm_ray.files import read_json, write_bytes, write_json

@@ -11,9 +11,8 @@ from trm_ray import spectrum, sweep
 from trm_ray.names import spectrum_files
 from trm_ray.references import eigenvectors
 from trm_ray.compressor import DimensionCompressor
-from trm_ray.shards import validation_rows
 from trm_ray.files import read_json, write_json
-from trm_ray.shards import decode_hidden
+from trm_ray.hidden import decode_hidden, validation_rows
 from trm_ray.train import load_splits
 from trm_ray.train import initial_model
 

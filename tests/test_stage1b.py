@@ -14,7 +14,8 @@ from trm_ray import downstream, phase2, sweep
 from trm_ray.compressor import DimensionCompressor
 from trm_ray.config import UserError
 from trm_ray.extract import extract
-from trm_ray.shards import decode_hidden, is_validation_doc, read_manifest, shard_paths
+from trm_ray.hidden import decode_hidden
+from trm_ray.shards import is_validation_doc, read_manifest, shard_paths
 from trm_ray.train import load_splits
 from trm_ray.references import start_path, training_mean
 from trm_ray.text import REGIONS, chat_settings, read_documents

@@ -11,7 +11,7 @@ from trm_ray.compressor import DimensionCompressor, read_checkpoint
 from trm_ray.config import UserError, load_yaml, make_config
 from trm_ray.downstream import pca_kl
 from trm_ray.kl import next_token_damage
-from trm_ray.shards import validation_rows
+from trm_ray.hidden import validation_rows
 from trm_ray.model import load_lm_head
 from trm_ray.train import load_splits
 from trm_ray.references import training_mean

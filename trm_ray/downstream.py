@@ -17,13 +17,14 @@ from trm_ray.cluster import add_up, on_every_device
 from trm_ray.compressor import WEIGHT_KEY, DimensionCompressor, load_checkpoint
 from trm_ray.config import UserError
 from trm_ray.files import read_json, write_bytes
+from trm_ray.hidden import decode_hidden, next_tokens
 from trm_ray.kl import damage_metrics, damage_sums, fisher_sum, grid_kl
 from trm_ray.model import check_lm_head, load_lm_head
 from trm_ray.names import spectrum_files
 from trm_ray.pca import moment_matrix
 from trm_ray.phase2 import REGIONS, phase2_score, refine_start, region_codes
 from trm_ray.references import eigenvectors, store_fisher_start
-from trm_ray.shards import decode_hidden, next_tokens, read_manifest, split_counts, split_tables
+from trm_ray.shards import read_manifest, split_counts, split_tables
 from trm_ray.spectrum import load_or_compute
 
 

@@ -32,10 +32,11 @@ import pyarrow.parquet as pq
 import torch
 
 from trm_ray.config import Config, UserError, build_parser, config_from_args
+from trm_ray.hidden import encode_hidden
 from trm_ray.model import (CPU_FLOPS_PER_CORE, check_layer, flops_per_token, hidden_size_of, load_model,
                            load_model_config, model_id)
 from trm_ray.files import atomic_output, check_writable, exists, filesystem, read_json, write_json
-from trm_ray.shards import MANIFEST, check_hidden_size, encode_hidden, shard_name, value_bytes
+from trm_ray.shards import MANIFEST, check_hidden_size, shard_name, value_bytes
 from trm_ray.text import REGIONS, chat_settings, check_dataset, load_tokenizer, read_documents, thinking_summary, tokenize
 from trm_ray.tracking import publish
 

@@ -20,11 +20,11 @@ import torch
 from trm_ray import spectrum
 from trm_ray.compressor import TOKENS, DimensionCompressor, metrics_from_sums, reconstruction_sums
 from trm_ray.cluster import add_up, on_every_device
+from trm_ray.hidden import decode_hidden
 from trm_ray.kl import damage_metrics, damage_sums
 from trm_ray.references import eigenvectors, training_mean
-from trm_ray.shards import split_tables
 from trm_ray.model import check_lm_head, load_lm_head
-from trm_ray.shards import decode_hidden, read_manifest
+from trm_ray.shards import read_manifest, split_tables
 from trm_ray.text import KEPT_REGIONS
 
 

@@ -25,10 +25,11 @@ import pyarrow.compute as pc
 import torch
 
 from trm_ray.cluster import cpu_tasks
+from trm_ray.hidden import decode_hidden
 from trm_ray.names import PCA_METRICS
 from trm_ray.pca import curve_points, eigen, moment_sums, moment_zeros, pca_summary, pca_val_sums, pca_val_zeros
 from trm_ray.references import store, stored_json
-from trm_ray.shards import decode_hidden, read_manifest, region_code, rows_per_block, shard_paths, side_tables
+from trm_ray.shards import read_manifest, region_code, rows_per_block, shard_paths, side_tables
 
 
 def summed(shards_dir: str, val_side: bool, val_fraction: float, seed: int, fn: Callable[..., dict[str, Any]],

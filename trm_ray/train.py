@@ -24,6 +24,7 @@ from trm_ray import phase2
 from trm_ray.cluster import scaling_config
 from trm_ray.compressor import DimensionCompressor, load_checkpoint, orthonormality_error
 from trm_ray.config import Config
+from trm_ray.hidden import stored_hidden
 from trm_ray.kl import LMHead, grid_kl
 from trm_ray.loop import (Comm, EarlyStopping, Progress, Reporter, Width, compile_or_eager, evaluate, fit, make_optimizer,
                           save_best, stop_cut)
@@ -31,7 +32,7 @@ from trm_ray.model import load_lm_head
 from trm_ray.names import CHECKPOINT_FILE, KL_METRICS, METRICS, PHASE2_METRICS, RESUME_FILE, width_key
 from trm_ray.references import start_basis, start_weight, training_mean
 from trm_ray.spec import TrialSpec
-from trm_ray.shards import read_manifest, rows_per_block, shard_paths, side_tables, stored_hidden
+from trm_ray.shards import read_manifest, rows_per_block, shard_paths, side_tables
 from trm_ray.tracking import publish, tracking
 
 
